@@ -1,0 +1,59 @@
+// Typed errors. Every failure ckpt reports is a ckpt::Error (a std::runtime_error)
+// whose message names what failed and where: the path, the key, the record.
+#pragma once
+
+#include <stdexcept>
+#include <string>
+
+namespace ckpt {
+
+/// Base of every exception ckpt throws.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A checkpoint file or directory that does not exist.
+class NotFound : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A file that is not a sound checkpoint: truncated, bit-flipped, hostile or of
+/// an unsupported format. Loading never executes anything a file says.
+class CorruptCheckpoint : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A strict load whose target asks for keys the checkpoint does not hold.
+class MissingKeys : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A value that does not fit its target: shape, dtype or kind.
+class Mismatch : public Error {
+ public:
+  using Error::Error;
+};
+
+/// An operating-system failure while writing or reading (full disk, EIO, ...).
+class IoError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A value the checkpoint format cannot represent (an unsupported IValue kind).
+class Unsupported : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A wait that passed its deadline.
+class Timeout : public Error {
+ public:
+  using Error::Error;
+};
+
+}  // namespace ckpt

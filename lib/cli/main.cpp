@@ -1,0 +1,196 @@
+// ckpt — command-line tool for checkpoint files and directories.
+//
+//   ckpt inspect PATH [--json]   keys, dtypes, shapes, bytes and record offsets
+//   ckpt verify PATH             structure and CRC-32 of every record; exit 0 only
+//                                when every file is sound
+//
+// PATH is a checkpoint file or a directory holding checkpoint_<rank>.pt files.
+#include <ckpt/format.hpp>
+
+#include <fmt/format.h>
+#include <boost/json.hpp>
+
+#include <algorithm>
+#include <cstdio>
+#include <iostream>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+namespace json = boost::json;
+
+namespace {
+
+int usage() {
+  std::fputs("usage: ckpt inspect PATH [--json]\n       ckpt verify PATH\n", stderr);
+  return 2;
+}
+
+std::vector<fs::path> files_of(const fs::path& path) {
+  if (!fs::is_directory(path)) return {path};
+  std::vector<fs::path> files;
+  for (const auto& e : fs::directory_iterator(path)) {
+    const auto name = e.path().filename().string();
+    if (e.is_regular_file() && name.starts_with("checkpoint_") && name.ends_with(".pt"))
+      files.push_back(e.path());
+  }
+  std::sort(files.begin(), files.end());
+  if (files.empty())
+    throw ckpt::NotFound(fmt::format("{} holds no checkpoint_<rank>.pt file", path.string()));
+  return files;
+}
+
+std::string key_text(const ckpt::Node& k) {
+  switch (k.kind) {
+    case ckpt::Node::Kind::string: return k.s;
+    case ckpt::Node::Kind::integer: return std::to_string(k.i);
+    case ckpt::Node::Kind::boolean: return k.b ? "True" : "False";
+    case ckpt::Node::Kind::real: return fmt::format("{}", k.d);
+    default: return "?";
+  }
+}
+
+struct Entry {
+  std::string key;
+  json::object info;
+};
+
+void walk(ckpt::FileReader& reader, const ckpt::Node& n, const std::string& key, std::vector<Entry>& out) {
+  using K = ckpt::Node::Kind;
+  json::object o;
+  switch (n.kind) {
+    case K::dict:
+      for (const auto& [k, v] : n.entries)
+        walk(reader, *v, key.empty() ? key_text(*k) : key + "." + key_text(*k), out);
+      if (!n.entries.empty()) return;
+      o["type"] = "dict";
+      break;
+    case K::list:
+    case K::tuple:
+      for (std::size_t i = 0; i < n.items.size(); ++i)
+        walk(reader, *n.items[i], fmt::format("{}[{}]", key, i), out);
+      if (!n.items.empty()) return;
+      o["type"] = ckpt::kind_name(n.kind);
+      break;
+    case K::tensor: {
+      const auto& t = *n.tensor;
+      std::int64_t numel = 1;
+      for (auto s : t.sizes) numel *= s;
+      o["type"] = "tensor";
+      o["dtype"] = c10::toString(t.dtype);
+      json::array shape;
+      for (auto s : t.sizes) shape.push_back(s);
+      o["shape"] = std::move(shape);
+      o["bytes"] = numel * static_cast<std::int64_t>(c10::elementSize(t.dtype));
+      o["location"] = t.location;
+      const std::string name = reader.prefix() + "/data/" + t.storage_key;
+      o["record"] = name;
+      for (const auto& r : reader.records())
+        if (r.name == name) {
+          o["record_bytes"] = r.size;
+          o["record_header_offset"] = r.header_offset;
+        }
+      o["storage_offset"] = t.storage_offset;
+      break;
+    }
+    case K::none: o["type"] = "None"; break;
+    case K::boolean:
+      o["type"] = "bool";
+      o["value"] = n.b;
+      break;
+    case K::integer:
+      o["type"] = "int";
+      o["value"] = n.i;
+      break;
+    case K::real:
+      o["type"] = "float";
+      o["value"] = n.d;
+      break;
+    case K::string:
+      o["type"] = "str";
+      o["value"] = n.s;
+      break;
+  }
+  out.push_back({key.empty() ? "<root>" : key, std::move(o)});
+}
+
+int inspect(const fs::path& path, bool as_json) {
+  json::array files;
+  for (const auto& file : files_of(path)) {
+    ckpt::FileReader reader(file);
+    std::vector<Entry> entries;
+    walk(reader, reader.root(), "", entries);
+    if (as_json) {
+      json::object f;
+      f["file"] = file.string();
+      json::array keys;
+      for (auto& e : entries) {
+        e.info["key"] = e.key;
+        keys.push_back(std::move(e.info));
+      }
+      f["keys"] = std::move(keys);
+      json::array recs;
+      for (const auto& r : reader.records())
+        recs.push_back(json::object{{"name", r.name},
+                                    {"offset", r.header_offset},
+                                    {"bytes", r.size},
+                                    {"crc32", fmt::format("{:08x}", r.crc32)}});
+      f["records"] = std::move(recs);
+      files.push_back(std::move(f));
+      continue;
+    }
+    fmt::print("{} ({} records)\n", file.string(), reader.records().size());
+    for (const auto& e : entries) {
+      const auto& o = e.info;
+      const std::string type = json::value_to<std::string>(o.at("type"));
+      if (type == "tensor") {
+        std::vector<std::int64_t> shape;
+        for (const auto& s : o.at("shape").as_array()) shape.push_back(s.as_int64());
+        fmt::print("  {:<40} {:<14} [{}] {} bytes  {} @ {}\n", e.key,
+                   json::value_to<std::string>(o.at("dtype")), fmt::join(shape, ", "),
+                   o.at("bytes").as_int64(), json::value_to<std::string>(o.at("record")),
+                   o.contains("record_header_offset") ? o.at("record_header_offset").as_uint64() : 0);
+      } else if (o.contains("value")) {
+        fmt::print("  {:<40} {:<14} {}\n", e.key, type, json::serialize(o.at("value")));
+      } else {
+        fmt::print("  {:<40} {}\n", e.key, type);
+      }
+    }
+  }
+  if (as_json) std::cout << json::serialize(files) << "\n";
+  return 0;
+}
+
+int verify(const fs::path& path) {
+  int bad = 0;
+  for (const auto& file : files_of(path)) {
+    try {
+      ckpt::FileReader reader(file);
+      reader.verify();
+      fmt::print("ok  {} ({} records)\n", file.string(), reader.records().size());
+    } catch (const ckpt::Error& e) {
+      fmt::print("BAD {}\n", e.what());
+      ++bad;
+    }
+  }
+  return bad == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.size() < 2) return usage();
+  try {
+    if (args[0] == "inspect") {
+      bool as_json = args.size() == 3 && args[2] == "--json";
+      if (args.size() > 3 || (args.size() == 3 && !as_json)) return usage();
+      return inspect(args[1], as_json);
+    }
+    if (args[0] == "verify" && args.size() == 2) return verify(args[1]);
+    return usage();
+  } catch (const std::exception& e) {
+    fmt::print(stderr, "ckpt: {}\n", e.what());
+    return 1;
+  }
+}

@@ -1,0 +1,46 @@
+// Laying a state dict out as a checkpoint file: the pickle, the records and the
+// offset of every header and every record's data. The layout refers to tensor
+// memory; it does not copy it. Streaming the layout to a file (file_writer.cpp)
+// and, later, copying it into a staging arena both start from here.
+#pragma once
+
+#include <ckpt/format.hpp>
+
+#include <ATen/core/ivalue.h>
+
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <vector>
+
+namespace ckpt::detail {
+
+struct LayoutRecord {
+  std::string name;
+  const void* data = nullptr;  ///< source bytes: tensor memory or Layout::owned
+  std::uint64_t size = 0;
+  std::uint64_t header_offset = 0;
+  std::uint64_t data_offset = 0;
+  std::uint32_t crc32 = 0;  ///< set once the data was read
+};
+
+struct Layout {
+  std::vector<LayoutRecord> records;
+  std::deque<std::string> owned;      ///< pickle and small records
+  std::vector<at::Storage> storages;  ///< keeps the tensor memory alive
+  std::uint64_t cd_offset = 0;        ///< where the central directory starts
+};
+
+/// The archive prefix ckpt writes (as torch 2.x does).
+inline constexpr const char* kArchivePrefix = "archive";
+/// The `version` record ckpt writes (what torch 1.13 and 2.x write for tensors).
+inline constexpr const char* kFormatVersion = "3\n";
+
+/// Serializes `value` to the pickle torch.save would write and lays out every
+/// record. Throws Unsupported naming the key path of a value it cannot hold.
+Layout plan_layout(const c10::IValue& value);
+
+/// The torch storage class name of a dtype ("FloatStorage"); nullptr if none.
+const char* storage_type_name(c10::ScalarType dtype);
+
+}  // namespace ckpt::detail

@@ -1,0 +1,31 @@
+// A safe unpickler for the pickles torch.save writes for state dicts.
+#pragma once
+
+#include <ckpt/format.hpp>
+
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <string_view>
+
+namespace ckpt::detail {
+
+/// Deepest nesting of containers a checkpoint may have.
+inline constexpr int kMaxNesting = 1000;
+
+struct Pickle {
+  std::deque<Node> nodes;  ///< owns every node; addresses are stable
+  const Node* root = nullptr;
+};
+
+/// Checks a storage the pickle refers to: the record exists and holds `numel`
+/// elements of `dtype`. Throws CorruptCheckpoint otherwise.
+using StorageCheck = std::function<void(const std::string& key, c10::ScalarType dtype, std::int64_t numel)>;
+
+/// Parses `data` (the bytes of data.pkl of `path`). Only the opcodes and the
+/// globals torch.save emits for state dicts are accepted; any other global is
+/// a CorruptCheckpoint naming it. Nothing is executed. The result is checked:
+/// no cycles, nesting at most kMaxNesting, every tensor inside its storage.
+Pickle unpickle(std::string_view data, const std::filesystem::path& path, const StorageCheck& check);
+
+}  // namespace ckpt::detail
