@@ -353,6 +353,10 @@ void write_file(const std::filesystem::path& file, const c10::IValue& value, con
     fd.reset();
     if (::rename(temp.c_str(), file.c_str()) != 0)
       throw_errno("rename to " + file.string() + ":", temp, errno);
+  } catch (const IoError& e) {
+    fd.reset();
+    ::unlink(temp.c_str());
+    throw IoError(fmt::format("cannot write checkpoint {} (nothing was changed there): {}", file.string(), e.what()));
   } catch (...) {
     fd.reset();
     ::unlink(temp.c_str());

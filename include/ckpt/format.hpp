@@ -56,7 +56,7 @@ struct ReadOptions {
   /// Check the CRC-32 of every record read against the zip directory.
   bool verify_crc = false;
   /// Where tensors go; see LocationMap.
-  LocationMap map_location;
+  LocationMap map_location{};
 };
 
 /// One record of the archive, as its zip directory describes it.
