@@ -10,6 +10,7 @@
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <algorithm>
 #include <cstring>
 #include <unordered_map>
 
@@ -291,7 +292,9 @@ struct FileReader::Impl {
   }
 
   void verify() {
-    std::vector<char> buf(std::size_t{8} << 20);
+    std::uint64_t largest = 0;
+    for (const auto& rec : dir.records) largest = std::max(largest, rec.size);
+    std::vector<char> buf(static_cast<std::size_t>(std::min<std::uint64_t>(largest, std::uint64_t{8} << 20)));
     for (auto& rec : dir.records) {
       ensure_data_offset(rec);
       std::uint32_t crc = static_cast<std::uint32_t>(crc32_z(0, nullptr, 0));
