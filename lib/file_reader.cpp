@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <optional>
 #include <unordered_map>
 
 #include <fcntl.h>
@@ -75,6 +76,7 @@ struct FileReader::Impl {
   detail::Pickle pickle;
   std::unordered_map<std::string, at::Storage> storages;  // by key, on their target device
   std::shared_ptr<Mapping> mapping;
+  std::unordered_map<const Node*, c10::IValue> converted;
   std::uint64_t bytes_read = 0;
 
   [[noreturn]] void corrupt(std::string_view what) const {
@@ -159,24 +161,33 @@ struct FileReader::Impl {
       corrupt(fmt::format("record {} fails its CRC-32 check (the file is damaged)", rec.name));
   }
 
-  c10::Device device_for(const std::string& location) const {
-    if (options.map_location) return options.map_location(location);
-    try {
-      return c10::Device(location);
-    } catch (const std::exception&) {
-      corrupt(fmt::format("unknown tensor location '{}'", location));
+  /// The device a storage stored at `location` goes to: only devices this
+  /// build can allocate on.
+  c10::Device device_for(const TensorInfo& info) const {
+    std::optional<c10::Device> device;
+    if (options.map_location) {
+      device = options.map_location(info.location);
+    } else {
+      try {
+        device = c10::Device(info.location);
+      } catch (const std::exception&) {
+        corrupt(fmt::format("storage {} has an unknown location '{}'", info.storage_key, info.location));
+      }
     }
+    const bool usable = device->is_cpu() || (device->is_cuda() && at::hasCUDA());
+    if (!usable)
+      throw Mismatch(
+          fmt::format("{}: storage {} is stored on '{}', which this build cannot allocate on{}; load "
+                      "it with map_location=\"cpu\"",
+                      path.string(), info.storage_key, device->str(),
+                      options.map_location ? " (where map_location sent it)" : ""));
+    return *device;
   }
 
   at::Storage storage(const TensorInfo& info) {
     if (auto it = storages.find(info.storage_key); it != storages.end()) return it->second;
     RecordInfo& rec = *find(record_name(info.storage_key));
-    const c10::Device device = device_for(info.location);
-    if (device.is_cuda() && !at::hasCUDA())
-      throw Mismatch(
-          fmt::format("{}: storage {} is stored on {} but this build has no CUDA; load it with "
-                      "map_location=\"cpu\"",
-                      path.string(), info.storage_key, info.location));
+    const c10::Device device = device_for(info);
     at::Storage st;
     if (options.mmap && device.is_cpu()) {
       map_file();
@@ -253,7 +264,16 @@ struct FileReader::Impl {
     target.copy_(tensor(info));
   }
 
+  /// Converts each node once: objects the pickle shares stay shared, as in
+  /// Python (and the walk stays linear in the file's size).
   c10::IValue to_ivalue(const Node& n) {
+    if (auto it = converted.find(&n); it != converted.end()) return it->second;
+    c10::IValue v = convert(n);
+    converted.emplace(&n, v);
+    return v;
+  }
+
+  c10::IValue convert(const Node& n) {
     switch (n.kind) {
       case Node::Kind::none: return c10::IValue();
       case Node::Kind::boolean: return c10::IValue(n.b);

@@ -32,7 +32,6 @@ const char* storage_type_name(c10::ScalarType dtype) {
     case c10::ScalarType::Bool: return "BoolStorage";
     case c10::ScalarType::ComplexFloat: return "ComplexFloatStorage";
     case c10::ScalarType::ComplexDouble: return "ComplexDoubleStorage";
-    case c10::ScalarType::ComplexHalf: return "ComplexHalfStorage";
     default: return nullptr;
   }
 }

@@ -536,39 +536,54 @@ class Unpickler {
                        t.storage_numel));
   }
 
-  /// No cycles and bounded depth, so every later walk may recurse safely.
+  /// No cycles, bounded depth, and a bounded size once shared references are
+  /// expanded (a few bytes of memo references can describe 2^64 values), so that
+  /// every later walk of the tree may recurse safely.
   void check_structure(const Node* root) const {
-    // Iterative DFS: on_path marks the nodes of the current path.
-    std::unordered_map<const Node*, int> state;  // 1 = on path, 2 = done
+    // Iterative post-order DFS; `expanded` holds each finished node's size as
+    // a tree (saturating), `on_path` the nodes of the current path.
+    constexpr std::uint64_t kLimit = std::uint64_t{1} << 62;
+    std::unordered_map<const Node*, std::uint64_t> expanded;
+    std::unordered_map<const Node*, bool> on_path;
     struct Frame {
       const Node* n;
       std::size_t next;
+      std::uint64_t size;
     };
-    std::vector<Frame> path{{root, 0}};
-    state[root] = 1;
+    auto child_at = [](const Node* n, std::size_t k) {
+      const std::size_t n_items = n->items.size();
+      if (k < n_items) return n->items[k];
+      const auto& e = n->entries[(k - n_items) / 2];
+      return (k - n_items) % 2 == 0 ? e.first : e.second;
+    };
+    std::vector<Frame> path{{root, 0, 1}};
+    on_path[root] = true;
     while (!path.empty()) {
       Frame& f = path.back();
-      const Node* child = nullptr;
-      const std::size_t n_items = f.n->items.size();
-      const std::size_t n_children = n_items + 2 * f.n->entries.size();
-      if (f.next < n_children) {
-        const std::size_t k = f.next++;
-        child = k < n_items ? f.n->items[k]
-                            : ((k - n_items) % 2 == 0 ? f.n->entries[(k - n_items) / 2].first
-                                                      : f.n->entries[(k - n_items) / 2].second);
-      } else {
-        state[f.n] = 2;
+      const std::size_t n_children = f.n->items.size() + 2 * f.n->entries.size();
+      if (f.next == n_children) {
+        const Frame done = f;
+        on_path[done.n] = false;
+        expanded[done.n] = done.size;
         path.pop_back();
+        if (!path.empty()) path.back().size = std::min(kLimit, path.back().size + done.size);
         continue;
       }
-      auto& s = state[child];
-      if (s == 1) fail("the object contains itself (a reference cycle)");
-      if (s == 2) continue;
+      const Node* child = child_at(f.n, f.next++);
+      if (on_path[child]) fail("the object contains itself (a reference cycle)");
+      if (auto it = expanded.find(child); it != expanded.end()) {
+        f.size = std::min(kLimit, f.size + it->second);
+        continue;
+      }
       if (path.size() >= static_cast<std::size_t>(kMaxNesting))
         fail(fmt::format("containers nest deeper than {} levels", kMaxNesting));
-      s = 1;
-      path.push_back({child, 0});
+      on_path[child] = true;
+      path.push_back({child, 0, 1});
     }
+    const std::uint64_t limit = std::max<std::uint64_t>(std::uint64_t{1} << 24, 64 * out_.nodes.size());
+    if (expanded[root] > limit)
+      fail(fmt::format("{} values, shared by memo references, expand to over {} values", out_.nodes.size(),
+                       limit));
   }
 
   std::string_view data_;
