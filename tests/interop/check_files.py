@@ -5,7 +5,8 @@ usage:
   check_files.py values FILE           torch.load(FILE) equals
                                        expected_values(python_side=False) exactly,
                                        storages shared as they were
-  check_files.py roundtrip ORIG FILE   torch.load(FILE) equals torch.load(ORIG)
+  check_files.py roundtrip ORIG FILE [ORIG FILE...]
+                                       torch.load(FILE) equals torch.load(ORIG)
                                        exactly (dict and OrderedDict alike)
   check_files.py resave FILE OUT       torch.load(FILE), torch.save to OUT
   check_files.py zip FILE...           zipfile.testzip() finds every CRC right,
@@ -81,8 +82,9 @@ def main():
     try:
         if len(args) == 2 and args[0] == "values":
             check_values(args[1])
-        elif len(args) == 3 and args[0] == "roundtrip":
-            check_roundtrip(args[1], args[2])
+        elif len(args) >= 3 and len(args) % 2 == 1 and args[0] == "roundtrip":
+            for orig, path in zip(args[1::2], args[2::2]):
+                check_roundtrip(orig, path)
         elif len(args) == 3 and args[0] == "resave":
             resave(args[1], args[2])
         elif len(args) >= 2 and args[0] == "zip":
