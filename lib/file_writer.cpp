@@ -356,7 +356,8 @@ void write_file(const std::filesystem::path& file, const c10::IValue& value, con
   } catch (const IoError& e) {
     fd.reset();
     ::unlink(temp.c_str());
-    throw IoError(fmt::format("cannot write checkpoint {} (nothing was changed there): {}", file.string(), e.what()));
+    throw IoError(
+        fmt::format("cannot write checkpoint {} (nothing was changed there): {}", file.string(), e.what()));
   } catch (...) {
     fd.reset();
     ::unlink(temp.c_str());
