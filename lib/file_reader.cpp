@@ -223,6 +223,12 @@ struct FileReader::Impl {
   }
 
   at::Tensor tensor(const TensorInfo& info) {
+    at::Tensor t = raw_tensor(info);
+    if (options.map_tensor) t = options.map_tensor(t, info.location);
+    return t;
+  }
+
+  at::Tensor raw_tensor(const TensorInfo& info) {
     at::Storage st = storage(info);
     auto options = at::TensorOptions().dtype(info.dtype).device(st.device());
     auto t = at::empty({0}, options).set_(st, info.storage_offset, info.sizes, info.strides);
@@ -261,7 +267,7 @@ struct FileReader::Impl {
         return;
       }
     }
-    target.copy_(tensor(info));
+    target.copy_(raw_tensor(info));
   }
 
   /// Converts each node once: objects the pickle shares stay shared, as in

@@ -1,5 +1,13 @@
 // Everything ckpt offers, in one include.
 #pragma once
 
+#include <ckpt/barrier.hpp>
+#include <ckpt/checkpoint_process.hpp>
+#include <ckpt/checkpoint_reader.hpp>
+#include <ckpt/checkpoint_writer.hpp>
+#include <ckpt/checkpointer.hpp>
 #include <ckpt/error.hpp>
 #include <ckpt/format.hpp>
+#include <ckpt/staging.hpp>
+#include <ckpt/state_dict.hpp>
+#include <ckpt/types.hpp>

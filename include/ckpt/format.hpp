@@ -57,6 +57,9 @@ struct ReadOptions {
   bool verify_crc = false;
   /// Where tensors go; see LocationMap.
   LocationMap map_location{};
+  /// Applied to every tensor read fresh (not to read_into targets), with the
+  /// location it was stored at: torch.load's map_location as a function.
+  std::function<at::Tensor(const at::Tensor& tensor, const std::string& location)> map_tensor{};
 };
 
 /// One record of the archive, as its zip directory describes it.
@@ -124,7 +127,7 @@ class FileReader {
   /// All records, in directory order.
   const std::vector<RecordInfo>& records() const;
 
-  /// The tensor `info`, read (or mapped) now. Throws CorruptCheckpoint on a bad
+  /// The tensor `info`, read (or mapped) now, passed through map_tensor. Throws CorruptCheckpoint on a bad
   /// record, Mismatch when the location cannot be mapped to a device here.
   at::Tensor tensor(const TensorInfo& info);
   /// Reads `info` in place into `target` (same sizes and dtype, else Mismatch

@@ -1,0 +1,78 @@
+// CheckpointWriter: writes one rank's state dict into a checkpoint directory and
+// commits it (upstream's checkpoint_writer.py).
+//
+// The commit order of write(path, state_dict, kwargs):
+//   1. create the directory `path` (and its parents);
+//   2. write `path/checkpoint_<global_rank>.pt` durably: temp file, fsync,
+//      rename, directory fsync (a failure leaves the previous file in place);
+//   3. commit_hook->pre_commit(path, kwargs);
+//   4. barrier->execute_barrier(), bounded by write_barrier_timeout;
+//   5. commit_hook->post_commit(path, kwargs).
+// A failure at any step stops there and is thrown: no later step runs.
+#pragma once
+
+#include <ckpt/barrier.hpp>
+#include <ckpt/state_dict.hpp>
+#include <ckpt/types.hpp>
+
+#include <chrono>
+#include <filesystem>
+#include <memory>
+
+namespace ckpt {
+
+/// Hooks around the commit of a checkpoint (upstream's WriterHook).
+class WriterHook {
+ public:
+  virtual ~WriterHook() = default;
+  /// Runs after this rank's file is durable, before the barrier. `path` is the
+  /// checkpoint directory. Throwing fails the write.
+  virtual void pre_commit(const std::filesystem::path& path, const Kwargs& kwargs) {}
+  /// Runs after the barrier: every rank's file is durable.
+  virtual void post_commit(const std::filesystem::path& path, const Kwargs& kwargs) {}
+};
+
+struct CheckpointWriterConfig {
+  /// How long the barrier may take (upstream: write_barrier_timeout_secs = 600,
+  /// logged only; here a barrier that takes longer fails the write with Timeout).
+  std::chrono::milliseconds write_barrier_timeout = std::chrono::seconds(600);
+};
+
+/// Name of rank `rank`'s file inside a checkpoint directory.
+std::string checkpoint_file_name(std::int64_t rank);
+
+class CheckpointWriter {
+ public:
+  /// `barrier` and `commit_hook` may be null (no barrier, no hooks).
+  CheckpointWriter(CheckpointWriterConfig config, RankInfo rank_info,
+                   std::shared_ptr<Barrier> barrier = nullptr,
+                   std::shared_ptr<WriterHook> commit_hook = nullptr);
+  virtual ~CheckpointWriter();
+  CheckpointWriter(const CheckpointWriter&) = delete;
+  CheckpointWriter& operator=(const CheckpointWriter&) = delete;
+
+  /// Writes and commits `state_dict` into the directory `path` (see the commit
+  /// order above). Throws IoError, Unsupported, Timeout (barrier), or whatever a
+  /// hook or the barrier throws, unchanged.
+  virtual void write(const std::filesystem::path& path, const StateDict& state_dict,
+                     const Kwargs& kwargs = {});
+  /// Releases what the writer holds. Idempotent.
+  virtual void close();
+
+  const CheckpointWriterConfig& config() const { return config_; }
+  const RankInfo& rank_info() const { return rank_info_; }
+  const std::shared_ptr<Barrier>& barrier() const { return barrier_; }
+  const std::shared_ptr<WriterHook>& commit_hook() const { return commit_hook_; }
+
+ protected:
+  /// Step 4: runs the barrier with the configured deadline.
+  void run_barrier();
+
+ private:
+  CheckpointWriterConfig config_;
+  RankInfo rank_info_;
+  std::shared_ptr<Barrier> barrier_;
+  std::shared_ptr<WriterHook> commit_hook_;
+};
+
+}  // namespace ckpt

@@ -1,0 +1,52 @@
+#include <ckpt/barrier.hpp>
+
+#include <fmt/format.h>
+
+#include <map>
+#include <mutex>
+
+namespace ckpt {
+namespace {
+
+struct Registry {
+  std::mutex mutex;
+  std::map<std::string, BarrierFactory> factories;
+};
+
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+}  // namespace
+
+void register_barrier(const std::string& name, BarrierFactory factory) {
+  auto& r = registry();
+  std::lock_guard lock(r.mutex);
+  r.factories[name] = std::move(factory);
+}
+
+std::vector<std::string> registered_barriers() {
+  auto& r = registry();
+  std::lock_guard lock(r.mutex);
+  std::vector<std::string> names;
+  for (const auto& [name, f] : r.factories) names.push_back(name);
+  return names;
+}
+
+std::shared_ptr<Barrier> create_barrier_from_config(const BarrierConfig& config) {
+  if (!config.barrier_type) return nullptr;
+  BarrierFactory factory;
+  {
+    auto& r = registry();
+    std::lock_guard lock(r.mutex);
+    auto it = r.factories.find(*config.barrier_type);
+    if (it != r.factories.end()) factory = it->second;
+  }
+  if (!factory)
+    throw Error(fmt::format("Unknown barrier type '{}'; registered types: [{}]", *config.barrier_type,
+                            fmt::join(registered_barriers(), ", ")));
+  return factory(config.barrier_args);
+}
+
+}  // namespace ckpt
