@@ -69,13 +69,18 @@ class StateDict {
   template <typename T>
   static c10::IValue make_value(T&& value) {
     using V = std::remove_cvref_t<T>;
-    if constexpr (std::is_same_v<V, StateDict>) return value.to_ivalue();
-    else if constexpr (std::is_same_v<V, bool>) return c10::IValue(static_cast<bool>(value));
-    else if constexpr (std::is_integral_v<V>) return c10::IValue(static_cast<std::int64_t>(value));
-    else if constexpr (std::is_floating_point_v<V>) return c10::IValue(static_cast<double>(value));
+    if constexpr (std::is_same_v<V, StateDict>)
+      return value.to_ivalue();
+    else if constexpr (std::is_same_v<V, bool>)
+      return c10::IValue(static_cast<bool>(value));
+    else if constexpr (std::is_integral_v<V>)
+      return c10::IValue(static_cast<std::int64_t>(value));
+    else if constexpr (std::is_floating_point_v<V>)
+      return c10::IValue(static_cast<double>(value));
     else if constexpr (std::is_convertible_v<T, std::string_view> && !std::is_same_v<V, c10::IValue>)
       return c10::IValue(std::string(std::string_view(value)));
-    else return c10::IValue(std::forward<T>(value));
+    else
+      return c10::IValue(std::forward<T>(value));
   }
   void insert_value(const std::string& key, c10::IValue value);
 
