@@ -13,6 +13,7 @@
 
 namespace fs = std::filesystem;
 namespace json = boost::json;
+using ckpt::test::flip_byte;
 using ckpt::test::run;
 using ckpt::test::sh_quote;
 using ckpt::test::TempDir;
@@ -34,16 +35,6 @@ fs::path make_checkpoint(const TempDir& dir) {
   fs::create_directories(ckpt_dir);
   ckpt::write_file(ckpt_dir / "checkpoint_0.pt", sd);
   return ckpt_dir;
-}
-
-void flip_byte(const fs::path& file, std::uint64_t at) {
-  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
-  f.seekg(static_cast<std::streamoff>(at));
-  char c = 0;
-  f.read(&c, 1);
-  c = static_cast<char>(c ^ 0x01);
-  f.seekp(static_cast<std::streamoff>(at));
-  f.write(&c, 1);
 }
 
 }  // namespace

@@ -236,15 +236,7 @@ BOOST_AUTO_TEST_CASE(verify_and_crc_checked_reads_catch_a_flipped_byte) {
       if (r.name == "archive/data/0") at_byte = r.data_offset + 1234;
   }
   BOOST_REQUIRE(at_byte > 0);
-  {
-    std::fstream f(dir / "a.pt", std::ios::in | std::ios::out | std::ios::binary);
-    f.seekg(static_cast<std::streamoff>(at_byte));
-    char c = 0;
-    f.read(&c, 1);
-    c = static_cast<char>(c ^ 0x10);
-    f.seekp(static_cast<std::streamoff>(at_byte));
-    f.write(&c, 1);
-  }
+  ckpt::test::flip_byte(dir / "a.pt", at_byte, 0x10);
   auto names_record = [](const ckpt::CorruptCheckpoint& e) {
     return std::string(e.what()).find("archive/data/0") != std::string::npos;
   };

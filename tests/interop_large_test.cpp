@@ -37,16 +37,8 @@ constexpr std::int64_t kSecond = (std::int64_t{256} << 20) + 5;
 /// What torch.save writes: one record past 4 GiB.
 constexpr std::int64_t kPythonBig = (std::int64_t{4} << 30) + 99991;
 
-ckpt::test::RunResult python_script(const std::string& script, const std::vector<std::string>& args) {
-  std::string cmd = ckpt::test::python() + " -B " +
-                    ckpt::test::sh_quote(std::string(CKPT_SOURCE_DIR "/tests/interop/") + script);
-  for (const auto& a : args) cmd += " " + ckpt::test::sh_quote(a);
-  return ckpt::test::run(cmd);
-}
-
-std::string describe(const ckpt::test::RunResult& r) {
-  return "python exited with status " + std::to_string(r.status) + ":\n" + r.output;
-}
+using ckpt::test::describe;
+using ckpt::test::python_script;
 
 #define REQUIRE_PYTHON(...)                                        \
   do {                                                             \

@@ -35,16 +35,8 @@ namespace {
 
 // --- running the Python side ------------------------------------------------
 
-ckpt::test::RunResult python_script(const std::string& script, const std::vector<std::string>& args) {
-  std::string cmd = ckpt::test::python() + " -B " +
-                    ckpt::test::sh_quote(std::string(CKPT_SOURCE_DIR "/tests/interop/") + script);
-  for (const auto& a : args) cmd += " " + ckpt::test::sh_quote(a);
-  return ckpt::test::run(cmd);
-}
-
-std::string describe(const ckpt::test::RunResult& r) {
-  return "python exited with status " + std::to_string(r.status) + ":\n" + r.output;
-}
+using ckpt::test::describe;
+using ckpt::test::python_script;
 
 // Runs a script (arguments as for python_script) and checks that it succeeded,
 // printing what it said when it did not.

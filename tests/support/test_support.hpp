@@ -4,13 +4,15 @@
 
 #include <ATen/ATen.h>
 
+#include <sys/wait.h>
 #include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <stdexcept>
 #include <string>
-#include <sys/wait.h>
+#include <vector>
 
 namespace ckpt::test {
 
@@ -37,7 +39,7 @@ class TempDir {
 };
 
 struct RunResult {
-  int status = -1;  ///< exit status, or 128 + signal
+  int status = -1;     ///< exit status, or 128 + signal
   std::string output;  ///< stdout and stderr together
 };
 
@@ -61,7 +63,33 @@ inline std::string sh_quote(const std::string& s) {
 }
 
 /// The Python interpreter that has torch (Debian's python3-torch).
-inline std::string python() { return "/usr/bin/python3"; }
+inline std::string python() {
+  return "/usr/bin/python3";
+}
+
+/// Runs `tests/interop/<script>` with Debian's Python torch and `args`.
+inline RunResult python_script(const std::string& script, const std::vector<std::string>& args) {
+  std::string cmd = python() + " -B " + sh_quote(std::string(CKPT_SOURCE_DIR "/tests/interop/") + script);
+  for (const auto& a : args) cmd += " " + sh_quote(a);
+  return run(cmd);
+}
+
+/// What a failed Python run said, for a test's failure message.
+inline std::string describe(const RunResult& r) {
+  return "python exited with status " + std::to_string(r.status) + ":\n" + r.output;
+}
+
+/// XORs the byte at `at` of `file` with `mask`: one flipped byte, in place.
+inline void flip_byte(const std::filesystem::path& file, std::uint64_t at, unsigned char mask = 0x01) {
+  std::fstream f(file, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekg(static_cast<std::streamoff>(at));
+  char c = 0;
+  f.read(&c, 1);
+  c = static_cast<char>(c ^ mask);
+  f.seekp(static_cast<std::streamoff>(at));
+  f.write(&c, 1);
+  if (!f) throw std::runtime_error("cannot flip a byte of " + file.string());
+}
 
 /// Exactly equal: same dtype, sizes and every element bit-identical.
 inline bool identical(const at::Tensor& a, const at::Tensor& b) {
