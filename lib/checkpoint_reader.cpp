@@ -3,6 +3,8 @@
 #include <ckpt/checkpoint_writer.hpp>
 #include <ckpt/format.hpp>
 
+#include "key_path.hpp"
+
 #include <fmt/format.h>
 
 #include <ATen/ATen.h>
@@ -35,13 +37,7 @@ c10::Device MapLocation::device_for(const std::string& location) const {
 
 namespace {
 
-std::string key_text(const c10::IValue& k) {
-  if (k.isString()) return k.toStringRef();
-  if (k.isInt()) return std::to_string(k.toInt());
-  if (k.isBool()) return k.toBool() ? "True" : "False";
-  if (k.isDouble()) return fmt::format("{}", k.toDouble());
-  return "?";
-}
+using detail::key_text;
 
 bool same_key(const Node& file_key, const c10::IValue& k) {
   switch (file_key.kind) {

@@ -5,6 +5,7 @@
 //   dict/list/tuple/int/float/bool/str/None -> the plain pickle opcodes.
 // Storages are keyed by their StorageImpl, so tensors sharing one storage share
 // one record, written once.
+#include "key_path.hpp"
 #include "layout.hpp"
 #include "zip.hpp"
 
@@ -138,14 +139,6 @@ class Pickler {
       real(k.toDouble());
     else
       unsupported(path, fmt::format("dict key of type {}", k.tagKind()));
-  }
-
-  static std::string key_text(const c10::IValue& k) {
-    if (k.isString()) return k.toStringRef();
-    if (k.isInt()) return std::to_string(k.toInt());
-    if (k.isBool()) return k.toBool() ? "True" : "False";
-    if (k.isDouble()) return fmt::format("{}", k.toDouble());
-    return "?";
   }
 
   void value(const c10::IValue& v, std::string& path, int depth) {
