@@ -2,6 +2,8 @@
 
 #include <ckpt/format.hpp>
 
+#include "file_writer.hpp"
+
 #include <fmt/format.h>
 
 #include <future>
@@ -22,13 +24,36 @@ CheckpointWriter::CheckpointWriter(CheckpointWriterConfig config, RankInfo rank_
 
 CheckpointWriter::~CheckpointWriter() = default;
 
-void CheckpointWriter::write(const std::filesystem::path& path, const StateDict& state_dict,
-                             const Kwargs& kwargs) {
+namespace {
+
+void make_directory(const std::filesystem::path& path) {
   std::error_code ec;
   std::filesystem::create_directories(path, ec);
   if (ec)
     throw IoError(fmt::format("cannot create checkpoint directory {}: {}", path.string(), ec.message()));
+}
+
+}  // namespace
+
+void CheckpointWriter::write(const std::filesystem::path& path, const StateDict& state_dict,
+                             const Kwargs& kwargs) {
+  make_directory(path);
   write_file(path / checkpoint_file_name(rank_info_.global_rank), state_dict.to_ivalue());
+  commit(path, kwargs);
+}
+
+void CheckpointWriter::write_staged(const std::filesystem::path& path, StagedImage& image,
+                                    const Kwargs& kwargs) {
+  make_directory(path);
+  detail::write_durably(path / checkpoint_file_name(rank_info_.global_rank), {},
+                        [&](int fd, bool direct, const std::filesystem::path& temp) {
+                          return detail::write_image(fd, direct, temp, image.data, image.records,
+                                                     image.cd_offset);
+                        });
+  commit(path, kwargs);
+}
+
+void CheckpointWriter::commit(const std::filesystem::path& path, const Kwargs& kwargs) {
   if (commit_hook_) commit_hook_->pre_commit(path, kwargs);
   if (barrier_) {
     try {

@@ -17,6 +17,7 @@
 // writes one buffer while the caller fills the next.
 #include <ckpt/format.hpp>
 
+#include "file_writer.hpp"
 #include "io.hpp"
 #include "layout.hpp"
 #include "zip.hpp"
@@ -201,25 +202,7 @@ class Sink {
   }
 
   void direct_write(const char* buf, std::size_t n, std::uint64_t off) {
-    while (n > 0) {
-      ssize_t put = ::pwrite(fd_, buf, n, static_cast<off_t>(off));
-      if (put < 0) {
-        if (errno == EINTR) continue;
-        // A filesystem may accept O_DIRECT at open and refuse it at write time;
-        // then write through the page cache instead.
-        if (errno == EINVAL && try_clear_direct()) continue;
-        throw_errno("write", path_, errno);
-      }
-      if (put == 0) throw_errno("write", path_, ENOSPC);
-      buf += put;
-      n -= static_cast<std::size_t>(put);
-      off += static_cast<std::uint64_t>(put);
-    }
-  }
-  bool try_clear_direct() {
-    int flags = ::fcntl(fd_, F_GETFL);
-    if (flags < 0 || !(flags & O_DIRECT)) return false;
-    return ::fcntl(fd_, F_SETFL, flags & ~O_DIRECT) == 0;
+    write_maybe_direct(fd_, buf, n, off, path_);
   }
 
   void io_loop() {
@@ -323,16 +306,37 @@ std::uint64_t stream(int fd, Layout& layout, const std::filesystem::path& path, 
 std::atomic<unsigned> temp_counter{0};
 
 }  // namespace
-}  // namespace detail
 
-void write_file(const std::filesystem::path& file, const c10::IValue& value, const WriteOptions& options) {
-  using namespace detail;
-  Layout layout = plan_layout(value);
+void write_maybe_direct(int fd, const void* data, std::size_t n, std::uint64_t off,
+                        const std::filesystem::path& path) {
+  auto* buf = static_cast<const char*>(data);
+  while (n > 0) {
+    const std::size_t chunk = n < (std::size_t{1} << 30) ? n : (std::size_t{1} << 30);
+    ssize_t put = ::pwrite(fd, buf, chunk, static_cast<off_t>(off));
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      // A filesystem may accept O_DIRECT at open and refuse it at write time;
+      // then write through the page cache instead.
+      if (errno == EINVAL) {
+        const int flags = ::fcntl(fd, F_GETFL);
+        if (flags >= 0 && (flags & O_DIRECT) && ::fcntl(fd, F_SETFL, flags & ~O_DIRECT) == 0) continue;
+      }
+      throw_errno("write", path, errno);
+    }
+    if (put == 0) throw_errno("write", path, ENOSPC);
+    buf += put;
+    n -= static_cast<std::size_t>(put);
+    off += static_cast<std::uint64_t>(put);
+  }
+}
 
+void write_durably(
+    const std::filesystem::path& file, const WriteOptions& options,
+    const std::function<std::uint64_t(int fd, bool direct, const std::filesystem::path& temp)>& body) {
   const auto dir = file.parent_path();
   const auto temp = (dir.empty() ? std::filesystem::path(".") : dir) /
                     fmt::format(".{}.tmp-{}-{}", file.filename().string(), ::getpid(), temp_counter++);
-  int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+  const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
   Fd fd;
   bool direct = options.direct_io;
   if (direct) {
@@ -347,7 +351,7 @@ void write_file(const std::filesystem::path& file, const c10::IValue& value, con
     if (!fd) throw_errno("create", temp, errno);
   }
   try {
-    const std::uint64_t size = stream(fd.get(), layout, temp, direct);
+    const std::uint64_t size = body(fd.get(), direct, temp);
     if (direct && ::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) throw_errno("truncate", temp, errno);
     if (options.fsync) fsync_fd(fd.get(), temp);
     fd.reset();
@@ -364,6 +368,75 @@ void write_file(const std::filesystem::path& file, const c10::IValue& value, con
     throw;
   }
   if (options.fsync) fsync_dir(dir);
+}
+
+std::uint64_t write_image(int fd, bool direct, const std::filesystem::path& path, std::byte* image,
+                          std::vector<RecordInfo>& records, std::uint64_t cd_offset) {
+  // CRCs on a second thread while the bodies (the 4096-aligned runs of record
+  // data that share no block with a header) go to disk from the image.
+  std::vector<std::uint32_t> crcs(records.size());
+  std::exception_ptr crc_error;
+  std::thread crc_thread([&] {
+    try {
+      for (std::size_t i = 0; i < records.size(); ++i)
+        crcs[i] = crc_of(crc_of(0, nullptr, 0), image + records[i].data_offset, records[i].size);
+    } catch (...) {
+      crc_error = std::current_exception();
+    }
+  });
+  struct Join {
+    std::thread& t;
+    ~Join() {
+      if (t.joinable()) t.join();
+    }
+  } join{crc_thread};
+
+  std::uint64_t seam_start = 0;  // the block run holding the next header
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> seams;
+  for (const auto& r : records) {
+    const std::uint64_t body_end = (r.data_offset + r.size) / kAlign * kAlign;
+    seams.emplace_back(seam_start, r.data_offset);
+    if (body_end > r.data_offset) {
+      write_maybe_direct(fd, image + r.data_offset, body_end - r.data_offset, r.data_offset, path);
+      seam_start = body_end;
+    } else {
+      seam_start = r.data_offset;
+    }
+  }
+  crc_thread.join();
+  if (crc_error) std::rethrow_exception(crc_error);
+
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    records[i].crc32 = crcs[i];
+    unsigned char* field =
+        reinterpret_cast<unsigned char*>(image) + records[i].header_offset + kLocalCrcOffset;
+    for (int b = 0; b < 4; ++b) field[b] = static_cast<unsigned char>(crcs[i] >> (8 * b));
+  }
+  for (const auto& [from, to] : seams)
+    if (to > from) write_maybe_direct(fd, image + from, to - from, from, path);
+
+  // The tail: what is left of the last record, then the central directory, in
+  // one aligned buffer.
+  const std::string cd = central_directory(records, cd_offset);
+  const std::uint64_t tail_len = cd_offset - seam_start + cd.size();
+  const std::size_t padded = static_cast<std::size_t>(align_up(tail_len, kAlign));
+  void* raw = nullptr;
+  if (::posix_memalign(&raw, kAlign, padded) != 0) throw IoError("out of memory for the checkpoint's tail");
+  std::unique_ptr<char, decltype(&std::free)> tail(static_cast<char*>(raw), &std::free);
+  std::memcpy(tail.get(), image + seam_start, cd_offset - seam_start);
+  std::memcpy(tail.get() + (cd_offset - seam_start), cd.data(), cd.size());
+  std::memset(tail.get() + tail_len, 0, padded - tail_len);
+  write_maybe_direct(fd, tail.get(), direct ? padded : static_cast<std::size_t>(tail_len), seam_start, path);
+  return cd_offset + cd.size();
+}
+
+}  // namespace detail
+
+void write_file(const std::filesystem::path& file, const c10::IValue& value, const WriteOptions& options) {
+  detail::Layout layout = detail::plan_layout(value);
+  detail::write_durably(file, options, [&](int fd, bool direct, const std::filesystem::path& temp) {
+    return detail::stream(fd, layout, temp, direct);
+  });
 }
 
 }  // namespace ckpt

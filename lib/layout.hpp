@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <deque>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace ckpt::detail {
@@ -29,6 +30,8 @@ struct Layout {
   std::deque<std::string> owned;      ///< pickle and small records
   std::vector<at::Storage> storages;  ///< keeps the tensor memory alive
   std::uint64_t cd_offset = 0;        ///< where the central directory starts
+  /// Which record holds each tensor storage of the value laid out.
+  std::unordered_map<const c10::StorageImpl*, std::size_t> record_of_storage;
 };
 
 /// The archive prefix ckpt writes (as torch 2.x does).

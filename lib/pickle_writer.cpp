@@ -232,6 +232,7 @@ class Pickler {
 
     auto [it, fresh] = storages_.try_emplace(storage.unsafeGetStorageImpl(),
                                              StorageRec{std::to_string(storages_.size()), dtype});
+    if (fresh) layout_.record_of_storage.emplace(storage.unsafeGetStorageImpl(), layout_.records.size());
     if (!fresh && it->second.dtype != dtype)
       unsupported(path, fmt::format("shares its storage with a tensor of dtype {} (saved as {}); "
                                     "torch.save refuses this too",
@@ -301,6 +302,8 @@ Layout plan_layout(const c10::IValue& value) {
   // Order as torch.save: data.pkl, byteorder, the storages, version.
   layout.records.push_back(small(fmt::format("{}/data.pkl", kArchivePrefix), std::move(pickle)));
   layout.records.push_back(small(fmt::format("{}/byteorder", kArchivePrefix), "little"));
+  // Two records (data.pkl, byteorder) now come before the storages.
+  for (auto& [impl, index] : layout.record_of_storage) index += 2;
   for (auto& r : data_records) layout.records.push_back(std::move(r));
   layout.records.push_back(small(fmt::format("{}/version", kArchivePrefix), kFormatVersion));
 

@@ -1,16 +1,111 @@
 // The writer child process of the asynchronous checkpointer (upstream's
-// checkpoint_process.py).
+// checkpoint_process.py): started once, reused for every save, replaced when it
+// dies. The protocol it speaks is described in lib/checkpoint_process.cpp.
 #pragma once
 
+#include <ckpt/barrier.hpp>
+#include <ckpt/checkpoint_writer.hpp>
+#include <ckpt/detail/event.hpp>
+#include <ckpt/staging.hpp>
+#include <ckpt/types.hpp>
+
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/async_result.hpp>
+
 #include <chrono>
+#include <filesystem>
+#include <memory>
+#include <vector>
 
 namespace ckpt {
 
 struct CheckpointProcessConfig {
-  /// How long the child may take to start and answer its first ping.
+  /// How long the child may take to start, run its init function and answer
+  /// its first ping; past it the child is killed and the start fails (Timeout).
   std::chrono::milliseconds subprocess_init_timeout = std::chrono::seconds(30);
   /// How long the child may take to exit after being told to, before SIGKILL.
   std::chrono::milliseconds subprocess_shutdown_timeout = std::chrono::seconds(60);
+  /// How long one write (file, hooks and barrier) may take in the child.
+  std::chrono::milliseconds write_timeout = std::chrono::hours(1);
+};
+
+/// What the child is and how it starts (upstream's subprocess_init_fn and
+/// checkpoint_writer_init_fn, in C++: a writer executable built on
+/// ckpt::writer_main, and the arguments that travel to it).
+struct WriterOptions {
+  /// The writer executable. Empty: $CKPT_WRITER, else `ckpt-writer` beside the
+  /// running program, else beside libckpt's install prefix (bin/).
+  std::filesystem::path executable;
+  /// Passed to the child's init function (upstream's subprocess_init_args).
+  std::vector<Arg> subprocess_init_args;
+  /// Passed to the child's writer factory (checkpoint_writer_init_args).
+  Kwargs checkpoint_writer_init_args;
+};
+
+/// The executable WriterOptions{}.executable resolves to.
+std::filesystem::path default_writer_executable();
+
+/// Upstream's CheckpointProcess: owns the writer child.
+class CheckpointProcess {
+ public:
+  using executor_type = boost::asio::any_io_executor;
+  using Signature = void(std::exception_ptr);
+
+  /// Starts the child now (asynchronously): spawn, init, ping, all within
+  /// `config.subprocess_init_timeout`. The child builds its writer from
+  /// `writer_config`, `barrier_config` and `rank_info` with its writer factory.
+  CheckpointProcess(executor_type executor, RankInfo rank_info, CheckpointProcessConfig config = {},
+                    CheckpointWriterConfig writer_config = {}, BarrierConfig barrier_config = {},
+                    WriterOptions options = {});
+  virtual ~CheckpointProcess();
+  CheckpointProcess(const CheckpointProcess&) = delete;
+  CheckpointProcess& operator=(const CheckpointProcess&) = delete;
+
+  /// Completes when the child answered its first ping (upstream's
+  /// process_creation_future), or with the start's error (Timeout "Timed out
+  /// ...", WriterProcessError).
+  template <boost::asio::completion_token_for<Signature> Token =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_wait_ready(Token&& token = {}) {
+    return ready_->async_wait(std::forward<Token>(token));
+  }
+
+  /// Has the child write `staged` to `path/checkpoint_<rank>.pt` and commit it
+  /// (its writer's pre_commit, barrier, post_commit, with `kwargs`). Completes
+  /// when the file is durable, or with the error: the child's own (its type
+  /// kept for ckpt errors, else WriterProcessError with its text), or
+  /// WriterProcessError "Child process terminated unexpectedly" naming the
+  /// signal or exit status and the path. A dead child is replaced at the next
+  /// write. One write at a time.
+  template <boost::asio::completion_token_for<Signature> Token =
+                boost::asio::default_completion_token_t<executor_type>>
+  auto async_write(StagedCheckpoint staged, std::filesystem::path path, Kwargs kwargs = {},
+                   Token&& token = {}) {
+    return boost::asio::async_initiate<Token, Signature>(
+        [this](auto handler, StagedCheckpoint s, std::filesystem::path p, Kwargs k) {
+          do_write(std::move(s), std::move(p), std::move(k),
+                   boost::asio::any_completion_handler<Signature>(std::move(handler)));
+        },
+        token, std::move(staged), std::move(path), std::move(kwargs));
+  }
+
+  /// Tells the child to exit, waits up to the shutdown timeout, then kills it;
+  /// reaps it. Idempotent; a write in progress fails.
+  virtual void close();
+  /// The child's pid, or -1 when there is none.
+  int pid() const;
+
+ protected:
+  /// For fakes in tests: no child at all; ready at once.
+  explicit CheckpointProcess(executor_type executor);
+  virtual void do_write(StagedCheckpoint staged, std::filesystem::path path, Kwargs kwargs,
+                        boost::asio::any_completion_handler<Signature> handler);
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+  std::shared_ptr<detail::Event> ready_;
 };
 
 }  // namespace ckpt

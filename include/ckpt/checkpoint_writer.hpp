@@ -12,10 +12,12 @@
 #pragma once
 
 #include <ckpt/barrier.hpp>
+#include <ckpt/format.hpp>
 #include <ckpt/state_dict.hpp>
 #include <ckpt/types.hpp>
 
 #include <chrono>
+#include <cstddef>
 #include <filesystem>
 #include <memory>
 
@@ -38,6 +40,14 @@ struct CheckpointWriterConfig {
   std::chrono::milliseconds write_barrier_timeout = std::chrono::seconds(600);
 };
 
+/// A file image staged in memory (see StagedCheckpoint): every record's local
+/// header (CRC fields zero) and data at their offsets in `data[0, cd_offset)`.
+struct StagedImage {
+  std::byte* data = nullptr;
+  std::vector<RecordInfo> records;  ///< name, header_offset, data_offset, size
+  std::uint64_t cd_offset = 0;
+};
+
 /// Name of rank `rank`'s file inside a checkpoint directory.
 std::string checkpoint_file_name(std::int64_t rank);
 
@@ -56,6 +66,9 @@ class CheckpointWriter {
   /// hook or the barrier throws, unchanged.
   virtual void write(const std::filesystem::path& path, const StateDict& state_dict,
                      const Kwargs& kwargs = {});
+  /// The same commit order for a staged image (the writer child's path): the
+  /// file is written from `image` (CRCs computed and patched in it).
+  virtual void write_staged(const std::filesystem::path& path, StagedImage& image, const Kwargs& kwargs = {});
   /// Releases what the writer holds. Idempotent.
   virtual void close();
 
@@ -65,6 +78,8 @@ class CheckpointWriter {
   const std::shared_ptr<WriterHook>& commit_hook() const { return commit_hook_; }
 
  protected:
+  /// Steps 3–5: pre_commit, the barrier (bounded by its timeout), post_commit.
+  void commit(const std::filesystem::path& path, const Kwargs& kwargs);
   /// Step 4: runs the barrier with the configured deadline.
   void run_barrier();
 

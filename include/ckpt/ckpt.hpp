@@ -1,6 +1,7 @@
 // Everything ckpt offers, in one include.
 #pragma once
 
+#include <ckpt/async_checkpointer.hpp>
 #include <ckpt/barrier.hpp>
 #include <ckpt/checkpoint_process.hpp>
 #include <ckpt/checkpoint_reader.hpp>
@@ -11,3 +12,4 @@
 #include <ckpt/staging.hpp>
 #include <ckpt/state_dict.hpp>
 #include <ckpt/types.hpp>
+#include <ckpt/writer_main.hpp>

@@ -50,6 +50,13 @@ class Unsupported : public Error {
   using Error::Error;
 };
 
+/// The writer child process failed: it died ("Child process terminated
+/// unexpectedly"), could not be started, or reported an error of its own.
+class WriterProcessError : public Error {
+ public:
+  using Error::Error;
+};
+
 /// A wait that passed its deadline.
 class Timeout : public Error {
  public:

@@ -1,17 +1,112 @@
-// Staging: copying a state dict out of the training tensors before it is written
-// (upstream's staging.py).
+// Staging: copying a state dict out of the training tensors, into one
+// shared-memory arena laid out exactly as the checkpoint file will be
+// (upstream's staging.py). Once staging completes the trainer may change its
+// tensors: what is written is the state at the moment of the save.
 #pragma once
+
+#include <ckpt/state_dict.hpp>
+
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/async_result.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
 
 namespace ckpt {
 
+namespace detail {
+class Arena;
+}
+
 /// Upstream's CheckpointStagerConfig; all true by default, as upstream. On a
-/// build without CUDA, pinned memory and non-blocking copies degrade (logged
-/// once) instead of failing.
+/// build without CUDA, pinned memory degrades to mlock where the limits allow
+/// and non-blocking copies to plain copies, each logged once, instead of failing.
 struct CheckpointStagerConfig {
   bool use_pinned_memory = true;
   bool use_shared_memory = true;
   bool use_async_staging = true;
   bool use_non_blocking_copy = true;
 };
+
+/// One record of a staged file image.
+struct StagedRecord {
+  std::string name;
+  std::uint64_t header_offset = 0;
+  std::uint64_t data_offset = 0;
+  std::uint64_t size = 0;
+};
+
+/// A staged state dict: the checkpoint file's image in the stager's arena
+/// (local headers with their CRC fields still zero, record data, no central
+/// directory yet), and the staged state as a StateDict whose tensors point into
+/// the arena. Valid until the stager stages again or closes.
+struct StagedCheckpoint {
+  std::shared_ptr<detail::Arena> arena;  ///< null for a stager without an arena
+  std::vector<StagedRecord> records;
+  std::uint64_t cd_offset = 0;  ///< where the central directory goes
+  StateDict state_dict;
+};
+
+/// Upstream's CheckpointStager: tests and users may put in their own.
+class CheckpointStager {
+ public:
+  using Signature = void(std::exception_ptr, StagedCheckpoint);
+  virtual ~CheckpointStager() = default;
+
+  /// Stages `state_dict`. Completes with the staged checkpoint, or an exception.
+  template <boost::asio::completion_token_for<Signature> Token =
+                boost::asio::default_completion_token_t<boost::asio::any_io_executor>>
+  auto async_stage(const StateDict& state_dict, Token&& token = {}) {
+    return boost::asio::async_initiate<Token, Signature>(
+        [this](auto handler, StateDict sd) {
+          do_stage(std::move(sd), boost::asio::any_completion_handler<Signature>(std::move(handler)));
+        },
+        token, state_dict);
+  }
+  /// Stages and waits (the blocking form).
+  StagedCheckpoint stage(const StateDict& state_dict);
+  /// Releases what the stager holds. Idempotent.
+  virtual void close() = 0;
+
+ protected:
+  virtual void do_stage(StateDict state_dict, boost::asio::any_completion_handler<Signature> handler) = 0;
+};
+
+/// The default stager: one arena in shared memory (memfd), allocated and
+/// touched once, kept across saves, grown only for a larger state dict; staging
+/// runs on a strand that owns the arena, on the stager's own threads when
+/// `use_async_staging`, else on the caller's thread. Large state dicts are
+/// copied by two threads.
+class DefaultStager : public CheckpointStager {
+ public:
+  explicit DefaultStager(CheckpointStagerConfig config = {});
+  ~DefaultStager() override;
+
+  /// Allocates and touches the arena for a file of `bytes` now, before the
+  /// first save, off the training thread's critical path.
+  void reserve(std::uint64_t bytes);
+  /// The same, with the size a dry run over `state_dict` gives.
+  void reserve_for(const StateDict& state_dict);
+  /// The arena's size (the largest file staged so far, rounded to pages).
+  std::uint64_t arena_size() const;
+  /// Whether the arena is page-locked.
+  bool pinned() const;
+  void close() override;
+
+ protected:
+  void do_stage(StateDict state_dict, boost::asio::any_completion_handler<Signature> handler) override;
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+/// The size of the file `state_dict` makes (a dry run: no tensor byte is read).
+std::uint64_t checkpoint_file_size(const StateDict& state_dict);
 
 }  // namespace ckpt

@@ -1,0 +1,188 @@
+// The asynchronous save, as a coroutine on the checkpointer's strand:
+//   1. wait for the previous write; if it failed and nobody has been told
+//      through a save yet, fail this save with its error (once);
+//   2. stop here if the save was cancelled;
+//   3. co_await staging (the stager's strand owns the arena);
+//   4. hand the image to the writer child and complete with a PendingWrite:
+//      the caller may now change its tensors; the write goes on.
+#include <ckpt/async_checkpointer.hpp>
+
+#include <fmt/format.h>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <thread>
+
+namespace asio = boost::asio;
+
+namespace ckpt {
+
+void PendingWrite::wait() const {
+  if (!event_) throw Error("waiting on an empty PendingWrite");
+  if (auto e = event_->wait()) std::rethrow_exception(e);
+}
+
+struct AsyncCheckpointer::Impl {
+  asio::any_io_executor executor;
+  asio::strand<asio::any_io_executor> strand;
+  std::shared_ptr<CheckpointStager> stager;
+  std::shared_ptr<CheckpointProcess> process;
+  std::shared_ptr<CheckpointReader> reader;
+
+  // The last write (touched on the strand only).
+  std::shared_ptr<detail::Event> last;
+  std::filesystem::path last_path;
+  bool last_reported = false;
+  std::atomic<bool> closed{false};
+
+  // For the builder without an executor: an io_context and its thread.
+  std::unique_ptr<asio::io_context> own_context;
+  std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> own_work;
+  std::thread own_thread;
+
+  explicit Impl(asio::any_io_executor ex) : executor(ex), strand(asio::make_strand(ex)) {}
+
+  asio::awaitable<PendingWrite> save(std::filesystem::path path, StateDict state_dict, Kwargs kwargs) {
+    if (closed) throw Error(fmt::format("cannot save {}: the checkpointer is closed", path.string()));
+    // 1.
+    if (last) {
+      std::exception_ptr previous;
+      if (!last->done()) {
+        try {
+          co_await last->async_wait(asio::use_awaitable);
+        } catch (...) {
+        }
+      }
+      previous = last->error();
+      if (previous && !last_reported) {
+        last_reported = true;
+        std::rethrow_exception(previous);
+      }
+    }
+    // 2.
+    auto cs = co_await asio::this_coro::cancellation_state;
+    if (cs.cancelled() != asio::cancellation_type::none)
+      throw boost::system::system_error(asio::error::operation_aborted,
+                                        "save of " + path.string() + " cancelled");
+    // 3.
+    StagedCheckpoint staged = co_await stager->async_stage(state_dict, asio::use_awaitable);
+    // 4.
+    auto event = std::make_shared<detail::Event>();
+    last = event;
+    last_path = path;
+    last_reported = false;
+    process->async_write(std::move(staged), path, std::move(kwargs),
+                         [event](std::exception_ptr e) { event->set(e); });
+    co_return PendingWrite(event, path);
+  }
+};
+
+AsyncCheckpointer::AsyncCheckpointer(executor_type executor,
+                                     std::shared_ptr<CheckpointStager> checkpoint_stager,
+                                     std::shared_ptr<CheckpointProcess> checkpoint_process,
+                                     std::shared_ptr<CheckpointReader> reader)
+    : impl_(std::make_shared<Impl>(executor)) {
+  if (!checkpoint_stager || !checkpoint_process || !reader)
+    throw Error("AsyncCheckpointer needs a stager, a process and a reader");
+  impl_->stager = std::move(checkpoint_stager);
+  impl_->process = std::move(checkpoint_process);
+  impl_->reader = std::move(reader);
+}
+
+AsyncCheckpointer::~AsyncCheckpointer() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+void AsyncCheckpointer::do_save(std::filesystem::path path, StateDict state_dict, Kwargs kwargs,
+                                asio::any_completion_handler<SaveSignature> handler) {
+  asio::co_spawn(impl_->strand, impl_->save(std::move(path), std::move(state_dict), std::move(kwargs)),
+                 std::move(handler));
+}
+
+SaveFutures AsyncCheckpointer::save(const std::filesystem::path& path, const StateDict& state_dict,
+                                    const Kwargs& kwargs) {
+  auto staged = std::make_shared<std::promise<void>>();
+  auto written = std::make_shared<std::promise<void>>();
+  SaveFutures futures{staged->get_future(), written->get_future()};
+  async_save(path, state_dict, kwargs, [staged, written](std::exception_ptr e, PendingWrite w) {
+    if (e) {
+      staged->set_exception(e);
+      written->set_exception(e);
+      return;
+    }
+    staged->set_value();
+    w.async_wait([written](std::exception_ptr we) {
+      if (we)
+        written->set_exception(we);
+      else
+        written->set_value();
+    });
+  });
+  return futures;
+}
+
+StateDict AsyncCheckpointer::load(const std::filesystem::path& path, const LoadOptions& options,
+                                  const Kwargs& kwargs) {
+  return load_checked(*impl_->reader, path, options, kwargs);
+}
+
+void AsyncCheckpointer::close() {
+  if (impl_->closed.exchange(true)) return;
+  // A write in progress completes (or the child's close ends it).
+  if (auto last = impl_->last) last->wait_for(std::chrono::seconds(60));
+  impl_->stager->close();
+  impl_->process->close();
+  if (impl_->own_context) {
+    impl_->own_work.reset();
+    impl_->own_context->stop();
+    if (impl_->own_thread.joinable()) impl_->own_thread.join();
+  }
+}
+
+AsyncCheckpointer::executor_type AsyncCheckpointer::get_executor() const {
+  return impl_->executor;
+}
+CheckpointStager& AsyncCheckpointer::stager() const {
+  return *impl_->stager;
+}
+CheckpointProcess& AsyncCheckpointer::process() const {
+  return *impl_->process;
+}
+
+std::unique_ptr<AsyncCheckpointer> make_async_checkpointer(asio::any_io_executor executor,
+                                                           const CheckpointerConfig& config,
+                                                           std::optional<RankInfo> rank_info,
+                                                           WriterOptions writer_options) {
+  const RankInfo rank = rank_info ? *rank_info : rank_info_from_env();
+  auto stager = std::make_shared<DefaultStager>(config.staging_config);
+  auto process =
+      std::make_shared<CheckpointProcess>(executor, rank, config.process_config, config.writer_config,
+                                          config.barrier_config, std::move(writer_options));
+  auto reader = std::make_shared<CheckpointReader>(rank);
+  return std::make_unique<AsyncCheckpointer>(executor, std::move(stager), std::move(process),
+                                             std::move(reader));
+}
+
+std::unique_ptr<AsyncCheckpointer> make_async_checkpointer(const CheckpointerConfig& config,
+                                                           std::optional<RankInfo> rank_info,
+                                                           WriterOptions writer_options) {
+  auto context = std::make_unique<asio::io_context>();
+  auto work =
+      std::make_unique<asio::executor_work_guard<asio::io_context::executor_type>>(context->get_executor());
+  std::thread thread([ctx = context.get()] { ctx->run(); });
+  auto ck = make_async_checkpointer(context->get_executor(), config, rank_info, std::move(writer_options));
+  ck->impl_->own_context = std::move(context);
+  ck->impl_->own_work = std::move(work);
+  ck->impl_->own_thread = std::move(thread);
+  return ck;
+}
+
+}  // namespace ckpt

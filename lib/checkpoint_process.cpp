@@ -1,0 +1,437 @@
+// The parent's side of the writer child.
+//
+// The protocol, over a Unix socket pair (the child's end is its fd 3, so that
+// the staging arena's memfd can travel with a request as SCM_RIGHTS). Every
+// message is a frame: a 4-byte little-endian length, then a JSON object that
+// carries "v": 1 (the protocol version). Every request is answered by
+// {"ok": true} or {"ok": false, "kind": <ckpt error type>, "error": <text>}.
+//   1. The parent creates the socket pair and starts the writer executable
+//      (Boost.Process v2) with `--fd 3`.
+//   2. init: {rank, world_size, write_barrier_timeout_ms, barrier_type,
+//      barrier_args, init_args, writer_args}. The child runs its init function
+//      with init_args, then builds its writer with its factory.
+//   3. ping: the child answers; steps 1–3 must end within
+//      subprocess_init_timeout, else the child is killed (Timeout, "Timed out").
+//   4. write_checkpoint: {path, arena_size, cd_offset, records[{name,
+//      header_offset, data_offset, size}], kwargs}, with the arena's memfd
+//      attached. The child maps the arena (kept while the memfd is the same),
+//      computes the CRCs, patches the headers, writes the file durably, and runs
+//      pre_commit, the barrier, post_commit. One write at a time.
+//   5. exit: the child answers and exits; after subprocess_shutdown_timeout it
+//      is killed. The parent always reaps it.
+// A child that dies shows as the end of the stream: the pending request fails
+// with "Child process terminated unexpectedly", its exit status or signal and
+// the path; the next write starts a new child.
+#define BOOST_PROCESS_USE_STD_FS 1
+#include <ckpt/checkpoint_process.hpp>
+
+#include "arena.hpp"
+#include "protocol.hpp"
+
+#include <fmt/format.h>
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
+#include <boost/asio/use_awaitable.hpp>
+// Process v2 in Boost 1.81 names boost::optional without including it when it
+// is told to use std::filesystem.
+#include <boost/optional.hpp>
+#include <boost/process/v2/process.hpp>
+
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <mutex>
+
+#include <fcntl.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+namespace asio = boost::asio;
+namespace bp2 = boost::process::v2;
+namespace json = boost::json;
+using namespace boost::asio::experimental::awaitable_operators;
+
+namespace ckpt {
+
+std::filesystem::path default_writer_executable() {
+  if (const char* env = std::getenv("CKPT_WRITER"); env && *env) return env;
+  std::error_code ec;
+  const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec) {
+    const auto beside = self.parent_path() / "ckpt-writer";
+    if (std::filesystem::exists(beside)) return beside;
+  }
+  return std::filesystem::path(CKPT_INSTALL_BINDIR) / "ckpt-writer";
+}
+
+namespace {
+
+/// Hands `fd` to the child as `target` (Boost.Process v2's own bind_fd is
+/// broken in 1.81): whitelisted so the launcher does not close it, dup2'd in
+/// the child before exec.
+struct PassFd {
+  int fd;
+  int target;
+  bp2::error_code on_setup(bp2::posix::default_launcher& launcher, const std::filesystem::path&,
+                           const char* const*) {
+    launcher.fd_whitelist.push_back(target);
+    return {};
+  }
+  bp2::error_code on_exec_setup(bp2::posix::default_launcher&, const std::filesystem::path&,
+                                const char* const*) {
+    if (fd == target) {
+      const int flags = ::fcntl(fd, F_GETFD);
+      if (flags < 0 || ::fcntl(fd, F_SETFD, flags & ~FD_CLOEXEC) != 0) return {errno, bp2::system_category()};
+    } else if (::dup2(fd, target) == -1) {
+      return {errno, bp2::system_category()};
+    }
+    return {};
+  }
+};
+
+std::string describe_status(int status) {
+  if (WIFSIGNALED(status))
+    return fmt::format("killed by signal {} ({})", WTERMSIG(status), ::strsignal(WTERMSIG(status)));
+  if (WIFEXITED(status)) return fmt::format("exited with status {}", WEXITSTATUS(status));
+  return "stopped";
+}
+
+}  // namespace
+
+struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
+  asio::strand<asio::any_io_executor> strand;
+  RankInfo rank_info;
+  CheckpointProcessConfig config;
+  CheckpointWriterConfig writer_config;
+  BarrierConfig barrier_config;
+  WriterOptions options;
+
+  std::unique_ptr<asio::local::stream_protocol::socket> socket;
+  std::mutex mutex;  // guards pid and closed against close() from other threads
+  int pid = -1;
+  bool closed = false;
+  bool writing = false;
+  std::shared_ptr<detail::Event> ready;  // the current child's start
+
+  Impl(asio::any_io_executor ex) : strand(asio::make_strand(ex)) {}
+
+  std::filesystem::path executable() const {
+    return options.executable.empty() ? default_writer_executable() : options.executable;
+  }
+
+  /// Kills the child (if any) and reaps it; returns how it ended.
+  std::string kill_and_reap() {
+    int p;
+    {
+      std::lock_guard lock(mutex);
+      p = pid;
+      pid = -1;
+    }
+    if (socket) {
+      boost::system::error_code ignored;
+      socket->close(ignored);
+    }
+    if (p <= 0) return "not running";
+    ::kill(p, SIGKILL);
+    int status = 0;
+    while (::waitpid(p, &status, 0) < 0 && errno == EINTR) {
+    }
+    return describe_status(status);
+  }
+
+  /// After the stream ended: the child is exiting or dead. Waits for it (up to
+  /// two seconds, then kills it) and says how it ended.
+  asio::awaitable<std::string> reap_after_eof() {
+    int p;
+    {
+      std::lock_guard lock(mutex);
+      p = pid;
+    }
+    if (p <= 0) co_return "not running";
+    asio::steady_timer timer(strand);
+    for (int i = 0; i < 200; ++i) {
+      int status = 0;
+      const int r = ::waitpid(p, &status, WNOHANG);
+      if (r == p) {
+        std::lock_guard lock(mutex);
+        pid = -1;
+        co_return describe_status(status);
+      }
+      if (r < 0 && errno != EINTR) break;
+      timer.expires_after(std::chrono::milliseconds(10));
+      co_await timer.async_wait(asio::use_awaitable);
+    }
+    co_return kill_and_reap();
+  }
+
+  asio::awaitable<json::object> read_reply() {
+    char len[4];
+    co_await asio::async_read(*socket, asio::buffer(len), asio::use_awaitable);
+    std::uint32_t n = 0;
+    for (int i = 0; i < 4; ++i)
+      n |= static_cast<std::uint32_t>(static_cast<unsigned char>(len[i])) << (8 * i);
+    if (n > detail::protocol::kMaxFrame)
+      throw WriterProcessError("the writer process sent an oversized message");
+    std::string body(n, '\0');
+    co_await asio::async_read(*socket, asio::buffer(body), asio::use_awaitable);
+    co_return detail::protocol::parse(body);
+  }
+
+  /// Sends `request` and waits for the answer, at most `timeout`. Returns the
+  /// reply; nothing on timeout. Throws boost::system::system_error when the
+  /// stream ends (the child died).
+  asio::awaitable<std::optional<json::object>> exchange(const json::object& request, int pass_fd,
+                                                        std::chrono::milliseconds timeout) {
+    detail::protocol::send(socket->native_handle(), request, pass_fd);
+    asio::steady_timer timer(strand, timeout);
+    auto result = co_await (read_reply() || timer.async_wait(asio::use_awaitable));
+    if (result.index() == 1) co_return std::nullopt;
+    co_return std::get<0>(std::move(result));
+  }
+
+  json::object init_message() const {
+    json::object m{{"v", detail::protocol::kVersion}, {"type", "init"}};
+    m["rank"] = rank_info.global_rank;
+    m["world_size"] = rank_info.global_world_size;
+    m["write_barrier_timeout_ms"] = writer_config.write_barrier_timeout.count();
+    m["barrier_type"] =
+        barrier_config.barrier_type ? json::value(*barrier_config.barrier_type) : json::value(nullptr);
+    m["barrier_args"] = detail::protocol::kwargs_to_json(barrier_config.barrier_args);
+    m["init_args"] = detail::protocol::args_to_json(options.subprocess_init_args);
+    m["writer_args"] = detail::protocol::kwargs_to_json(options.checkpoint_writer_init_args);
+    return m;
+  }
+
+  /// Steps 1–3. Sets `ready` with the outcome.
+  asio::awaitable<void> start() {
+    auto event = std::make_shared<detail::Event>();
+    ready = event;
+    try {
+      co_await start_child();
+      event->set();
+    } catch (...) {
+      event->set(std::current_exception());
+      throw;
+    }
+  }
+
+  asio::awaitable<void> start_child() {
+    const auto exe = executable();
+    int sv[2];
+    if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
+      throw WriterProcessError(fmt::format("socketpair for the writer process: {}", std::strerror(errno)));
+    try {
+      bp2::process proc(strand.get_inner_executor(), exe, std::vector<std::string>{"--fd", "3"},
+                        PassFd{sv[1], 3});
+      std::lock_guard lock(mutex);
+      pid = proc.id();
+      proc.detach();  // reaped here, not by Boost.Process
+    } catch (const std::exception& e) {
+      ::close(sv[0]);
+      ::close(sv[1]);
+      throw WriterProcessError(fmt::format("cannot start the writer process {}: {}", exe.string(), e.what()));
+    }
+    ::close(sv[1]);
+    socket =
+        std::make_unique<asio::local::stream_protocol::socket>(strand, asio::local::stream_protocol(), sv[0]);
+
+    const auto deadline = std::chrono::steady_clock::now() + config.subprocess_init_timeout;
+    auto left = [&] {
+      return std::max(std::chrono::milliseconds(0), std::chrono::duration_cast<std::chrono::milliseconds>(
+                                                        deadline - std::chrono::steady_clock::now()));
+    };
+    std::string failure;
+    bool stream_ended = false;
+    try {
+      for (const auto& request :
+           {init_message(), json::object{{"v", detail::protocol::kVersion}, {"type", "ping"}}}) {
+        auto reply = co_await exchange(request, -1, left());
+        if (!reply) {
+          const std::string how = kill_and_reap();
+          throw Timeout(
+              fmt::format("Timed out after {} ms waiting for the writer process {} to start (init and "
+                          "first ping); it was killed ({})",
+                          config.subprocess_init_timeout.count(), exe.string(), how));
+        }
+        try {
+          detail::protocol::throw_if_error(*reply);
+        } catch (const std::exception& e) {
+          failure = e.what();
+          break;
+        }
+      }
+    } catch (const boost::system::system_error&) {
+      stream_ended = true;  // the child died while starting
+    }
+    if (stream_ended) {
+      const std::string how = co_await reap_after_eof();
+      throw WriterProcessError(
+          fmt::format("Child process terminated unexpectedly while starting ({}): {}", how, exe.string()));
+    }
+    if (!failure.empty()) {
+      kill_and_reap();
+      throw WriterProcessError(
+          fmt::format("the writer process {} failed to initialise: {}", exe.string(), failure));
+    }
+  }
+
+  bool child_alive() {
+    std::lock_guard lock(mutex);
+    return pid > 0;
+  }
+
+  /// Step 4 (and 1–3 first when there is no child).
+  asio::awaitable<void> write(StagedCheckpoint staged, std::filesystem::path path, Kwargs kwargs) {
+    {
+      std::lock_guard lock(mutex);
+      if (closed)
+        throw WriterProcessError(fmt::format("cannot write {}: the writer process is closed", path.string()));
+    }
+    if (writing) throw WriterProcessError("one write at a time: the previous write has not completed");
+    writing = true;
+    struct Done {
+      bool& w;
+      ~Done() { w = false; }
+    } done{writing};
+
+    if (!child_alive()) co_await start();  // a dead child is replaced
+    if (auto e = ready->error()) std::rethrow_exception(e);
+    if (!staged.arena) throw WriterProcessError("the staged checkpoint has no arena for the writer process");
+
+    json::object request{{"v", detail::protocol::kVersion}, {"type", "write_checkpoint"}};
+    request["path"] = path.string();
+    request["arena_size"] = staged.arena->size();
+    request["cd_offset"] = staged.cd_offset;
+    json::array records;
+    for (const auto& r : staged.records)
+      records.push_back(json::object{{"name", r.name},
+                                     {"header_offset", r.header_offset},
+                                     {"data_offset", r.data_offset},
+                                     {"size", r.size}});
+    request["records"] = std::move(records);
+    request["kwargs"] = detail::protocol::kwargs_to_json(kwargs);
+
+    std::optional<json::object> reply;
+    bool stream_ended = false;
+    try {
+      reply = co_await exchange(request, staged.arena->fd(), config.write_timeout);
+    } catch (const boost::system::system_error&) {
+      stream_ended = true;  // the child died
+    } catch (const WriterProcessError&) {
+      stream_ended = true;  // the request could not be sent: the child is gone
+    }
+    if (stream_ended) {
+      const std::string how = co_await reap_after_eof();
+      throw WriterProcessError(fmt::format("Child process terminated unexpectedly ({}) while writing {}", how,
+                                           (path / checkpoint_file_name(rank_info.global_rank)).string()));
+    }
+    if (!reply) {
+      const std::string how = kill_and_reap();
+      throw Timeout(
+          fmt::format("Timed out after {} ms waiting for the writer process to write {}; it was killed ({})",
+                      config.write_timeout.count(), path.string(), how));
+    }
+    detail::protocol::throw_if_error(*reply);
+  }
+
+  /// Step 5, blocking (close() is called from any thread).
+  void close() {
+    int p;
+    {
+      std::lock_guard lock(mutex);
+      if (closed) return;
+      closed = true;
+      p = pid;
+    }
+    if (p <= 0) return;
+    try {
+      detail::protocol::send(socket->native_handle(), {{"v", detail::protocol::kVersion}, {"type", "exit"}});
+    } catch (const std::exception&) {
+      // already gone: reaped below
+    }
+    const auto deadline = std::chrono::steady_clock::now() + config.subprocess_shutdown_timeout;
+    for (;;) {
+      int status = 0;
+      const int r = ::waitpid(p, &status, WNOHANG);
+      if (r == p || (r < 0 && errno == ECHILD)) {
+        std::lock_guard lock(mutex);
+        pid = -1;
+        break;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        kill_and_reap();
+        break;
+      }
+      // Polling the child's exit with a short pause; bounded by the deadline.
+      ::usleep(2000);
+    }
+    // The socket belongs to the strand; close it there.
+    asio::post(strand, [self = shared_from_this()] {
+      if (self->socket) {
+        boost::system::error_code ignored;
+        self->socket->close(ignored);
+      }
+    });
+  }
+};
+
+CheckpointProcess::CheckpointProcess(executor_type executor, RankInfo rank_info,
+                                     CheckpointProcessConfig config, CheckpointWriterConfig writer_config,
+                                     BarrierConfig barrier_config, WriterOptions options)
+    : impl_(std::make_shared<Impl>(executor)), ready_(std::make_shared<detail::Event>()) {
+  impl_->rank_info = rank_info;
+  impl_->config = config;
+  impl_->writer_config = writer_config;
+  impl_->barrier_config = std::move(barrier_config);
+  impl_->options = std::move(options);
+  auto ready = ready_;
+  asio::co_spawn(impl_->strand, impl_->start(), [ready](std::exception_ptr e) { ready->set(e); });
+}
+
+CheckpointProcess::CheckpointProcess(executor_type executor)
+    : impl_(std::make_shared<Impl>(executor)), ready_(std::make_shared<detail::Event>()) {
+  ready_->set();
+}
+
+CheckpointProcess::~CheckpointProcess() {
+  try {
+    close();
+  } catch (...) {
+  }
+}
+
+void CheckpointProcess::do_write(StagedCheckpoint staged, std::filesystem::path path, Kwargs kwargs,
+                                 asio::any_completion_handler<Signature> handler) {
+  auto impl = impl_;
+  auto ready = ready_;
+  asio::co_spawn(
+      impl->strand,
+      [impl, ready, staged = std::move(staged), path = std::move(path),
+       kwargs = std::move(kwargs)]() mutable -> asio::awaitable<void> {
+        // The first write waits for the start begun by the constructor.
+        if (!ready->done()) co_await ready->async_wait(asio::use_awaitable);
+        co_await impl->write(std::move(staged), std::move(path), std::move(kwargs));
+      },
+      std::move(handler));
+}
+
+void CheckpointProcess::close() {
+  // A child still starting: let its start finish or time out first, so that
+  // close() leaves no process behind.
+  if (!ready_->done()) ready_->wait_for(impl_->config.subprocess_init_timeout + std::chrono::seconds(5));
+  impl_->close();
+}
+
+int CheckpointProcess::pid() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->pid;
+}
+
+}  // namespace ckpt
