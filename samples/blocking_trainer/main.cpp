@@ -34,7 +34,7 @@ int main(int argc, char** argv) try {
 
   // 1. The run that crashes. The checkpointer runs its own I/O thread and the
   //    ckpt-writer child; rank from RANK/WORLD_SIZE, else {0, 1}.
-  std::map<int, std::map<std::string, torch::Tensor>> saved;
+  sample::SavedStates saved;
   {
     auto checkpointer = ckpt::make_async_checkpointer();
     torch::manual_seed(0);
@@ -62,32 +62,10 @@ int main(int argc, char** argv) try {
     checkpointer->close();
   }
 
-  // 2. The reference: the same training, never interrupted.
-  torch::manual_seed(0);
-  auto reference = sample::make_model(kWidth);
-  torch::optim::Adam ref_opt(reference->parameters(), torch::optim::AdamOptions(kLr));
-  for (int step = 1; step <= kSteps; ++step) sample::train_step(reference, ref_opt, step);
-
-  // 3. Restart: fresh model (other initial weights) and optimizer, restored.
-  torch::manual_seed(1234);
-  auto resumed = sample::make_model(kWidth);
-  torch::optim::Adam res_opt(resumed->parameters(), torch::optim::AdamOptions(kLr));
-  auto checkpointer = ckpt::make_sync_checkpointer();
-  const fs::path newest = sample::newest_checkpoint(dir);
-  const int from = sample::restore(*checkpointer, newest, resumed, res_opt);
-  bool restored_equal = saved.count(from) > 0;
-  for (const auto& p : resumed->named_parameters())
-    restored_equal = restored_equal && torch::equal(p.value(), saved[from].at(p.key()));
-  std::printf("resumed from %s (step %d): restored state %s the saved one\n", newest.c_str(), from,
-              restored_equal ? "equals" : "DIFFERS FROM");
-
-  for (int step = from + 1; step <= kSteps; ++step) sample::train_step(resumed, res_opt, step);
-  const bool same = sample::same_parameters(resumed, reference);
-  std::printf("after step %d the resumed run %s the uninterrupted run\n", kSteps,
-              same ? "matches" : "DIFFERS FROM");
-  checkpointer->close();
+  // 2. Restart, as a fresh process would, and check the state.
+  const bool ok = sample::resume_and_check(dir, saved, kWidth, kLr, kSteps);
   if (temporary) fs::remove_all(dir);
-  return restored_equal && same ? 0 : 1;
+  return ok ? 0 : 1;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "blocking_trainer: %s\n", e.what());
   return 1;

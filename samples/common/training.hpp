@@ -125,4 +125,40 @@ inline bool same_parameters(torch::nn::Sequential& a, torch::nn::Sequential& b) 
   return true;
 }
 
+/// What each saved step held: parameters by name.
+using SavedStates = std::map<int, std::map<std::string, torch::Tensor>>;
+
+/// The restart after a "crash": trains a reference run that never stopped
+/// (seed 0), then a fresh model and optimizer (other initial weights) resumed
+/// from the newest checkpoint under `dir`; checks the restored state equals
+/// what that step saved and that training on ends bit-identical to the
+/// reference. Prints one line for each check; returns whether both hold.
+inline bool resume_and_check(const std::filesystem::path& dir, const SavedStates& saved, std::int64_t width,
+                             double lr, int steps) {
+  torch::manual_seed(0);
+  auto reference = make_model(width);
+  torch::optim::Adam ref_opt(reference->parameters(), torch::optim::AdamOptions(lr));
+  for (int step = 1; step <= steps; ++step) train_step(reference, ref_opt, step);
+
+  torch::manual_seed(1234);
+  auto resumed = make_model(width);
+  torch::optim::Adam res_opt(resumed->parameters(), torch::optim::AdamOptions(lr));
+  auto checkpointer = ckpt::make_sync_checkpointer();
+  const auto newest = newest_checkpoint(dir);
+  const int from = restore(*checkpointer, newest, resumed, res_opt);
+  auto it = saved.find(from);
+  bool restored_equal = it != saved.end();
+  for (const auto& p : resumed->named_parameters())
+    restored_equal = restored_equal && torch::equal(p.value(), it->second.at(p.key()));
+  std::printf("resumed from %s (step %d): restored state %s the saved one\n", newest.c_str(), from,
+              restored_equal ? "equals" : "DIFFERS FROM");
+
+  for (int step = from + 1; step <= steps; ++step) train_step(resumed, res_opt, step);
+  const bool same = same_parameters(resumed, reference);
+  std::printf("after step %d the resumed run %s the uninterrupted run\n", steps,
+              same ? "matches" : "DIFFERS FROM");
+  checkpointer->close();
+  return restored_equal && same;
+}
+
 }  // namespace sample

@@ -54,7 +54,7 @@ void report(const ckpt::PendingWrite& written, Clock::time_point start, double b
 
 // 2. The run that crashes.
 asio::awaitable<void> train_until_crash(ckpt::AsyncCheckpointer& ck, const fs::path& dir,
-                                        std::map<int, std::map<std::string, torch::Tensor>>& saved) {
+                                        sample::SavedStates& saved) {
   auto ex = co_await asio::this_coro::executor;
   torch::manual_seed(0);
   auto model = sample::make_model(kWidth);
@@ -81,7 +81,7 @@ int main(int argc, char** argv) try {
   const bool temporary = argc < 2;
   const fs::path dir = temporary ? sample::temporary_directory("coroutine-trainer") : fs::path(argv[1]);
   fs::create_directories(dir);
-  std::map<int, std::map<std::string, torch::Tensor>> saved;
+  sample::SavedStates saved;
 
   {
     asio::io_context io;                        // the trainer's
@@ -93,31 +93,10 @@ int main(int argc, char** argv) try {
     ck->close();  // the writes in flight finish; the child exits
   }
 
-  // 3. The reference: the same training, never interrupted.
-  torch::manual_seed(0);
-  auto reference = sample::make_model(kWidth);
-  torch::optim::Adam ref_opt(reference->parameters(), torch::optim::AdamOptions(kLr));
-  for (int step = 1; step <= kSteps; ++step) sample::train_step(reference, ref_opt, step);
-
-  // 4. Restart: a fresh process would start here.
-  torch::manual_seed(1234);
-  auto resumed = sample::make_model(kWidth);
-  torch::optim::Adam res_opt(resumed->parameters(), torch::optim::AdamOptions(kLr));
-  auto ck = ckpt::make_sync_checkpointer();
-  const fs::path newest = sample::newest_checkpoint(dir);
-  const int from = sample::restore(*ck, newest, resumed, res_opt);
-  bool restored_equal = saved.count(from) > 0;
-  for (const auto& p : resumed->named_parameters())
-    restored_equal = restored_equal && torch::equal(p.value(), saved[from].at(p.key()));
-  std::printf("resumed from %s (step %d): restored state %s the saved one\n", newest.c_str(), from,
-              restored_equal ? "equals" : "DIFFERS FROM");
-  for (int step = from + 1; step <= kSteps; ++step) sample::train_step(resumed, res_opt, step);
-  const bool same = sample::same_parameters(resumed, reference);
-  std::printf("after step %d the resumed run %s the uninterrupted run\n", kSteps,
-              same ? "matches" : "DIFFERS FROM");
-  ck->close();
+  // 3. Restart, as a fresh process would, and check the state.
+  const bool ok = sample::resume_and_check(dir, saved, kWidth, kLr, kSteps);
   if (temporary) fs::remove_all(dir);
-  return restored_equal && same ? 0 : 1;
+  return ok ? 0 : 1;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "coroutine_trainer: %s\n", e.what());
   return 1;
