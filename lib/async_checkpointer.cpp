@@ -1,6 +1,10 @@
 // The asynchronous save, as a coroutine on the checkpointer's strand:
-//   1. wait for the previous write; if it failed and nobody has been told
-//      through a save yet, fail this save with its error (once);
+//   0. take this save's place in the chain (before any co_await, so that a
+//      save issued right after this one waits for it: the strand is released
+//      at every co_await, and the arena must not be staged into while the
+//      child still writes it);
+//   1. wait for the previous save's write; if it failed and nobody has been
+//      told through a save yet, fail this save with its error (once);
 //   2. stop here if the save was cancelled;
 //   3. co_await staging (the stager's strand owns the arena);
 //   4. hand the image to the writer child and complete with a PendingWrite:
@@ -9,6 +13,8 @@
 
 #include <fmt/format.h>
 
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
@@ -34,10 +40,12 @@ struct AsyncCheckpointer::Impl {
   std::shared_ptr<CheckpointProcess> process;
   std::shared_ptr<CheckpointReader> reader;
 
-  // The last write (touched on the strand only).
-  std::shared_ptr<detail::Event> last;
-  std::filesystem::path last_path;
-  bool last_reported = false;
+  /// One save's write, in the chain of saves (touched on the strand only).
+  struct Slot {
+    std::shared_ptr<detail::Event> written = std::make_shared<detail::Event>();
+    bool reported = false;  // its error was given to a later save
+  };
+  std::shared_ptr<Slot> last;
   std::atomic<bool> closed{false};
 
   // For the builder without an executor: an io_context and its thread.
@@ -47,35 +55,50 @@ struct AsyncCheckpointer::Impl {
 
   explicit Impl(asio::any_io_executor ex) : executor(ex), strand(asio::make_strand(ex)) {}
 
-  asio::awaitable<PendingWrite> save(std::filesystem::path path, StateDict state_dict, Kwargs kwargs) {
+  /// Cancellation of one save, recorded as it is emitted (the coroutine may
+  /// not have started yet, and would then miss the signal).
+  struct Cancel {
+    std::atomic<bool> cancelled{false};
+    asio::cancellation_signal signal;
+  };
+
+  asio::awaitable<PendingWrite> save(std::filesystem::path path, StateDict state_dict, Kwargs kwargs,
+                                     std::shared_ptr<Cancel> cancel) {
     if (closed) throw Error(fmt::format("cannot save {}: the checkpointer is closed", path.string()));
+    // 0.
+    auto previous = last;
+    auto mine = std::make_shared<Slot>();
+    last = mine;
+    struct Release {  // a save that ends before its write releases the chain
+      std::shared_ptr<detail::Event> event;
+      bool handed = false;
+      ~Release() {
+        if (!handed) event->set();
+      }
+    } release{mine->written};
     // 1.
-    if (last) {
-      std::exception_ptr previous;
-      if (!last->done()) {
+    if (previous) {
+      if (!previous->written->done()) {
         try {
-          co_await last->async_wait(asio::use_awaitable);
+          co_await previous->written->async_wait(asio::use_awaitable);
         } catch (...) {
         }
       }
-      previous = last->error();
-      if (previous && !last_reported) {
-        last_reported = true;
-        std::rethrow_exception(previous);
+      if (auto error = previous->written->error(); error && !previous->reported) {
+        previous->reported = true;
+        std::rethrow_exception(error);
       }
     }
     // 2.
     auto cs = co_await asio::this_coro::cancellation_state;
-    if (cs.cancelled() != asio::cancellation_type::none)
+    if (cancel->cancelled || cs.cancelled() != asio::cancellation_type::none)
       throw boost::system::system_error(asio::error::operation_aborted,
                                         "save of " + path.string() + " cancelled");
     // 3.
     StagedCheckpoint staged = co_await stager->async_stage(state_dict, asio::use_awaitable);
     // 4.
-    auto event = std::make_shared<detail::Event>();
-    last = event;
-    last_path = path;
-    last_reported = false;
+    auto event = mine->written;
+    release.handed = true;
     process->async_write(std::move(staged), path, std::move(kwargs),
                          [event](std::exception_ptr e) { event->set(e); });
     co_return PendingWrite(event, path);
@@ -103,8 +126,17 @@ AsyncCheckpointer::~AsyncCheckpointer() {
 
 void AsyncCheckpointer::do_save(std::filesystem::path path, StateDict state_dict, Kwargs kwargs,
                                 asio::any_completion_handler<SaveSignature> handler) {
-  asio::co_spawn(impl_->strand, impl_->save(std::move(path), std::move(state_dict), std::move(kwargs)),
-                 std::move(handler));
+  auto cancel = std::make_shared<Impl::Cancel>();
+  auto slot = asio::get_associated_cancellation_slot(handler);
+  if (slot.is_connected())
+    slot.assign([cancel](asio::cancellation_type type) {
+      if (type == asio::cancellation_type::none) return;
+      cancel->cancelled = true;
+      cancel->signal.emit(type);
+    });
+  asio::co_spawn(impl_->strand,
+                 impl_->save(std::move(path), std::move(state_dict), std::move(kwargs), cancel),
+                 asio::bind_cancellation_slot(cancel->signal.slot(), std::move(handler)));
 }
 
 SaveFutures AsyncCheckpointer::save(const std::filesystem::path& path, const StateDict& state_dict,
@@ -137,7 +169,7 @@ StateDict AsyncCheckpointer::load(const std::filesystem::path& path, const LoadO
 void AsyncCheckpointer::close() {
   if (impl_->closed.exchange(true)) return;
   // A write in progress completes (or the child's close ends it).
-  if (auto last = impl_->last) last->wait_for(std::chrono::seconds(60));
+  if (auto last = impl_->last) last->written->wait_for(std::chrono::seconds(60));
   impl_->stager->close();
   impl_->process->close();
   if (impl_->own_context) {

@@ -30,6 +30,7 @@
 
 #include <fmt/format.h>
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/experimental/awaitable_operators.hpp>
@@ -171,17 +172,24 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     co_return kill_and_reap();
   }
 
-  asio::awaitable<json::object> read_reply() {
+  /// One reply. The end of the stream (the child died) comes back as an error
+  /// code, not an exception: awaitable `||` waits for the first operation to
+  /// *succeed*, so a throwing read would be ignored until the timer fired.
+  asio::awaitable<std::pair<boost::system::error_code, json::object>> read_reply() {
     char len[4];
-    co_await asio::async_read(*socket, asio::buffer(len), asio::use_awaitable);
+    auto [ec, n1] =
+        co_await asio::async_read(*socket, asio::buffer(len), asio::as_tuple(asio::use_awaitable));
+    if (ec) co_return std::pair{ec, json::object{}};
     std::uint32_t n = 0;
     for (int i = 0; i < 4; ++i)
       n |= static_cast<std::uint32_t>(static_cast<unsigned char>(len[i])) << (8 * i);
     if (n > detail::protocol::kMaxFrame)
       throw WriterProcessError("the writer process sent an oversized message");
     std::string body(n, '\0');
-    co_await asio::async_read(*socket, asio::buffer(body), asio::use_awaitable);
-    co_return detail::protocol::parse(body);
+    auto [ec2, n2] =
+        co_await asio::async_read(*socket, asio::buffer(body), asio::as_tuple(asio::use_awaitable));
+    if (ec2) co_return std::pair{ec2, json::object{}};
+    co_return std::pair{boost::system::error_code{}, detail::protocol::parse(body)};
   }
 
   /// Sends `request` and waits for the answer, at most `timeout`. Returns the
@@ -193,7 +201,18 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     asio::steady_timer timer(strand, timeout);
     auto result = co_await (read_reply() || timer.async_wait(asio::use_awaitable));
     if (result.index() == 1) co_return std::nullopt;
-    co_return std::get<0>(std::move(result));
+    auto [ec, reply] = std::get<0>(std::move(result));
+    if (ec) throw boost::system::system_error(ec, "reading from the writer process");
+    co_return std::move(reply);
+  }
+
+  /// Removes what a child that died mid-write left: its temporary file(s)
+  /// beside `file` (named `.<name>.tmp-<child pid>-<n>`).
+  static void remove_temporaries(const std::filesystem::path& file, int child_pid) {
+    const std::string prefix = fmt::format(".{}.tmp-{}-", file.filename().string(), child_pid);
+    std::error_code ec;
+    for (const auto& e : std::filesystem::directory_iterator(file.parent_path(), ec))
+      if (e.path().filename().string().rfind(prefix, 0) == 0) std::filesystem::remove(e.path(), ec);
   }
 
   json::object init_message() const {
@@ -282,6 +301,11 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     }
   }
 
+  int pid_now() {
+    std::lock_guard lock(mutex);
+    return pid;
+  }
+
   bool child_alive() {
     std::lock_guard lock(mutex);
     return pid > 0;
@@ -328,12 +352,17 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
       stream_ended = true;  // the request could not be sent: the child is gone
     }
     if (stream_ended) {
+      const int dead = pid_now();
       const std::string how = co_await reap_after_eof();
-      throw WriterProcessError(fmt::format("Child process terminated unexpectedly ({}) while writing {}", how,
-                                           (path / checkpoint_file_name(rank_info.global_rank)).string()));
+      const auto file = path / checkpoint_file_name(rank_info.global_rank);
+      remove_temporaries(file, dead);
+      throw WriterProcessError(
+          fmt::format("Child process terminated unexpectedly ({}) while writing {}", how, file.string()));
     }
     if (!reply) {
+      const int dead = pid_now();
       const std::string how = kill_and_reap();
+      remove_temporaries(path / checkpoint_file_name(rank_info.global_rank), dead);
       throw Timeout(
           fmt::format("Timed out after {} ms waiting for the writer process to write {}; it was killed ({})",
                       config.write_timeout.count(), path.string(), how));

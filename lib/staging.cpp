@@ -20,6 +20,7 @@
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/system_executor.hpp>
 #include <boost/asio/thread_pool.hpp>
 #include <boost/asio/use_future.hpp>
 
@@ -237,7 +238,11 @@ void DefaultStager::do_stage(StateDict state_dict, asio::any_completion_handler<
     } catch (...) {
       error = std::current_exception();
     }
-    auto ex = asio::get_associated_executor(handler, impl->strand);
+    // Completions run on the strand, unless the stager is closed (its threads
+    // are gone): then on the system executor.
+    const asio::any_io_executor fallback =
+        impl->closed ? asio::any_io_executor(asio::system_executor()) : asio::any_io_executor(impl->strand);
+    auto ex = asio::get_associated_executor(handler, fallback);
     asio::dispatch(ex, [handler = std::move(handler), error, staged = std::move(staged)]() mutable {
       std::move(handler)(error, std::move(staged));
     });

@@ -2,30 +2,45 @@
 // and test_builder.py (make_sync_checkpointer); and beyond upstream: a partial
 // load reads only what it asks for and fills tensors in place, a failing hook or
 // a hung barrier fails the save, and checkpoints cross to and from Python torch.
+// AsyncCheckpointer, ported from the async half of both (at the end): the shared
+// cases on the async checkpointer, upstream's async-only cases and
+// make_async_checkpointer, with tests/support/test_writer as the writer child.
 #include <ckpt/checkpointer.hpp>
 
 #define BOOST_TEST_MODULE checkpointer_test
 #include <boost/test/unit_test.hpp>
 
+#include <ckpt/async_checkpointer.hpp>
 #include <ckpt/format.hpp>
 
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>
 
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <csignal>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <iterator>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <thread>
+#include <type_traits>
 #include <vector>
+
+#include <unistd.h>
 
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
@@ -649,6 +664,506 @@ BOOST_AUTO_TEST_CASE(a_checkpoint_saved_by_python_loads_full_and_partial) {
   BOOST_CHECK_EQUAL(partial.at("epoch").toInt(), 7);
   BOOST_CHECK(!partial.sub("model").contains("bias"));
   BOOST_CHECK(!partial.contains("optimizer"));
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- upstream: test_checkpointer.py, the async checkpointer ---------------------
+// Built as upstream builds it: a stager with async staging in shared memory (not
+// pinned, not non-blocking), and a writer child whose init hook gets
+// ("test-async-checkpointer", this pid) and checks it runs in a child of this
+// process (tests/support/test_writer, "check-parent"); its writer factory gets
+// the writer config and rank_info. The child is ready before the first save.
+
+namespace {
+
+/// A generous bound on every wait: it only keeps a broken checkpointer from
+/// hanging the suite; no check relies on it.
+constexpr auto kWaitBound = 120s;
+
+template <typename T>
+T wait_get(std::future<T>& f) {
+  BOOST_REQUIRE_MESSAGE(f.wait_for(kWaitBound) == std::future_status::ready,
+                        "not completed within " << kWaitBound.count() << " s");
+  return f.get();
+}
+
+/// upstream's _wait_for_save: the write first, then the stage.
+void wait_for_save(ckpt::SaveFutures& futures) {
+  BOOST_REQUIRE(futures.staged.valid());
+  BOOST_REQUIRE(futures.written.valid());
+  wait_get(futures.written);
+  wait_get(futures.staged);
+}
+
+/// The tests' writer executable (tests/support/test_writer.cpp), beside this program.
+fs::path test_writer() {
+  return fs::canonical("/proc/self/exe").parent_path() / "test_writer";
+}
+
+std::string read_text(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+/// An io_context run by a thread of its own, so that the blocking save()'s
+/// futures complete. On the way out it lets the context run dry, and stops it
+/// only if it does not.
+struct IoThread {
+  boost::asio::io_context io;
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work{io.get_executor()};
+  std::promise<void> ran_dry;
+  std::future<void> ran_dry_future = ran_dry.get_future();
+  std::thread thread{[this] {
+    try {
+      io.run();
+    } catch (const std::exception& e) {
+      BOOST_ERROR("a handler threw on the io thread: " << e.what());
+    }
+    ran_dry.set_value();
+  }};
+  ~IoThread() {
+    work.reset();
+    if (ran_dry_future.wait_for(60s) != std::future_status::ready) io.stop();
+    thread.join();
+  }
+  boost::asio::any_io_executor executor() { return io.get_executor(); }
+};
+
+/// upstream's setUp and _create_async_checkpointer.
+struct AsyncCheckpointerFixture : CheckpointerFixture {
+  IoThread io;
+
+  std::unique_ptr<ckpt::AsyncCheckpointer> create_async_checkpointer() {
+    ckpt::CheckpointStagerConfig stager_config;
+    stager_config.use_async_staging = true;
+    stager_config.use_pinned_memory = false;
+    stager_config.use_shared_memory = true;
+    stager_config.use_non_blocking_copy = false;
+
+    const ckpt::CheckpointProcessConfig process_config{.subprocess_init_timeout = 30s,
+                                                       .subprocess_shutdown_timeout = 60s};
+
+    auto checkpoint_stager = std::make_shared<ckpt::DefaultStager>(stager_config);
+
+    ckpt::WriterOptions options;
+    options.executable = test_writer();
+    options.subprocess_init_args = {"check-parent", "test-async-checkpointer", ::getpid()};
+    // The factory gets the config and rank_info (WriterFactoryArgs) from the
+    // process's writer_config and rank_info.
+    auto checkpoint_process = std::make_shared<ckpt::CheckpointProcess>(
+        io.executor(), rank_info, process_config, writer_config, ckpt::BarrierConfig{}, std::move(options));
+
+    // Wait for process initialization.
+    auto ready = checkpoint_process->async_wait_ready(boost::asio::use_future);
+    wait_get(ready);
+
+    return std::make_unique<ckpt::AsyncCheckpointer>(io.executor(), checkpoint_stager, checkpoint_process,
+                                                     reader);
+  }
+
+  /// A copy of `sd` (upstream's dict.copy(): a new dict, the same values).
+  static ckpt::StateDict shallow_copy(const ckpt::StateDict& sd) {
+    ckpt::StateDict out;
+    for (const auto& e : sd) out.insert(e.key().toStringRef(), e.value());
+    return out;
+  }
+};
+
+/// A stager that is ready at once (upstream's Mock stager with a done future).
+class ReadyStager : public ckpt::CheckpointStager {
+ public:
+  void close() override {}
+
+ protected:
+  void do_stage(ckpt::StateDict, boost::asio::any_completion_handler<Signature> handler) override {
+    ckpt::StagedCheckpoint staged;
+    staged.state_dict.insert("staged", "data");
+    std::move(handler)(nullptr, std::move(staged));
+  }
+};
+
+/// A process whose every write fails with "Write failed" (upstream's Mock
+/// process with a failed future); no child at all.
+class FailingProcess : public ckpt::CheckpointProcess {
+ public:
+  explicit FailingProcess(executor_type executor) : CheckpointProcess(std::move(executor)) {}
+  int writes = 0;
+
+ protected:
+  void do_write(ckpt::StagedCheckpoint, fs::path, ckpt::Kwargs,
+                boost::asio::any_completion_handler<Signature> handler) override {
+    ++writes;
+    std::move(handler)(std::make_exception_ptr(std::runtime_error("Write failed")));
+  }
+};
+
+/// Checks that a save's future completes without an error, naming the error.
+void check_succeeds(std::future<void>& f, const char* what) {
+  try {
+    wait_get(f);
+  } catch (const std::exception& e) {
+    BOOST_ERROR(what << " failed: " << e.what());
+  }
+}
+
+/// The error a future holds, as text; empty when it holds none.
+std::string error_of(std::future<void>& f) {
+  try {
+    wait_get(f);
+  } catch (const std::runtime_error& e) {
+    return e.what();
+  }
+  return {};
+}
+
+}  // namespace
+
+BOOST_FIXTURE_TEST_SUITE(AsyncCheckpointer, AsyncCheckpointerFixture)
+
+BOOST_AUTO_TEST_CASE(save_and_load_basic) {
+  auto checkpointer = create_async_checkpointer();
+  Closer closer{*checkpointer};
+  const fs::path checkpoint_path = temp_dir / "checkpoint_async";
+
+  auto futures = checkpointer->save(checkpoint_path, state_dict);
+  wait_for_save(futures);
+
+  BOOST_CHECK(fs::exists(file_in(checkpoint_path)));
+
+  const auto loaded_state_dict = checkpointer->load(checkpoint_path);
+  BOOST_CHECK(loaded_state_dict.contains("model"));
+  BOOST_CHECK(loaded_state_dict.contains("optimizer"));
+  BOOST_CHECK_EQUAL(loaded_state_dict.at("epoch").toInt(), 5);
+  BOOST_CHECK_EQUAL(loaded_state_dict.at("step").toInt(), 1000);
+  BOOST_CHECK(identical(loaded_state_dict.sub("model").at("weight").toTensor(),
+                        state_dict.sub("model").at("weight").toTensor()));
+}
+
+BOOST_AUTO_TEST_CASE(load_with_map_location) {
+  auto checkpointer = create_async_checkpointer();
+  Closer closer{*checkpointer};
+  const fs::path checkpoint_path = temp_dir / "checkpoint_map_async";
+  auto futures = checkpointer->save(checkpoint_path, state_dict);
+  wait_for_save(futures);
+
+  const auto loaded_state_dict = checkpointer->load(checkpoint_path, {.map_location = "cpu"});
+  BOOST_CHECK(loaded_state_dict.contains("model"));
+  BOOST_CHECK_EQUAL(loaded_state_dict.at("epoch").toInt(), 5);
+  BOOST_CHECK(loaded_state_dict.sub("model").at("weight").toTensor().device().is_cpu());
+}
+
+BOOST_AUTO_TEST_CASE(partial_load) {
+  auto checkpointer = create_async_checkpointer();
+  Closer closer{*checkpointer};
+  const fs::path checkpoint_path = temp_dir / "checkpoint_partial_async";
+  auto futures = checkpointer->save(checkpoint_path, state_dict);
+  wait_for_save(futures);
+
+  ckpt::StateDict partial_state_dict;
+  partial_state_dict.insert("model", linear_state());
+  partial_state_dict.insert("epoch", IValue());
+
+  const auto loaded_state_dict = checkpointer->load(checkpoint_path, {.state_dict = partial_state_dict});
+  BOOST_CHECK(loaded_state_dict.is(partial_state_dict));
+  BOOST_CHECK(loaded_state_dict.contains("model"));
+  BOOST_CHECK(loaded_state_dict.contains("epoch"));
+  BOOST_CHECK_EQUAL(loaded_state_dict.at("epoch").toInt(), 5);
+  BOOST_CHECK(!loaded_state_dict.contains("step"));
+  BOOST_CHECK(!loaded_state_dict.contains("optimizer"));
+  BOOST_CHECK(identical(loaded_state_dict.sub("model").at("bias").toTensor(),
+                        state_dict.sub("model").at("bias").toTensor()));
+}
+
+BOOST_AUTO_TEST_CASE(load_strict_mode) {
+  auto checkpointer = create_async_checkpointer();
+  Closer closer{*checkpointer};
+  const fs::path checkpoint_path = temp_dir / "checkpoint_strict_async";
+  ckpt::StateDict limited_state_dict;
+  limited_state_dict.insert("model", linear_state());
+  auto futures = checkpointer->save(checkpoint_path, limited_state_dict);
+  wait_for_save(futures);
+
+  ckpt::StateDict partial_state_dict;
+  partial_state_dict.insert("model", linear_state());
+  partial_state_dict.insert("missing_key", IValue());
+
+  BOOST_CHECK_EXCEPTION(
+      checkpointer->load(checkpoint_path, {.state_dict = partial_state_dict, .strict = true}),
+      ckpt::MissingKeys, [&](const ckpt::MissingKeys& e) {
+        BOOST_TEST_MESSAGE("strict load: " << e.what());
+        return mentions(e, "missing keys") && mentions(e, "missing_key");
+      });
+
+  const auto loaded_state_dict =
+      checkpointer->load(checkpoint_path, {.state_dict = partial_state_dict, .strict = false});
+  BOOST_CHECK(loaded_state_dict.contains("model"));
+  BOOST_CHECK(identical(loaded_state_dict.sub("model").at("weight").toTensor(),
+                        limited_state_dict.sub("model").at("weight").toTensor()));
+}
+
+BOOST_AUTO_TEST_CASE(save_with_kwargs) {
+  // Upstream's async variant saves without kwargs; ckpt's carries them to the
+  // child's writer, whose hook (test_writer) records them with what its
+  // factory got.
+  auto checkpointer = create_async_checkpointer();
+  Closer closer{*checkpointer};
+  const fs::path checkpoint_path = temp_dir / "checkpoint_kwargs_async";
+
+  auto futures =
+      checkpointer->save(checkpoint_path, state_dict, {{"custom_arg", "test_value"}, {"another_arg", 42}});
+  wait_for_save(futures);
+
+  BOOST_CHECK(fs::exists(file_in(checkpoint_path)));
+  const std::string args = read_text(checkpoint_path / "factory_args.txt");
+  BOOST_TEST_MESSAGE("factory_args.txt:\n" << args);
+  BOOST_CHECK(args.find("kwarg custom_arg='test_value'\n") != std::string::npos);
+  BOOST_CHECK(args.find("kwarg another_arg=42\n") != std::string::npos);
+  // The factory's {config, rank_info}.
+  BOOST_CHECK(args.find("rank 0 of 1\n") != std::string::npos);
+  BOOST_CHECK(args.find("write_barrier_timeout_ms 600000\n") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(nested_dict_partial_load) {
+  auto checkpointer = create_async_checkpointer();
+  Closer closer{*checkpointer};
+
+  ckpt::StateDict layer1;
+  layer1.insert("weight", at::randn({5, 10}));
+  layer1.insert("bias", at::randn({5}));
+  ckpt::StateDict layer2;
+  layer2.insert("weight", at::randn({2, 5}));
+  layer2.insert("bias", at::randn({2}));
+  ckpt::StateDict model;
+  model.insert("layer1", layer1);
+  model.insert("layer2", layer2);
+  ckpt::StateDict metadata;
+  metadata.insert("epoch", 10);
+  metadata.insert("step", 2000);
+  ckpt::StateDict nested_state_dict;
+  nested_state_dict.insert("model", model);
+  nested_state_dict.insert("metadata", metadata);
+
+  const fs::path checkpoint_path = temp_dir / "checkpoint_nested_async";
+  auto futures = checkpointer->save(checkpoint_path, nested_state_dict);
+  wait_for_save(futures);
+
+  ckpt::StateDict want_layer1;
+  want_layer1.insert("weight", IValue());
+  ckpt::StateDict want_model;
+  want_model.insert("layer1", want_layer1);
+  ckpt::StateDict want_metadata;
+  want_metadata.insert("epoch", IValue());
+  ckpt::StateDict partial_state_dict;
+  partial_state_dict.insert("model", want_model);
+  partial_state_dict.insert("metadata", want_metadata);
+
+  const auto loaded_state_dict = checkpointer->load(checkpoint_path, {.state_dict = partial_state_dict});
+
+  BOOST_REQUIRE(loaded_state_dict.contains("model"));
+  BOOST_REQUIRE(loaded_state_dict.sub("model").contains("layer1"));
+  BOOST_REQUIRE(loaded_state_dict.sub("model").sub("layer1").contains("weight"));
+  BOOST_REQUIRE(loaded_state_dict.contains("metadata"));
+  BOOST_REQUIRE(loaded_state_dict.sub("metadata").contains("epoch"));
+
+  BOOST_CHECK(identical(loaded_state_dict.sub("model").sub("layer1").at("weight").toTensor(),
+                        layer1.at("weight").toTensor()));
+  BOOST_CHECK_EQUAL(loaded_state_dict.sub("metadata").at("epoch").toInt(), 10);
+
+  BOOST_CHECK(!loaded_state_dict.sub("model").contains("layer2"));
+  BOOST_CHECK(!loaded_state_dict.sub("metadata").contains("step"));
+}
+
+BOOST_AUTO_TEST_CASE(close_is_idempotent) {
+  auto checkpointer = create_async_checkpointer();
+  const int pid = checkpointer->process().pid();
+  BOOST_CHECK_NO_THROW(checkpointer->close());
+  BOOST_CHECK_NO_THROW(checkpointer->close());
+  BOOST_CHECK_EQUAL(checkpointer->process().pid(), -1);
+  BOOST_CHECK(::kill(pid, 0) == -1 && errno == ESRCH);  // the child is gone and reaped
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- upstream: TestAsyncCheckpointerSpecific ---------------------------------------
+
+BOOST_FIXTURE_TEST_SUITE(TestAsyncCheckpointerSpecific, AsyncCheckpointerFixture)
+
+BOOST_AUTO_TEST_CASE(async_returns_futures) {
+  auto checkpointer = create_async_checkpointer();
+  Closer closer{*checkpointer};
+  const fs::path checkpoint_path = temp_dir / "checkpoint_futures";
+
+  // Two futures, as upstream's (stage_future, write_future).
+  auto [stage_future, write_future] = checkpointer->save(checkpoint_path, state_dict);
+  static_assert(std::is_same_v<decltype(stage_future), std::future<void>>);
+  static_assert(std::is_same_v<decltype(write_future), std::future<void>>);
+  BOOST_CHECK(stage_future.valid());
+  BOOST_CHECK(write_future.valid());
+
+  wait_get(stage_future);
+  wait_get(write_future);
+  BOOST_CHECK(fs::exists(file_in(checkpoint_path)));
+}
+
+BOOST_AUTO_TEST_CASE(async_sequential_saves_wait) {
+  auto checkpointer = create_async_checkpointer();
+  Closer closer{*checkpointer};
+
+  const fs::path checkpoint_path1 = temp_dir / "checkpoint_seq_1";
+  auto [stage_future1, write_future1] = checkpointer->save(checkpoint_path1, state_dict);
+
+  // The second save (waits for the first write before staging).
+  const fs::path checkpoint_path2 = temp_dir / "checkpoint_seq_2";
+  auto modified_state_dict = shallow_copy(state_dict);
+  modified_state_dict.insert("epoch", 10);
+  auto [stage_future2, write_future2] = checkpointer->save(checkpoint_path2, modified_state_dict);
+
+  wait_get(stage_future2);
+  BOOST_CHECK_MESSAGE(is_ready(write_future1), "the second save was staged before the first write completed");
+
+  check_succeeds(write_future1, "the first write");
+  check_succeeds(write_future2, "the second write");
+  check_succeeds(stage_future1, "the first stage");
+
+  const fs::path checkpoint_file1 = file_in(checkpoint_path1);
+  const fs::path checkpoint_file2 = file_in(checkpoint_path2);
+  BOOST_CHECK(fs::exists(checkpoint_file1));
+  BOOST_CHECK(fs::exists(checkpoint_file2));
+
+  // Read back independently of the checkpointer (upstream: torch.load).
+  BOOST_REQUIRE(fs::exists(checkpoint_file1) && fs::exists(checkpoint_file2));
+  const auto loaded1 = ckpt::StateDict::from_ivalue(ckpt::read_file(checkpoint_file1, {.verify_crc = true}));
+  const auto loaded2 = ckpt::StateDict::from_ivalue(ckpt::read_file(checkpoint_file2, {.verify_crc = true}));
+  BOOST_CHECK_EQUAL(loaded1.at("epoch").toInt(), 5);
+  BOOST_CHECK_EQUAL(loaded2.at("epoch").toInt(), 10);
+}
+
+BOOST_AUTO_TEST_CASE(async_multiple_saves_ordering) {
+  auto checkpointer = create_async_checkpointer();
+  Closer closer{*checkpointer};
+
+  std::vector<ckpt::StateDict> state_dicts;
+  for (int epoch = 1; epoch <= 3; ++epoch) {
+    ckpt::StateDict model;  // torch.nn.Linear(5, 3).state_dict()
+    model.insert("weight", at::randn({3, 5}));
+    model.insert("bias", at::randn({3}));
+    ckpt::StateDict sd;
+    sd.insert("epoch", epoch);
+    sd.insert("model", model);
+    state_dicts.push_back(sd);
+  }
+
+  std::vector<ckpt::SaveFutures> futures;
+  std::vector<fs::path> checkpoint_paths;
+  for (std::size_t i = 0; i < state_dicts.size(); ++i) {
+    const fs::path checkpoint_path = temp_dir / ("multi_" + std::to_string(i + 1));
+    checkpoint_paths.push_back(checkpoint_path);
+    futures.push_back(checkpointer->save(checkpoint_path, state_dicts[i]));
+  }
+
+  for (std::size_t i = 0; i < futures.size(); ++i) {
+    BOOST_TEST_CONTEXT("multi_" << i + 1) {
+      check_succeeds(futures[i].staged, "the stage");
+      check_succeeds(futures[i].written, "the write");
+    }
+  }
+
+  for (std::size_t i = 0; i < checkpoint_paths.size(); ++i) {
+    const fs::path checkpoint_file = file_in(checkpoint_paths[i]);
+    BOOST_TEST_CONTEXT("multi_" << i + 1) {
+      BOOST_REQUIRE(fs::exists(checkpoint_file));
+      const auto loaded =
+          ckpt::StateDict::from_ivalue(ckpt::read_file(checkpoint_file, {.verify_crc = true}));
+      BOOST_CHECK_EQUAL(loaded.at("epoch").toInt(), static_cast<std::int64_t>(i + 1));
+      BOOST_CHECK(identical(loaded.sub("model").at("weight").toTensor(),
+                            state_dicts[i].sub("model").at("weight").toTensor()));
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(async_error_handling) {
+  auto mock_stager = std::make_shared<ReadyStager>();
+  auto mock_process = std::make_shared<FailingProcess>(io.executor());
+  ckpt::AsyncCheckpointer checkpointer(io.executor(), mock_stager, mock_process, reader);
+  const fs::path path = temp_dir / "test";
+
+  // This does not throw...
+  ckpt::SaveFutures futures;
+  BOOST_REQUIRE_NO_THROW(futures = checkpointer.save(path, state_dict));
+  BOOST_CHECK_NO_THROW(wait_get(futures.staged));
+  // ...but waiting for the write does, with the write's own error.
+  BOOST_CHECK_EXCEPTION(wait_get(futures.written), std::runtime_error,
+                        [](const std::runtime_error& e) { return std::string(e.what()) == "Write failed"; });
+
+  // Beyond upstream: the failed write is reported once more, to the next save
+  // (both of its futures), and the save after that proceeds.
+  auto next = checkpointer.save(temp_dir / "test_next", state_dict);
+  BOOST_CHECK_EQUAL(error_of(next.staged), "Write failed");
+  BOOST_CHECK_EQUAL(error_of(next.written), "Write failed");
+  auto after = checkpointer.save(temp_dir / "test_after", state_dict);
+  BOOST_CHECK_NO_THROW(wait_get(after.staged));
+  BOOST_CHECK_EQUAL(error_of(after.written), "Write failed");  // this fake fails every write
+  BOOST_CHECK_EQUAL(mock_process->writes, 2);                  // the save that failed wrote nothing
+
+  BOOST_CHECK_NO_THROW(checkpointer.close());
+}
+
+BOOST_AUTO_TEST_CASE(async_future_results) {
+  auto checkpointer = create_async_checkpointer();
+  Closer closer{*checkpointer};
+  const fs::path checkpoint_path = temp_dir / "checkpoint_results";
+
+  auto [stage_future, write_future] = checkpointer->save(checkpoint_path, state_dict);
+  // Both complete with no value (upstream: both results are None).
+  static_assert(std::is_void_v<decltype(stage_future.get())>);
+  static_assert(std::is_void_v<decltype(write_future.get())>);
+  BOOST_CHECK_NO_THROW(wait_get(stage_future));
+  BOOST_CHECK_NO_THROW(wait_get(write_future));
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- upstream: test_builder.py, the async factory ---------------------------------
+
+BOOST_FIXTURE_TEST_SUITE(TestMakeAsyncCheckpointer, AsyncCheckpointerFixture)
+
+BOOST_AUTO_TEST_CASE(make_async_checkpointer) {
+  ckpt::CheckpointerConfig config;
+  config.staging_config.use_non_blocking_copy = at::hasCUDA();
+  config.staging_config.use_pinned_memory = at::hasCUDA();
+  auto checkpointer = ckpt::make_async_checkpointer(io.executor(), config, rank_info);
+  BOOST_REQUIRE(checkpointer != nullptr);
+  Closer closer{*checkpointer};
+
+  const fs::path checkpoint_path = temp_dir / "checkpoint_factory_async";
+  auto [stage_future, write_future] = checkpointer->save(checkpoint_path, state_dict);
+  BOOST_CHECK(stage_future.valid());
+  BOOST_CHECK(write_future.valid());
+  wait_get(stage_future);
+  wait_get(write_future);
+
+  BOOST_CHECK(fs::exists(file_in(checkpoint_path)));
+  const auto loaded_state_dict = checkpointer->load(checkpoint_path);
+  BOOST_CHECK_EQUAL(loaded_state_dict.at("epoch").toInt(), 5);
+}
+
+BOOST_AUTO_TEST_CASE(make_async_checkpointer_with_its_own_io_context) {
+  // Upstream's builder takes no executor; this overload runs one of its own.
+  ckpt::CheckpointerConfig config;
+  config.staging_config.use_non_blocking_copy = at::hasCUDA();
+  config.staging_config.use_pinned_memory = at::hasCUDA();
+  auto checkpointer = ckpt::make_async_checkpointer(config, rank_info);
+  BOOST_REQUIRE(checkpointer != nullptr);
+  Closer closer{*checkpointer};
+
+  const fs::path checkpoint_path = temp_dir / "checkpoint_factory_async_own_context";
+  auto [stage_future, write_future] = checkpointer->save(checkpoint_path, state_dict);
+  wait_get(stage_future);
+  wait_get(write_future);
+
+  BOOST_CHECK(fs::exists(file_in(checkpoint_path)));
+  BOOST_CHECK_EQUAL(checkpointer->load(checkpoint_path).at("epoch").toInt(), 5);
 }
 
 BOOST_AUTO_TEST_SUITE_END()
