@@ -14,6 +14,7 @@
 #include <fmt/format.h>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/executor_work_guard.hpp>
@@ -34,6 +35,12 @@ void PendingWrite::wait() const {
 }
 
 struct AsyncCheckpointer::Impl {
+  // For the builder without an executor: an io_context and its thread. First,
+  // so that it is destroyed last, after the strands and sockets that use it.
+  std::unique_ptr<asio::io_context> own_context;
+  std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> own_work;
+  std::thread own_thread;
+
   asio::any_io_executor executor;
   asio::strand<asio::any_io_executor> strand;
   std::shared_ptr<CheckpointStager> stager;
@@ -47,11 +54,6 @@ struct AsyncCheckpointer::Impl {
   };
   std::shared_ptr<Slot> last;
   std::atomic<bool> closed{false};
-
-  // For the builder without an executor: an io_context and its thread.
-  std::unique_ptr<asio::io_context> own_context;
-  std::unique_ptr<asio::executor_work_guard<asio::io_context::executor_type>> own_work;
-  std::thread own_thread;
 
   explicit Impl(asio::any_io_executor ex) : executor(ex), strand(asio::make_strand(ex)) {}
 
@@ -134,9 +136,16 @@ void AsyncCheckpointer::do_save(std::filesystem::path path, StateDict state_dict
       cancel->cancelled = true;
       cancel->signal.emit(type);
     });
-  asio::co_spawn(impl_->strand,
-                 impl_->save(std::move(path), std::move(state_dict), std::move(kwargs), cancel),
-                 asio::bind_cancellation_slot(cancel->signal.slot(), std::move(handler)));
+  // The completion handler owns `cancel` too: co_spawn's own cancellation
+  // handler lives in cancel->signal until the operation completes, which can be
+  // after the coroutine frame (the other owner) is gone.
+  auto ex = asio::get_associated_executor(handler, impl_->strand);
+  auto complete = [cancel, handler = std::move(handler)](std::exception_ptr e, PendingWrite w) mutable {
+    std::move(handler)(e, std::move(w));
+  };
+  asio::co_spawn(
+      impl_->strand, impl_->save(std::move(path), std::move(state_dict), std::move(kwargs), cancel),
+      asio::bind_cancellation_slot(cancel->signal.slot(), asio::bind_executor(ex, std::move(complete))));
 }
 
 SaveFutures AsyncCheckpointer::save(const std::filesystem::path& path, const StateDict& state_dict,
