@@ -971,6 +971,7 @@ BOOST_AUTO_TEST_CASE(nested_dict_partial_load) {
   BOOST_CHECK_EQUAL(loaded_state_dict.sub("metadata").at("epoch").toInt(), 10);
 
   BOOST_CHECK(!loaded_state_dict.sub("model").contains("layer2"));
+  BOOST_CHECK(!loaded_state_dict.sub("model").sub("layer1").contains("bias"));
   BOOST_CHECK(!loaded_state_dict.sub("metadata").contains("step"));
 }
 
