@@ -1,5 +1,6 @@
 #include "arena.hpp"
 
+#include "device_copy.hpp"
 #include "io.hpp"
 
 #include <ckpt/error.hpp>
@@ -26,8 +27,31 @@ Arena::~Arena() {
   release();
 }
 
-void Arena::release() {
+void Arena::unmap() {
+  if (device_registered_) host_unregister(base_);
+  device_registered_ = false;
   if (base_) ::munmap(base_, size_);
+  base_ = nullptr;
+}
+
+bool Arena::register_with_device() {
+  if (device_registered_) return true;
+  if (!base_) return false;
+  std::string why;
+  device_registered_ = host_register(base_, size_, why);
+  if (!device_registered_) {
+    static std::atomic<bool> logged{false};
+    if (!logged.exchange(true))
+      fmt::print(stderr,
+                 "ckpt: staging arena is not registered with the device driver ({}); device-to-host copies "
+                 "into it are synchronous\n",
+                 why);
+  }
+  return device_registered_;
+}
+
+void Arena::release() {
+  unmap();
   if (fd_ >= 0) ::close(fd_);
   base_ = nullptr;
   size_ = 0;
@@ -44,8 +68,7 @@ void Arena::reserve(std::uint64_t bytes) {
   }
   if (::ftruncate(fd_, static_cast<off_t>(want)) != 0)
     throw IoError(fmt::format("cannot grow the staging arena to {} bytes: {}", want, std::strerror(errno)));
-  if (base_) ::munmap(base_, size_);
-  base_ = nullptr;
+  unmap();
   // MAP_POPULATE: the pages are allocated and faulted now, once, not on the
   // first copy of a save (a first-touch copy is many times slower).
   void* p = ::mmap(nullptr, want, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, fd_, 0);

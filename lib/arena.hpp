@@ -32,12 +32,20 @@ class Arena {
   int fd() const { return fd_; }
   bool locked() const { return locked_; }
 
+  /// Page-locks the mapping with the accelerator's driver too (CUDA's
+  /// cudaHostRegister), so device→host copies into it are asynchronous DMA.
+  /// Once per mapping; false (logged once) when there is no driver or it refuses.
+  bool register_with_device();
+  bool device_registered() const { return device_registered_; }
+
  private:
   bool want_lock_;
   int fd_ = -1;
   std::byte* base_ = nullptr;
   std::uint64_t size_ = 0;
   bool locked_ = false;
+  bool device_registered_ = false;
+  void unmap();
 };
 
 /// The page size.

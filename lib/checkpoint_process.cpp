@@ -97,6 +97,18 @@ struct PassFd {
   }
 };
 
+/// Lowers the child's scheduling priority by `increment` before exec.
+struct Niceness {
+  int increment;
+  bp2::error_code on_exec_setup(bp2::posix::default_launcher&, const std::filesystem::path&,
+                                const char* const*) {
+    if (increment == 0) return {};
+    errno = 0;
+    if (::nice(increment) == -1 && errno != 0) return {errno, bp2::system_category()};
+    return {};
+  }
+};
+
 std::string describe_status(int status) {
   if (WIFSIGNALED(status))
     return fmt::format("killed by signal {} ({})", WTERMSIG(status), ::strsignal(WTERMSIG(status)));
@@ -248,7 +260,7 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
       throw WriterProcessError(fmt::format("socketpair for the writer process: {}", std::strerror(errno)));
     try {
       bp2::process proc(strand.get_inner_executor(), exe, std::vector<std::string>{"--fd", "3"},
-                        PassFd{sv[1], 3});
+                        PassFd{sv[1], 3}, Niceness{config.writer_niceness});
       std::lock_guard lock(mutex);
       pid = proc.id();
       proc.detach();  // reaped here, not by Boost.Process

@@ -23,6 +23,10 @@ struct LayoutRecord {
   std::uint64_t header_offset = 0;
   std::uint64_t data_offset = 0;
   std::uint32_t crc32 = 0;  ///< set once the data was read
+  /// Set instead of `data` when the bytes live on an accelerator and the copy
+  /// to host memory was deferred (plan_layout's `defer_device_copies`).
+  at::Storage device_source;
+  c10::Device device = c10::Device(c10::kCPU);
 };
 
 struct Layout {
@@ -41,7 +45,10 @@ inline constexpr const char* kFormatVersion = "3\n";
 
 /// Serializes `value` to the pickle torch.save would write and lays out every
 /// record. Throws Unsupported naming the key path of a value it cannot hold.
-Layout plan_layout(const c10::IValue& value);
+/// Tensors on an accelerator are copied to host memory here, unless
+/// `defer_device_copies`: then their records name the device storage and the
+/// caller copies them (staging does, on a side stream, into the arena).
+Layout plan_layout(const c10::IValue& value, bool defer_device_copies = false);
 
 /// The torch storage class name of a dtype ("FloatStorage"); nullptr if none.
 const char* storage_type_name(c10::ScalarType dtype);

@@ -44,7 +44,7 @@ constexpr std::size_t kBatch = 1000;  // pickle batches APPENDS/SETITEMS as Pyth
 
 class Pickler {
  public:
-  explicit Pickler(Layout& layout) : layout_(layout) {}
+  Pickler(Layout& layout, bool defer_device_copies) : layout_(layout), defer_(defer_device_copies) {}
 
   std::string run(const c10::IValue& v) {
     out_.push_back('\x80');
@@ -245,6 +245,9 @@ class Pickler {
       if (t.device().is_cpu()) {
         rec.data = storage.data();
         layout_.storages.push_back(storage);
+      } else if (defer_) {
+        rec.device_source = storage;
+        rec.device = t.device();
       } else {
         // Bring the whole storage to host memory; it is written as it is stored.
         auto whole = at::empty({0}, t.options()).set_(storage, 0, {numel}, {1});
@@ -278,15 +281,16 @@ class Pickler {
   }
 
   Layout& layout_;
+  bool defer_;
   std::string out_;
   std::unordered_map<const c10::StorageImpl*, StorageRec> storages_;
 };
 
 }  // namespace
 
-Layout plan_layout(const c10::IValue& value) {
+Layout plan_layout(const c10::IValue& value, bool defer_device_copies) {
   Layout layout;
-  Pickler pickler(layout);
+  Pickler pickler(layout, defer_device_copies);
   std::string pickle = pickler.run(value);
   std::vector<LayoutRecord> data_records;
   data_records.swap(layout.records);

@@ -5,11 +5,15 @@
 //      touched and locked once, then kept);
 //   3. copy every record — local header (CRC zero: the child computes CRCs),
 //      then its data — to its offset; large state dicts with two threads;
+//      tensors on an accelerator are copied device→host on a side stream after
+//      the trainer's queued work (device_copy.hpp), non-blocking into the
+//      arena registered with the driver, then the stream is synchronised;
 //   4. describe the image (records, central directory offset) and build the
 //      staged StateDict, whose tensors point into the arena.
 #include <ckpt/staging.hpp>
 
 #include "arena.hpp"
+#include "device_copy.hpp"
 #include "layout.hpp"
 #include "zip.hpp"
 
@@ -46,7 +50,7 @@ StagedCheckpoint CheckpointStager::stage(const StateDict& state_dict) {
 }
 
 std::uint64_t checkpoint_file_size(const StateDict& state_dict) {
-  const auto layout = detail::plan_layout(state_dict.to_ivalue());
+  const auto layout = detail::plan_layout(state_dict.to_ivalue(), /*defer_device_copies=*/true);
   std::vector<RecordInfo> infos(layout.records.size());
   for (std::size_t i = 0; i < infos.size(); ++i)
     infos[i] = {layout.records[i].name, layout.records[i].header_offset};
@@ -148,10 +152,12 @@ struct DefaultStager::Impl {
   }
 
   /// Steps 1–4, on the strand (or the caller's thread without async staging).
-  StagedCheckpoint stage(const StateDict& state_dict) {
+  StagedCheckpoint stage(const StateDict& state_dict, const detail::DeviceFences& fences) {
     auto a = current_arena();
-    detail::Layout layout = detail::plan_layout(state_dict.to_ivalue());
+    detail::Layout layout = detail::plan_layout(state_dict.to_ivalue(), /*defer_device_copies=*/true);
     grow(a, layout.cd_offset);
+    const bool from_device = detail::has_device_records(layout);
+    if (from_device && config.use_pinned_memory) a->register_with_device();
 
     std::byte* base = a->data();
     const auto copy_range = [&](std::size_t from, std::size_t to) {
@@ -159,7 +165,7 @@ struct DefaultStager::Impl {
         const auto& r = layout.records[i];
         const std::string header = detail::local_header(r.name, r.header_offset, r.size, 0);
         std::memcpy(base + r.header_offset, header.data(), header.size());
-        if (r.size > 0) std::memcpy(base + r.data_offset, r.data, r.size);
+        if (r.size > 0 && r.data) std::memcpy(base + r.data_offset, r.data, r.size);
       }
     };
     const std::size_t n = layout.records.size();
@@ -183,6 +189,7 @@ struct DefaultStager::Impl {
     } else {
       copy_range(0, n);
     }
+    if (from_device) detail::copy_device_records(layout, base, fences, config.use_non_blocking_copy);
 
     StagedCheckpoint staged;
     staged.arena = a;
@@ -230,11 +237,22 @@ void DefaultStager::close() {
 }
 
 void DefaultStager::do_stage(StateDict state_dict, asio::any_completion_handler<Signature> handler) {
-  auto run = [impl = impl_, sd = std::move(state_dict), handler = std::move(handler)]() mutable {
+  // On the caller's thread: what the trainer has queued on its devices' streams
+  // is what staging must see.
+  detail::DeviceFences fences;
+  std::exception_ptr fence_error;
+  try {
+    fences = detail::DeviceFences(state_dict.to_ivalue());
+  } catch (...) {
+    fence_error = std::current_exception();  // reported as the staging's error
+  }
+  auto run = [impl = impl_, sd = std::move(state_dict), fences = std::move(fences), fence_error,
+              handler = std::move(handler)]() mutable {
     std::exception_ptr error;
     StagedCheckpoint staged;
     try {
-      staged = impl->stage(sd);
+      if (fence_error) std::rethrow_exception(fence_error);
+      staged = impl->stage(sd, fences);
     } catch (...) {
       error = std::current_exception();
     }

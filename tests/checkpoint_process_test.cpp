@@ -45,6 +45,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -199,8 +200,9 @@ struct ProcessFixture {
       std::optional<std::vector<ckpt::Arg>> subprocess_init_args_override = std::nullopt,
       std::chrono::milliseconds subprocess_init_timeout = 30s,
       std::chrono::milliseconds subprocess_shutdown_timeout = 60s,
-      ckpt::Kwargs checkpoint_writer_init_args = {{"name", "test-checkpointer"}}) {
+      ckpt::Kwargs checkpoint_writer_init_args = {{"name", "test-checkpointer"}}, int writer_niceness = 10) {
     ckpt::CheckpointProcessConfig config;
+    config.writer_niceness = writer_niceness;
     config.subprocess_init_timeout = subprocess_init_timeout;
     config.subprocess_shutdown_timeout = subprocess_shutdown_timeout;
     ckpt::WriterOptions options;
@@ -370,6 +372,7 @@ BOOST_AUTO_TEST_CASE(default_options) {
   BOOST_CHECK(options.subprocess_init_timeout == 30s);
   BOOST_CHECK(options.subprocess_shutdown_timeout == 60s);
   BOOST_CHECK(options.write_timeout == 1h);  // ckpt's own
+  BOOST_CHECK_EQUAL(options.writer_niceness, 10);  // ckpt's own
 }
 
 BOOST_AUTO_TEST_CASE(custom_options) {
@@ -399,6 +402,29 @@ BOOST_AUTO_TEST_CASE(checkpoint_process_initialization) {
 
   BOOST_CHECK(gone(pid));  // terminated and reaped
   BOOST_CHECK_EQUAL(checkpoint_process->pid(), -1);
+}
+
+BOOST_AUTO_TEST_CASE(the_child_runs_at_the_configured_niceness) {
+  // A background write must yield the CPU to training: the child's niceness
+  // is the parent's plus writer_niceness (capped at 19), and unchanged with 0.
+  errno = 0;
+  const int own = ::getpriority(PRIO_PROCESS, 0);
+  BOOST_REQUIRE_EQUAL(errno, 0);
+  for (int increment : {10, 0}) {
+    BOOST_TEST_CONTEXT("writer_niceness " << increment) {
+      auto checkpoint_process =
+          create_checkpoint_process(std::nullopt, 30s, 60s, {{"name", "test-checkpointer"}}, increment);
+      wait_ready(*checkpoint_process);
+      errno = 0;
+      const int child = ::getpriority(PRIO_PROCESS, static_cast<id_t>(checkpoint_process->pid()));
+      BOOST_REQUIRE_EQUAL(errno, 0);
+      BOOST_CHECK_EQUAL(child, std::min(own + increment, 19));
+      // and it still writes
+      write(*checkpoint_process, test_state_dict, temp_dir.path());
+      BOOST_CHECK(fs::exists(file_in(temp_dir.path())));
+      checkpoint_process->close();
+    }
+  }
 }
 
 BOOST_AUTO_TEST_CASE(checkpoint_write_sync_state_dict) {

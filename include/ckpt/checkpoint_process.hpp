@@ -28,6 +28,11 @@ struct CheckpointProcessConfig {
   std::chrono::milliseconds subprocess_shutdown_timeout = std::chrono::seconds(60);
   /// How long one write (file, hooks and barrier) may take in the child.
   std::chrono::milliseconds write_timeout = std::chrono::hours(1);
+  /// Added to the child's scheduling niceness (`nice(2)`): the writer yields
+  /// the CPU to training when both want it, so a background write slows the
+  /// trainer as little as possible; alone it runs at full speed. 0 keeps the
+  /// parent's priority.
+  int writer_niceness = 10;
 };
 
 /// What the child is and how it starts (upstream's subprocess_init_fn and
