@@ -1,5 +1,7 @@
 #include <ckpt/barrier.hpp>
 
+#include <ckpt/dist.hpp>
+
 #include <fmt/format.h>
 
 #include <map>
@@ -11,6 +13,20 @@ namespace {
 struct Registry {
   std::mutex mutex;
   std::map<std::string, BarrierFactory> factories;
+
+  Registry() {
+    // The built-in types, as upstream's @register_barrier classes.
+    factories["tcp_store"] = [](const Kwargs& args) {
+      return std::make_shared<TCPStoreBarrier>(TCPStoreBarrierOptions::from_args(args));
+    };
+    factories["dist_barrier"] = [](const Kwargs& args) {
+      std::optional<std::chrono::milliseconds> timeout;
+      const Arg* t = args.find("timeout");
+      if (!t) t = args.find("timeout_secs");
+      if (t) timeout = std::chrono::milliseconds(static_cast<std::int64_t>(t->as_double() * 1000.0));
+      return std::make_shared<dist::DistBarrier>(dist::default_process_group(), timeout);
+    };
+  }
 };
 
 Registry& registry() {

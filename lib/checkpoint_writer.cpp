@@ -1,15 +1,23 @@
 #include <ckpt/checkpoint_writer.hpp>
 
+#include <ckpt/commit.hpp>
 #include <ckpt/format.hpp>
 
 #include "file_writer.hpp"
 
+#include <boost/json.hpp>
 #include <fmt/format.h>
+
+#include <atomic>
+#include <map>
+#include <optional>
 
 #include <future>
 #include <thread>
 
 namespace ckpt {
+
+namespace json = boost::json;
 
 std::string checkpoint_file_name(std::int64_t rank) {
   return fmt::format("checkpoint_{}.pt", rank);
@@ -37,45 +45,135 @@ void make_directory(const std::filesystem::path& path) {
 
 void CheckpointWriter::write(const std::filesystem::path& path, const StateDict& state_dict,
                              const Kwargs& kwargs) {
-  make_directory(path);
-  write_file(path / checkpoint_file_name(rank_info_.global_rank), state_dict.to_ivalue());
+  try {
+    make_directory(path);
+    write_file(path / checkpoint_file_name(rank_info_.global_rank), state_dict.to_ivalue());
+  } catch (...) {
+    report_failure(std::current_exception());
+    throw;
+  }
   commit(path, kwargs);
 }
 
 void CheckpointWriter::write_staged(const std::filesystem::path& path, StagedImage& image,
                                     const Kwargs& kwargs) {
-  make_directory(path);
-  detail::write_durably(path / checkpoint_file_name(rank_info_.global_rank), {},
-                        [&](int fd, bool direct, const std::filesystem::path& temp) {
-                          return detail::write_image(fd, direct, temp, image.data, image.records,
-                                                     image.cd_offset);
-                        });
+  try {
+    make_directory(path);
+    detail::write_durably(path / checkpoint_file_name(rank_info_.global_rank), {},
+                          [&](int fd, bool direct, const std::filesystem::path& temp) {
+                            return detail::write_image(fd, direct, temp, image.data, image.records,
+                                                       image.cd_offset);
+                          });
+  } catch (...) {
+    report_failure(std::current_exception());
+    throw;
+  }
   commit(path, kwargs);
 }
 
+namespace {
+
+std::string success_report(const CommittedFile& file) {
+  return json::serialize(
+      json::object{{"ok", true}, {"name", file.name}, {"size", file.size}, {"crc32", file.crc32}});
+}
+
+std::string failure_report(const RankFailure& failure) {
+  return json::serialize(json::object{{"ok", false}, {"type", failure.type}, {"message", failure.message}});
+}
+
+RankFailure parse_failure(const std::string& report) {
+  try {
+    const auto o = json::parse(report).as_object();
+    return {std::string(o.at("type").as_string()), std::string(o.at("message").as_string())};
+  } catch (const std::exception&) {
+    return {"Error", report};
+  }
+}
+
+CommittedFile parse_success(std::int64_t rank, const std::string& report) {
+  try {
+    const auto o = json::parse(report).as_object();
+    return {rank, std::string(o.at("name").as_string()), o.at("size").to_number<std::uint64_t>(),
+            o.at("crc32").to_number<std::uint32_t>()};
+  } catch (const std::exception& e) {
+    throw Error(fmt::format("rank {} sent a malformed commit report ({}): {}", rank, e.what(), report));
+  }
+}
+
+void log_once(std::atomic<bool>& flag, const std::string& text) {
+  if (!flag.exchange(true)) fmt::print(stderr, "ckpt: {}\n", text);
+}
+
+}  // namespace
+
+void CheckpointWriter::report_failure(std::exception_ptr error) noexcept {
+  // A rank that failed still arrives at the barrier, so that the others learn
+  // of it at once instead of waiting out the timeout. Its own error is what it
+  // throws; a failure to arrive changes nothing about that.
+  if (!barrier_) return;
+  try {
+    run_barrier(failure_report(describe_failure(error)), true, false);
+  } catch (...) {
+  }
+}
+
 void CheckpointWriter::commit(const std::filesystem::path& path, const Kwargs& kwargs) {
-  if (commit_hook_) commit_hook_->pre_commit(path, kwargs);
+  const bool coordinator = rank_info_.global_rank == 0;
+  const bool alone = rank_info_.global_world_size == 1;
+  std::optional<CommittedFile> mine;
+  try {
+    if (commit_hook_) commit_hook_->pre_commit(path, kwargs);
+    // What the marker records of this rank's file (a read of its zip directory).
+    if (alone || barrier_) mine = describe_committed_file(path, rank_info_.global_rank);
+  } catch (...) {
+    report_failure(std::current_exception());
+    throw;
+  }
+
+  BarrierOutcome outcome;
   if (barrier_) {
     try {
-      run_barrier();
+      outcome = run_barrier(success_report(*mine), false, coordinator);
     } catch (const Timeout& e) {
       throw Timeout(fmt::format("{} (rank {} of {}, checkpoint {}: written but not committed)", e.what(),
                                 rank_info_.global_rank, rank_info_.global_world_size, path.string()));
     }
+    if (!outcome.failures.empty()) {
+      std::map<std::int64_t, RankFailure> failures;
+      for (const auto& [rank, report] : outcome.failures) failures[rank] = parse_failure(report);
+      throw CheckpointException(fmt::format("checkpoint {} was not committed", path.string()), std::move(failures));
+    }
+  }
+
+  // The commit point: the coordinator's marker.
+  if (coordinator) {
+    CommitMarker marker;
+    marker.world_size = rank_info_.global_world_size;
+    if (alone) {
+      marker.files.push_back(*mine);
+    } else if (outcome.exchanged) {
+      for (std::int64_t r = 0; r < marker.world_size; ++r)
+        marker.files.push_back(parse_success(r, outcome.reports.at(static_cast<std::size_t>(r))));
+    } else {
+      static std::atomic<bool> logged{false};
+      log_once(logged, barrier_ ? "the barrier does not exchange reports: no commit marker is written"
+                                : "no barrier with several ranks: no commit marker is written");
+    }
+    if (!marker.files.empty()) write_commit_marker(path, std::move(marker));
   }
   if (commit_hook_) commit_hook_->post_commit(path, kwargs);
 }
 
-void CheckpointWriter::run_barrier() {
+BarrierOutcome CheckpointWriter::run_barrier(const std::string& report, bool failed, bool want_reports) {
   // The barrier runs on a thread of its own so that a barrier that never
   // returns cannot hold this one past the deadline. Such a thread is left
   // behind (it owns a reference to the barrier); nothing here waits for it.
-  auto done = std::make_shared<std::promise<void>>();
+  auto done = std::make_shared<std::promise<BarrierOutcome>>();
   auto result = done->get_future();
-  std::thread([barrier = barrier_, done] {
+  std::thread([barrier = barrier_, done, report, failed, want_reports] {
     try {
-      barrier->execute_barrier();
-      done->set_value();
+      done->set_value(barrier->arrive(report, failed, want_reports));
     } catch (...) {
       done->set_exception(std::current_exception());
     }
@@ -83,7 +181,11 @@ void CheckpointWriter::run_barrier() {
   if (result.wait_for(config_.write_barrier_timeout) != std::future_status::ready)
     throw Timeout(fmt::format("Timed out after {} ms waiting at the commit barrier",
                               config_.write_barrier_timeout.count()));
-  result.get();
+  return result.get();
+}
+
+void CheckpointWriter::run_barrier() {
+  run_barrier({}, false, false);
 }
 
 void CheckpointWriter::close() {}

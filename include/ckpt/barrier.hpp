@@ -4,13 +4,27 @@
 
 #include <ckpt/types.hpp>
 
+#include <chrono>
+#include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
 namespace ckpt {
+
+/// What the ranks told each other at a barrier (Barrier::arrive).
+struct BarrierOutcome {
+  /// Whether the barrier exchanged reports at all (false: a barrier that only
+  /// synchronises; then the fields below are empty).
+  bool exchanged = false;
+  /// Every rank that arrived with `failed`, and its report.
+  std::map<std::int64_t, std::string> failures;
+  /// Every rank's report, by rank: filled for a caller that asked for them.
+  std::vector<std::string> reports;
+};
 
 /// A synchronization point across ranks.
 class Barrier {
@@ -19,6 +33,53 @@ class Barrier {
   /// Returns once every rank reached the barrier. Throws Timeout when that does
   /// not happen within the barrier's own timeout.
   virtual void execute_barrier() = 0;
+  /// The commit barrier: arrives with a short `report` (a rank that `failed`
+  /// arrives too, so that the others learn of it instead of waiting), returns
+  /// once every rank arrived, with every failed rank's report, and every
+  /// rank's report when `want_reports` (the coordinator). The default runs
+  /// execute_barrier() (not when `failed`) and exchanges nothing.
+  virtual BarrierOutcome arrive(const std::string& report, bool failed, bool want_reports);
+};
+
+/// upstream's TCPStoreBarrier ("tcp_store"): a TCPStore of its own, its master
+/// on rank 0, shared by every barrier call; a sequence number per prefix so the
+/// same object serves every save. Keys, as upstream: `rank<r>` = the sequence
+/// being joined, `<prefix><seq>/num_members`, `<prefix><seq>/last_member`; and
+/// ckpt's `<prefix><seq>/report/<r>` and `<prefix><seq>/failed`. Unlike
+/// upstream, `timeout` is enforced: a rank that does not arrive makes the others
+/// throw Timeout naming the ranks that did not arrive.
+struct TCPStoreBarrierOptions {
+  std::int64_t global_rank = 0;
+  std::int64_t global_world_size = 1;
+  std::string barrier_prefix = "ckpt_barrier";
+  std::chrono::milliseconds timeout_barrier_init = std::chrono::seconds(30);
+  std::uint16_t tcpstore_port = 0;  ///< required
+  std::string master_address = "127.0.0.1";
+  std::chrono::milliseconds timeout = std::chrono::seconds(600);
+
+  /// From barrier_args: global_rank, global_world_size, barrier_prefix,
+  /// timeout_barrier_init (seconds; also `timeout_barrier_init_secs`),
+  /// tcpstore_port, master_address, timeout (seconds; also `timeout_secs`).
+  /// Rank and world size default to the environment's (torchrun's RANK and
+  /// WORLD_SIZE). Throws Error naming a missing or ill-typed argument.
+  static TCPStoreBarrierOptions from_args(const Kwargs& args);
+};
+
+class TCPStoreBarrier : public Barrier {
+ public:
+  /// Connects to (rank 0: starts) the store; waits for every rank's store
+  /// client up to timeout_barrier_init (Timeout otherwise).
+  explicit TCPStoreBarrier(TCPStoreBarrierOptions options);
+  ~TCPStoreBarrier() override;
+  void execute_barrier() override;
+  BarrierOutcome arrive(const std::string& report, bool failed, bool want_reports) override;
+  const TCPStoreBarrierOptions& options() const;
+  /// The sequence number the next barrier call joins.
+  std::int64_t sequence() const;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
 };
 
 /// Which barrier a checkpointer uses: none by default, else a registered type

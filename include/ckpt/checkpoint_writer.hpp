@@ -6,8 +6,13 @@
 //   2. write `path/checkpoint_<global_rank>.pt` durably: temp file, fsync,
 //      rename, directory fsync (a failure leaves the previous file in place);
 //   3. commit_hook->pre_commit(path, kwargs);
-//   4. barrier->execute_barrier(), bounded by write_barrier_timeout;
-//   5. commit_hook->post_commit(path, kwargs).
+//   4. the barrier, bounded by write_barrier_timeout: every rank arrives with a
+//      report (its file's size and digest, or its error: a rank that failed in
+//      steps 1–3 arrives too, then throws its own error); when any rank
+//      failed, the others throw CheckpointException naming each failed rank;
+//   5. the coordinator (rank 0) writes the commit marker (commit.hpp) — alone,
+//      or with a barrier that exchanges reports (tcp_store, dist_barrier);
+//   6. commit_hook->post_commit(path, kwargs).
 // A failure at any step stops there and is thrown: no later step runs.
 #pragma once
 
@@ -18,8 +23,10 @@
 
 #include <chrono>
 #include <cstddef>
+#include <exception>
 #include <filesystem>
 #include <memory>
+#include <string>
 
 namespace ckpt {
 
@@ -78,10 +85,14 @@ class CheckpointWriter {
   const std::shared_ptr<WriterHook>& commit_hook() const { return commit_hook_; }
 
  protected:
-  /// Steps 3–5: pre_commit, the barrier (bounded by its timeout), post_commit.
+  /// Steps 3–6: pre_commit, the barrier (bounded by its timeout), the
+  /// marker, post_commit.
   void commit(const std::filesystem::path& path, const Kwargs& kwargs);
   /// Step 4: runs the barrier with the configured deadline.
   void run_barrier();
+  BarrierOutcome run_barrier(const std::string& report, bool failed, bool want_reports);
+  /// A rank that failed before the barrier arrives with its error.
+  void report_failure(std::exception_ptr error) noexcept;
 
  private:
   CheckpointWriterConfig config_;

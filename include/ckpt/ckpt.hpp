@@ -7,6 +7,8 @@
 #include <ckpt/checkpoint_reader.hpp>
 #include <ckpt/checkpoint_writer.hpp>
 #include <ckpt/checkpointer.hpp>
+#include <ckpt/commit.hpp>
+#include <ckpt/dist.hpp>
 #include <ckpt/error.hpp>
 #include <ckpt/format.hpp>
 #include <ckpt/staging.hpp>

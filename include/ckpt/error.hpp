@@ -2,6 +2,9 @@
 // whose message names what failed and where: the path, the key, the record.
 #pragma once
 
+#include <cstdint>
+#include <exception>
+#include <map>
 #include <stdexcept>
 #include <string>
 
@@ -62,5 +65,28 @@ class Timeout : public Error {
  public:
   using Error::Error;
 };
+
+/// One rank's failure, as the other ranks learn it: the error's type
+/// ("IoError", "Timeout", ... or the C++ type of a foreign exception) and text.
+struct RankFailure {
+  std::string type;
+  std::string message;
+  friend bool operator==(const RankFailure&, const RankFailure&) = default;
+};
+
+/// A collective operation failed on one or more ranks (upstream's
+/// CheckpointException): `failures()` maps every failed rank to its error.
+/// Every rank that learns of the failures raises it with the same map.
+class CheckpointException : public Error {
+ public:
+  CheckpointException(const std::string& context, std::map<std::int64_t, RankFailure> failures);
+  const std::map<std::int64_t, RankFailure>& failures() const { return failures_; }
+
+ private:
+  std::map<std::int64_t, RankFailure> failures_;
+};
+
+/// The type name and text of `error` (RankFailure's fields).
+RankFailure describe_failure(std::exception_ptr error);
 
 }  // namespace ckpt

@@ -1,0 +1,79 @@
+// Multi-rank jobs on torch's own distributed engine: c10d's TCPStore and
+// ProcessGroupGloo (never a home-made transport).
+//
+//   auto pg = ckpt::dist::init_process_group();  // torchrun's variables
+//   // pg->group is a c10d::ProcessGroup: all-reduce gradients over it;
+//   // "dist_barrier" barriers and DistBarrier use it by default.
+#pragma once
+
+#include <ckpt/barrier.hpp>
+#include <ckpt/types.hpp>
+
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+#include <torch/csrc/distributed/c10d/Store.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace ckpt::dist {
+
+struct InitOptions {
+  /// Default: rank_info_from_env() (RANK, WORLD_SIZE).
+  std::optional<RankInfo> rank_info;
+  /// The TCPStore master's address. Default: MASTER_ADDR, else 127.0.0.1.
+  std::optional<std::string> master_addr;
+  /// Its port. Default: MASTER_PORT (required with more than one rank).
+  std::optional<std::uint16_t> master_port;
+  /// Bounds the store's connection and rendezvous, and every collective.
+  std::chrono::milliseconds timeout = std::chrono::minutes(5);
+  /// The address Gloo binds on this host. Default: GLOO_SOCKET_IFNAME's
+  /// interface if set, else 127.0.0.1 when the master is on loopback, else this
+  /// host's name.
+  std::optional<std::string> gloo_hostname;
+};
+
+/// A process group and the store it was made over.
+struct ProcessGroupHandle {
+  c10::intrusive_ptr<c10d::Store> store;
+  c10::intrusive_ptr<c10d::ProcessGroup> group;
+  RankInfo rank_info;
+  std::chrono::milliseconds timeout{};
+};
+
+/// Creates the default group: a TCPStore (master on rank 0) and a Gloo group
+/// over it. Throws Timeout when the ranks do not all join within the timeout,
+/// Error for malformed variables.
+std::shared_ptr<ProcessGroupHandle> init_process_group(InitOptions options = {});
+/// The default group; null when none was created.
+std::shared_ptr<ProcessGroupHandle> default_process_group();
+/// Makes `group` the default (null: none).
+void set_default_process_group(std::shared_ptr<ProcessGroupHandle> group);
+/// Forgets the default group (it closes when its last user lets go).
+void destroy_process_group();
+
+/// RankInfo of this process in `group`.
+RankInfo rank_info_from(const c10d::ProcessGroup& group);
+
+/// upstream's DistBarrier ("dist_barrier"): a barrier over a process group.
+/// Reports travel by all-gather over the group. Unlike upstream, its timeout is
+/// enforced and names the ranks that did not arrive (each rank marks its
+/// arrival in the group's store).
+class DistBarrier : public Barrier {
+ public:
+  /// Throws Error "DistBarrier requires an initialized process group" when
+  /// `group` is null. Default timeout: the group's.
+  explicit DistBarrier(std::shared_ptr<ProcessGroupHandle> group = default_process_group(),
+                       std::optional<std::chrono::milliseconds> timeout = std::nullopt);
+  void execute_barrier() override;
+  BarrierOutcome arrive(const std::string& report, bool failed, bool want_reports) override;
+
+ private:
+  std::shared_ptr<ProcessGroupHandle> group_;
+  std::chrono::milliseconds timeout_;
+  std::int64_t sequence_ = 0;
+};
+
+}  // namespace ckpt::dist
