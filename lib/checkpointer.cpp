@@ -62,7 +62,7 @@ std::unique_ptr<SyncCheckpointer> make_sync_checkpointer(const CheckpointerConfi
                                                          std::optional<RankInfo> rank_info,
                                                          std::shared_ptr<WriterHook> commit_hook) {
   const RankInfo rank = rank_info ? *rank_info : rank_info_from_env();
-  auto barrier = create_barrier_from_config(config.barrier_config);
+  auto barrier = create_barrier_from_config(config.barrier_config, rank);
   auto writer = std::make_shared<CheckpointWriter>(config.writer_config, rank, std::move(barrier),
                                                    std::move(commit_hook));
   auto reader = std::make_shared<CheckpointReader>(rank);

@@ -23,9 +23,16 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <cctype>
 #include <cstdlib>
 #include <mutex>
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 namespace ckpt {
 
@@ -306,6 +313,30 @@ void set_default_process_group(std::shared_ptr<ProcessGroupHandle> group) {
 
 void destroy_process_group() {
   set_default_process_group(nullptr);
+}
+
+std::uint16_t agree_on_free_port(const ProcessGroupHandle& group, const std::string& name) {
+  const std::string key = "ckpt/free_port/" + name;
+  if (group.rank_info.global_rank == 0) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0) throw IoError(fmt::format("socket: {}", std::strerror(errno)));
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_ANY);
+    socklen_t len = sizeof addr;
+    const bool ok = ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
+                    ::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0;
+    const int err = errno;
+    ::close(fd);
+    if (!ok) throw IoError(fmt::format("cannot find a free port: {}", std::strerror(err)));
+    group.store->set(key, to_bytes(std::to_string(ntohs(addr.sin_port))));
+  }
+  try {
+    return static_cast<std::uint16_t>(std::stoi(to_string(group.store->get(key))));
+  } catch (const std::exception& e) {
+    throw Timeout(fmt::format("rank {} did not learn the port '{}' from rank 0: {}", group.rank_info.global_rank,
+                              name, first_line(e.what())));
+  }
 }
 
 RankInfo rank_info_from(const c10d::ProcessGroup& group) {

@@ -106,7 +106,7 @@ int writer_main(int argc, char** argv, const WriterMainOptions& options) {
         writer = options.writer_factory
                      ? options.writer_factory(args)
                      : std::make_shared<CheckpointWriter>(args.config, args.rank_info,
-                                                          create_barrier_from_config(args.barrier_config));
+                                                          create_barrier_from_config(args.barrier_config, args.rank_info));
         if (!writer) throw WriterProcessError("the writer factory returned no writer");
         reply = detail::protocol::ok();
       } else if (type == "ping") {

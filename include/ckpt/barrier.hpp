@@ -99,5 +99,8 @@ std::vector<std::string> registered_barriers();
 /// The barrier `config` describes: nullptr when it names none. Throws Error
 /// "Unknown barrier type '<name>'", listing the known ones, for an unknown name.
 std::shared_ptr<Barrier> create_barrier_from_config(const BarrierConfig& config);
+/// The same, with `rank_info` given to the barrier as `global_rank` and
+/// `global_world_size` unless its arguments set them (as upstream injects it).
+std::shared_ptr<Barrier> create_barrier_from_config(const BarrierConfig& config, const RankInfo& rank_info);
 
 }  // namespace ckpt

@@ -3,6 +3,7 @@
 
 #include <ckpt/async_checkpointer.hpp>
 #include <ckpt/barrier.hpp>
+#include <ckpt/checkpoint_manager.hpp>
 #include <ckpt/checkpoint_process.hpp>
 #include <ckpt/checkpoint_reader.hpp>
 #include <ckpt/checkpoint_writer.hpp>

@@ -54,6 +54,12 @@ void set_default_process_group(std::shared_ptr<ProcessGroupHandle> group);
 /// Forgets the default group (it closes when its last user lets go).
 void destroy_process_group();
 
+/// A TCP port that was free on rank 0 when it looked (it binds port 0 and
+/// reads the port back), the same on every rank: for a tcp_store barrier's
+/// store next to the group's. Every rank of `group` calls it with the same
+/// `name`.
+std::uint16_t agree_on_free_port(const ProcessGroupHandle& group, const std::string& name);
+
 /// RankInfo of this process in `group`.
 RankInfo rank_info_from(const c10d::ProcessGroup& group);
 

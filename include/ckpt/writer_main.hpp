@@ -38,7 +38,7 @@ struct WriterMainOptions {
   /// Throwing fails the start; the message reaches the parent.
   std::function<void(const std::vector<Arg>& init_args)> init_fn{};
   /// Builds the child's writer. Default: CheckpointWriter(config, rank_info,
-  /// create_barrier_from_config(barrier_config)), no hook.
+  /// create_barrier_from_config(barrier_config, rank_info)), no hook.
   std::function<std::shared_ptr<CheckpointWriter>(const WriterFactoryArgs&)> writer_factory{};
 };
 

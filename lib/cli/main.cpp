@@ -1,10 +1,15 @@
 // ckpt — command-line tool for checkpoint files and directories.
 //
 //   ckpt inspect PATH [--json]   keys, dtypes, shapes, bytes and record offsets
-//   ckpt verify PATH             structure and CRC-32 of every record; exit 0 only
-//                                when every file is sound
+//   ckpt verify PATH [--require-commit]
+//                                structure and CRC-32 of every record and, for a
+//                                directory, its commit marker; exit 0 when every
+//                                file is sound (and, with --require-commit, the
+//                                directory is committed), 1 when something is
+//                                damaged, 3 when sound but not committed
 //
 // PATH is a checkpoint file or a directory holding checkpoint_<rank>.pt files.
+#include <ckpt/commit.hpp>
 #include <ckpt/format.hpp>
 
 #include <fmt/format.h>
@@ -22,7 +27,7 @@ namespace json = boost::json;
 namespace {
 
 int usage() {
-  std::fputs("usage: ckpt inspect PATH [--json]\n       ckpt verify PATH\n", stderr);
+  std::fputs("usage: ckpt inspect PATH [--json]\n       ckpt verify PATH [--require-commit]\n", stderr);
   return 2;
 }
 
@@ -161,7 +166,7 @@ int inspect(const fs::path& path, bool as_json) {
   return 0;
 }
 
-int verify(const fs::path& path) {
+int verify(const fs::path& path, bool require_commit) {
   int bad = 0;
   for (const auto& file : files_of(path)) {
     try {
@@ -173,7 +178,24 @@ int verify(const fs::path& path) {
       ++bad;
     }
   }
-  return bad == 0 ? 0 : 1;
+  if (!fs::is_directory(path)) return bad == 0 ? 0 : 1;
+  bool committed = false;
+  try {
+    if (const auto marker = ckpt::read_commit_marker(path)) {
+      ckpt::verify_commit(path, *marker);
+      committed = true;
+      fmt::print("committed: {} rank{}, marker written {}\n", marker->world_size, marker->world_size == 1 ? "" : "s",
+                 marker->time);
+    } else {
+      fmt::print("uncommitted: no {} (a save that did not finish, or a directory written by PyTorch)\n",
+                 ckpt::kCommitMarkerName);
+    }
+  } catch (const ckpt::Error& e) {
+    fmt::print("BAD {}\n", e.what());
+    ++bad;
+  }
+  if (bad > 0) return 1;
+  return committed || !require_commit ? 0 : 3;
 }
 
 }  // namespace
@@ -187,7 +209,8 @@ int main(int argc, char** argv) {
       if (args.size() > 3 || (args.size() == 3 && !as_json)) return usage();
       return inspect(args[1], as_json);
     }
-    if (args[0] == "verify" && args.size() == 2) return verify(args[1]);
+    if (args[0] == "verify" && args.size() == 2) return verify(args[1], false);
+    if (args[0] == "verify" && args.size() == 3 && args[2] == "--require-commit") return verify(args[1], true);
     return usage();
   } catch (const std::exception& e) {
     fmt::print(stderr, "ckpt: {}\n", e.what());

@@ -71,18 +71,20 @@ inline ckpt::StateDict state_of(torch::nn::Sequential& model, torch::optim::Adam
   return sd;
 }
 
-/// Resumes from `path`: parameters read straight into the model's tensors (a
-/// strict partial load), the optimizer state taken whole and handed to Adam.
-/// Returns the step it was saved at.
-inline int restore(ckpt::Checkpointer& checkpointer, const std::filesystem::path& path,
-                   torch::nn::Sequential& model, torch::optim::Adam& opt) {
+/// What a resume loads into: the model's own parameter tensors (read in
+/// place), and slots for the optimizer state and the step.
+inline ckpt::StateDict restore_target(torch::nn::Sequential& model) {
   ckpt::StateDict params;
   for (const auto& p : model->named_parameters()) params.insert(p.key(), p.value().detach());
   ckpt::StateDict target;
   target.insert("model", params);
   target.insert("optimizer", c10::IValue());
   target.insert("step", c10::IValue());
-  checkpointer.load(path, {.state_dict = target, .strict = true});
+  return target;
+}
+
+/// Hands the optimizer state of a loaded `target` to Adam; returns the step.
+inline int apply_restored(const ckpt::StateDict& target, torch::nn::Sequential& model, torch::optim::Adam& opt) {
   const auto ps = model->parameters();
   for (const auto& entry : target.sub("optimizer").at("state").toGenericDict()) {
     ckpt::StateDict saved(entry.value().toGenericDict());
@@ -93,6 +95,16 @@ inline int restore(ckpt::Checkpointer& checkpointer, const std::filesystem::path
     opt.state()[state_key(ps.at(static_cast<std::size_t>(entry.key().toInt())))] = std::move(s);
   }
   return static_cast<int>(target.at("step").toInt());
+}
+
+/// Resumes from `path`: parameters read straight into the model's tensors (a
+/// strict partial load), the optimizer state taken whole and handed to Adam.
+/// Returns the step it was saved at.
+inline int restore(ckpt::Checkpointer& checkpointer, const std::filesystem::path& path,
+                   torch::nn::Sequential& model, torch::optim::Adam& opt) {
+  auto target = restore_target(model);
+  checkpointer.load(path, {.state_dict = target, .strict = true});
+  return apply_restored(target, model, opt);
 }
 
 /// The newest `step_<n>` directory under `dir` holding rank 0's file.
