@@ -13,4 +13,6 @@ cmake --build "$work/build" -j2 >/dev/null
 mkdir "$work/out"
 "$work/build/consumer" "$work/out"
 test -x "$work/prefix/bin/ckpt"
+test -x "$work/prefix/bin/ckpt-writer"
+test -x "$work/prefix/bin/ckpt-launch"
 "$work/prefix/bin/ckpt" verify "$work/out"
