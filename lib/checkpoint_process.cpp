@@ -13,10 +13,13 @@
 //   3. ping: the child answers; steps 1–3 must end within
 //      subprocess_init_timeout, else the child is killed (Timeout, "Timed out").
 //   4. write_checkpoint: {path, arena_size, cd_offset, records[{name,
-//      header_offset, data_offset, size}], kwargs}, with the arena's memfd
-//      attached. The child maps the arena (kept while the memfd is the same),
-//      computes the CRCs, patches the headers, writes the file durably, and runs
-//      pre_commit, the barrier, post_commit. One write at a time.
+//      header_offset, data_offset, size}], kwargs, sequence}, with the arena's
+//      memfd attached. The child maps the arena (kept while the memfd is the
+//      same), computes the CRCs, patches the headers, writes the file durably,
+//      and runs pre_commit, the barrier (round `sequence`: the parent's count of
+//      writes, so that a replacement child meets the other ranks in the right
+//      round), the marker, post_commit. One write at a time. Errors come back
+//      typed; a CheckpointException with its rank → error map.
 //   5. exit: the child answers and exits; after subprocess_shutdown_timeout it
 //      is killed. The parent always reaps it.
 // A child that dies shows as the end of the stream: the pending request fails
@@ -122,6 +125,7 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
   asio::strand<asio::any_io_executor> strand;
   RankInfo rank_info;
   CheckpointProcessConfig config;
+  std::int64_t writes_asked = 0;  // on the strand
   CheckpointWriterConfig writer_config;
   BarrierConfig barrier_config;
   WriterOptions options;
@@ -325,6 +329,9 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
 
   /// Step 4 (and 1–3 first when there is no child).
   asio::awaitable<void> write(StagedCheckpoint staged, std::filesystem::path path, Kwargs kwargs) {
+    // Every write asked for takes a barrier round, whatever becomes of it: the
+    // ranks' counts stay equal across failed writes and restarted children.
+    const std::int64_t sequence = writes_asked++;
     {
       std::lock_guard lock(mutex);
       if (closed)
@@ -353,6 +360,7 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
                                      {"size", r.size}});
     request["records"] = std::move(records);
     request["kwargs"] = detail::protocol::kwargs_to_json(kwargs);
+    request["sequence"] = sequence;
 
     std::optional<json::object> reply;
     bool stream_ended = false;

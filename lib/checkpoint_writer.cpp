@@ -146,7 +146,7 @@ void CheckpointWriter::commit(const std::filesystem::path& path, const Kwargs& k
     }
   }
 
-  // The commit point: the coordinator's marker.
+  // The commit point: the coordinator's marker; the others wait for it.
   if (coordinator) {
     CommitMarker marker;
     marker.world_size = rank_info_.global_world_size;
@@ -160,7 +160,23 @@ void CheckpointWriter::commit(const std::filesystem::path& path, const Kwargs& k
       log_once(logged, barrier_ ? "the barrier does not exchange reports: no commit marker is written"
                                 : "no barrier with several ranks: no commit marker is written");
     }
-    if (!marker.files.empty()) write_commit_marker(path, std::move(marker));
+    if (barrier_ && outcome.exchanged && !barrier_->begin_commit())
+      throw Timeout(fmt::format("checkpoint {} was not committed: another rank gave up waiting at the barrier",
+                                path.string()));
+    try {
+      if (!marker.files.empty()) write_commit_marker(path, std::move(marker));
+    } catch (...) {
+      if (barrier_ && outcome.exchanged) barrier_->end_commit(describe_failure(std::current_exception()));
+      throw;
+    }
+    if (barrier_ && outcome.exchanged) barrier_->end_commit(std::nullopt);
+  } else if (barrier_ && outcome.exchanged) {
+    if (const auto failure = barrier_->await_commit()) {
+      if (failure->type == "Timeout")
+        throw Timeout(fmt::format("checkpoint {} was not committed (rank {} of {}): {}", path.string(),
+                                  rank_info_.global_rank, rank_info_.global_world_size, failure->message));
+      throw CheckpointException(fmt::format("checkpoint {} was not committed", path.string()), {{0, *failure}});
+    }
   }
   if (commit_hook_) commit_hook_->post_commit(path, kwargs);
 }
@@ -189,5 +205,9 @@ void CheckpointWriter::run_barrier() {
 }
 
 void CheckpointWriter::close() {}
+
+void CheckpointWriter::set_barrier_sequence(std::int64_t sequence) {
+  if (barrier_) barrier_->set_sequence(sequence);
+}
 
 }  // namespace ckpt

@@ -25,7 +25,7 @@ std::string summary(const std::string& context, const std::map<std::int64_t, Ran
 }  // namespace
 
 CheckpointException::CheckpointException(const std::string& context, std::map<std::int64_t, RankFailure> failures)
-    : Error(summary(context, failures)), failures_(std::move(failures)) {}
+    : Error(summary(context, failures)), context_(context), failures_(std::move(failures)) {}
 
 RankFailure describe_failure(std::exception_ptr error) {
   try {

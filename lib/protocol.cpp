@@ -172,6 +172,12 @@ json::object error_reply(std::exception_ptr error) {
   std::string kind = "exception", text = "unknown error";
   try {
     std::rethrow_exception(error);
+  } catch (const CheckpointException& e) {
+    json::array failures;
+    for (const auto& [rank, f] : e.failures())
+      failures.push_back(json::object{{"rank", rank}, {"type", f.type}, {"message", f.message}});
+    return {{"v", kVersion}, {"ok", false},          {"kind", "CheckpointException"},
+            {"error", e.what()},  {"context", e.context()}, {"failures", std::move(failures)}};
   } catch (const NotFound& e) {
     kind = "NotFound", text = e.what();
   } catch (const CorruptCheckpoint& e) {
@@ -200,6 +206,21 @@ void throw_if_error(const json::object& reply) {
   const auto* e = reply.if_contains("error");
   const std::string kind = k && k->is_string() ? std::string(k->as_string()) : "exception";
   const std::string text = e && e->is_string() ? std::string(e->as_string()) : "the writer process failed";
+  if (kind == "CheckpointException") {
+    std::map<std::int64_t, RankFailure> failures;
+    try {
+      for (const auto& f : reply.at("failures").as_array()) {
+        const auto& o = f.as_object();
+        failures[o.at("rank").to_number<std::int64_t>()] = {std::string(o.at("type").as_string()),
+                                                            std::string(o.at("message").as_string())};
+      }
+      throw CheckpointException(std::string(reply.at("context").as_string()), std::move(failures));
+    } catch (const CheckpointException&) {
+      throw;
+    } catch (const std::exception&) {
+      throw WriterProcessError(text);  // a malformed reply: keep the text
+    }
+  }
   if (kind == "NotFound") throw NotFound(text);
   if (kind == "CorruptCheckpoint") throw CorruptCheckpoint(text);
   if (kind == "MissingKeys") throw MissingKeys(text);

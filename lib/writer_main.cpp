@@ -128,6 +128,7 @@ int writer_main(int argc, char** argv, const WriterMainOptions& options) {
             throw WriterProcessError(fmt::format("record {} lies outside the staged image", info.name));
           image.records.push_back(std::move(info));
         }
+        if (const auto* seq = message->if_contains("sequence")) writer->set_barrier_sequence(seq->to_number<std::int64_t>());
         writer->write_staged(std::filesystem::path(std::string(message->at("path").as_string())), image,
                              detail::protocol::kwargs_from_json(message->at("kwargs")));
         reply = detail::protocol::ok();

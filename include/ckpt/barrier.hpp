@@ -2,6 +2,7 @@
 // any rank commits (upstream's barriers.py).
 #pragma once
 
+#include <ckpt/error.hpp>
 #include <ckpt/types.hpp>
 
 #include <chrono>
@@ -39,6 +40,23 @@ class Barrier {
   /// rank's report when `want_reports` (the coordinator). The default runs
   /// execute_barrier() (not when `failed`) and exchanges nothing.
   virtual BarrierOutcome arrive(const std::string& report, bool failed, bool want_reports);
+  /// Makes the next call join round `sequence`. A writer child that was
+  /// restarted (its predecessor died) is told the round by its parent, which
+  /// counts saves across children, so that it meets the other ranks in the
+  /// same round instead of starting again at 0. The default does nothing.
+  virtual void set_sequence(std::int64_t sequence) {}
+
+  // The commit phase, after an arrive() in which no rank failed. The
+  // coordinator calls begin_commit() (false: some rank gave up waiting on the
+  // round, so it must not commit), writes the marker, then end_commit() with
+  // nullopt or what went wrong; every other rank calls await_commit(), which
+  // returns once the coordinator has ended the commit: nullopt when the
+  // checkpoint is committed, else why not. So that no rank reports a save as
+  // done before the marker exists. Defaults (barriers without it): true,
+  // nothing, nullopt.
+  virtual bool begin_commit() { return true; }
+  virtual void end_commit(const std::optional<RankFailure>& failure) {}
+  virtual std::optional<RankFailure> await_commit() { return std::nullopt; }
 };
 
 /// upstream's TCPStoreBarrier ("tcp_store"): a TCPStore of its own, its master
@@ -76,6 +94,10 @@ class TCPStoreBarrier : public Barrier {
   const TCPStoreBarrierOptions& options() const;
   /// The sequence number the next barrier call joins.
   std::int64_t sequence() const;
+  void set_sequence(std::int64_t sequence) override;
+  bool begin_commit() override;
+  void end_commit(const std::optional<RankFailure>& failure) override;
+  std::optional<RankFailure> await_commit() override;
 
  private:
   struct Impl;

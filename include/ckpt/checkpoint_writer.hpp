@@ -11,7 +11,9 @@
 //      steps 1–3 arrives too, then throws its own error); when any rank
 //      failed, the others throw CheckpointException naming each failed rank;
 //   5. the coordinator (rank 0) writes the commit marker (commit.hpp) — alone,
-//      or with a barrier that exchanges reports (tcp_store, dist_barrier);
+//      or with a barrier that exchanges reports (tcp_store, dist_barrier) —
+//      and, with a barrier that has a commit phase (tcp_store), the others
+//      wait until it has: a save returns on any rank only once committed;
 //   6. commit_hook->post_commit(path, kwargs).
 // A failure at any step stops there and is thrown: no later step runs.
 #pragma once
@@ -78,6 +80,8 @@ class CheckpointWriter {
   virtual void write_staged(const std::filesystem::path& path, StagedImage& image, const Kwargs& kwargs = {});
   /// Releases what the writer holds. Idempotent.
   virtual void close();
+  /// The barrier round the next write joins (Barrier::set_sequence).
+  void set_barrier_sequence(std::int64_t sequence);
 
   const CheckpointWriterConfig& config() const { return config_; }
   const RankInfo& rank_info() const { return rank_info_; }

@@ -12,6 +12,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -41,6 +42,9 @@ struct ProcessGroupHandle {
   c10::intrusive_ptr<c10d::ProcessGroup> group;
   RankInfo rank_info;
   std::chrono::milliseconds timeout{};
+  /// How many DistBarriers were made over this group (each keys its store
+  /// entries by its number: ranks make them in the same order).
+  std::atomic<std::int64_t> barriers_made{0};
 };
 
 /// Creates the default group: a TCPStore (master on rank 0) and a Gloo group
@@ -75,10 +79,13 @@ class DistBarrier : public Barrier {
                        std::optional<std::chrono::milliseconds> timeout = std::nullopt);
   void execute_barrier() override;
   BarrierOutcome arrive(const std::string& report, bool failed, bool want_reports) override;
+  void set_sequence(std::int64_t sequence) override { sequence_ = sequence; }
+  ~DistBarrier() override;
 
  private:
   std::shared_ptr<ProcessGroupHandle> group_;
   std::chrono::milliseconds timeout_;
+  std::string prefix_;  // of its store keys: ckpt/dist_barrier/<number>/
   std::int64_t sequence_ = 0;
 };
 

@@ -81,8 +81,11 @@ class CheckpointException : public Error {
  public:
   CheckpointException(const std::string& context, std::map<std::int64_t, RankFailure> failures);
   const std::map<std::int64_t, RankFailure>& failures() const { return failures_; }
+  /// What failed ("checkpoint <path> was not committed"), without the ranks.
+  const std::string& context() const { return context_; }
 
  private:
+  std::string context_;
   std::map<std::int64_t, RankFailure> failures_;
 };
 

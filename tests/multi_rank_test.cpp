@@ -1,0 +1,480 @@
+// The checkpointers, the commit marker and the CheckpointManager on four real
+// rank processes: each case runs `ckpt-launch -n 4 --timeout 120
+// multi_rank_worker SCENARIO DIR` (tests/support/multi_rank_worker.cpp: a real
+// c10d group, a real tcp_store barrier, real writer children), then checks
+//   - the launcher's exit status (0: every rank saw what it expected),
+//   - every rank's `[rank R] RESULT <label> <outcome>` lines,
+//   - the files in DIR, read here independently of the worker: the commit
+//     marker, the files it names, their contents.
+// Nothing waits on a clock: a rank that waited for a barrier it should not
+// wait for shows as a launcher failure (--timeout) or as this test's own bound
+// on the launcher (kBound). This process is a child subreaper, so a rank or a
+// writer child left behind is found, named, and killed.
+// Every rank saves the same checkpoints in the same order, as with any
+// collective: barrier rounds are counted per rank.
+#include <ckpt/commit.hpp>
+
+#define BOOST_TEST_MODULE multi_rank_test
+#include <boost/test/unit_test.hpp>
+
+#include <ckpt/checkpoint_writer.hpp>
+#include <ckpt/format.hpp>
+#include <ckpt/state_dict.hpp>
+
+#include "support/test_support.hpp"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/prctl.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+namespace fs = std::filesystem;
+using ckpt::test::TempDir;
+
+namespace {
+
+constexpr int kRanks = 4;
+/// The launcher's own limit on a scenario, and this test's bound on the
+/// launcher (its limit plus its 5 s grace to stop ranks, plus slack). Hang
+/// guards, not measurements: a scenario takes seconds.
+constexpr int kLauncherTimeout = 120;
+constexpr auto kBound = std::chrono::seconds(kLauncherTimeout + 30);
+
+fs::path bin_dir() {
+  return fs::canonical("/proc/self/exe").parent_path();
+}
+
+/// Ranks and writer children left behind are re-parented here, not to init.
+struct ChildSubreaper {
+  ChildSubreaper() { BOOST_REQUIRE_EQUAL(::prctl(PR_SET_CHILD_SUBREAPER, 1), 0); }
+};
+
+/// This process's children (re-parented leftovers), each killed and reaped.
+std::vector<pid_t> kill_leftovers() {
+  std::vector<pid_t> left;
+  std::error_code ec;
+  for (fs::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(it->path() / "stat");
+    const std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const auto close = stat.rfind(')');
+    if (close == std::string::npos) continue;
+    std::istringstream rest(stat.substr(close + 1));
+    char state = 0;
+    int ppid = 0;
+    rest >> state >> ppid;
+    if (ppid == ::getpid()) left.push_back(std::stoi(name));
+  }
+  for (pid_t pid : left) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+  }
+  return left;
+}
+
+struct Run {
+  int status = -1;     ///< the launcher's exit status, or 128 + signal
+  std::string output;  ///< its stdout and stderr together
+  bool hung = false;   ///< killed by this test past kBound
+  std::vector<pid_t> left_behind;
+  /// rank → label → outcome, from `[rank R] RESULT <label> <outcome>`.
+  std::map<int, std::map<std::string, std::string>> results;
+
+  /// The outcome rank `rank` reported for `label` ("(none)" when it did not).
+  std::string at(int rank, const std::string& label) const {
+    const auto r = results.find(rank);
+    if (r == results.end()) return "(none)";
+    const auto l = r->second.find(label);
+    return l == r->second.end() ? "(none)" : l->second;
+  }
+};
+
+void parse_results(Run& run) {
+  std::istringstream in(run.output);
+  for (std::string line; std::getline(in, line);) {
+    int rank = -1, used = 0;
+    if (std::sscanf(line.c_str(), "[rank %d] RESULT %n", &rank, &used) != 1 || used == 0) continue;
+    const std::string rest = line.substr(static_cast<std::size_t>(used));
+    const auto space = rest.find(' ');
+    run.results[rank][rest.substr(0, space)] = space == std::string::npos ? "" : rest.substr(space + 1);
+  }
+}
+
+/// Runs the worker's `scenario` on kRanks ranks through ckpt-launch, to its end.
+Run launch(const std::string& scenario, const fs::path& dir) {
+  Run run;
+  int out[2];
+  BOOST_REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+  std::vector<std::string> args{(bin_dir() / "ckpt-launch").string(),
+                                "-n",
+                                std::to_string(kRanks),
+                                "--timeout",
+                                std::to_string(kLauncherTimeout),
+                                (bin_dir() / "multi_rank_worker").string(),
+                                scenario,
+                                dir.string()};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  ::posix_spawn_file_actions_init(&actions);
+  ::posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  ::posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+  ::posix_spawn_file_actions_adddup2(&actions, out[1], STDERR_FILENO);
+  pid_t pid = -1;
+  const int rc = ::posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+  ::posix_spawn_file_actions_destroy(&actions);
+  ::close(out[1]);
+  BOOST_REQUIRE_MESSAGE(rc == 0, "cannot start " << args[0] << ": " << std::strerror(rc));
+  // Through syscall(): glibc 2.36's <sys/pidfd.h> lacks C linkage for C++.
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  BOOST_REQUIRE_MESSAGE(pidfd >= 0, "pidfd_open: " << std::strerror(errno));
+
+  const auto deadline = std::chrono::steady_clock::now() + kBound;
+  int out_fd = out[0];
+  bool exited = false;
+  const auto reap = [&] {
+    int st = 0;
+    while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+    }
+    run.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    exited = true;
+  };
+  while (!exited || out_fd >= 0) {
+    std::vector<pollfd> fds;
+    if (out_fd >= 0) fds.push_back({out_fd, POLLIN, 0});
+    if (!exited) fds.push_back({pidfd, POLLIN, 0});
+    const auto left =
+        std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+    if (left <= 0) {
+      run.hung = true;
+      if (!exited) {
+        ::kill(pid, SIGKILL);
+        reap();
+      }
+      break;
+    }
+    if (::poll(fds.data(), fds.size(), static_cast<int>(left)) < 0 && errno != EINTR) break;
+    for (const auto& p : fds) {
+      if (!p.revents) continue;
+      if (p.fd == pidfd) {
+        reap();
+        continue;
+      }
+      char buf[65536];
+      const ssize_t n = ::read(p.fd, buf, sizeof buf);
+      if (n > 0) {
+        run.output.append(buf, static_cast<std::size_t>(n));
+      } else if (n == 0 || errno != EINTR) {
+        ::close(out_fd);
+        out_fd = -1;
+      }
+    }
+  }
+  if (out_fd >= 0) ::close(out_fd);
+  ::close(pidfd);
+  run.left_behind = kill_leftovers();
+  parse_results(run);
+  BOOST_TEST_MESSAGE("ckpt-launch " << scenario << " exited " << run.status << "; output:\n" << run.output);
+  BOOST_REQUIRE_MESSAGE(!run.hung, "ckpt-launch did not finish within " << kBound.count() << " s:\n"
+                                                                        << run.output);
+  BOOST_CHECK_MESSAGE(run.left_behind.empty(), run.left_behind.size() << " processes were left behind");
+  return run;
+}
+
+/// The launcher succeeded: every rank exited 0, i.e. saw what it expected.
+void check_every_rank_as_expected(const Run& run) {
+  BOOST_CHECK_MESSAGE(run.status == 0, "ckpt-launch exited " << run.status << ":\n" << run.output);
+  BOOST_CHECK_EQUAL(run.results.size(), static_cast<std::size_t>(kRanks));
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+bool starts_with(const std::string& text, const std::string& prefix) {
+  return text.compare(0, prefix.size(), prefix) == 0;
+}
+
+/// What the worker saves: the rank's tensor filled with 100 * step + rank.
+double value_at(std::int64_t step, std::int64_t rank) {
+  return static_cast<double>(100 * step + rank);
+}
+
+/// Reads rank `rank`'s file in `dir` here (not through the worker) and checks
+/// it holds that rank's state of `step`.
+void check_file_holds(const fs::path& dir, std::int64_t rank, std::int64_t step) {
+  BOOST_TEST_CONTEXT(dir / ckpt::checkpoint_file_name(rank)) {
+    const auto sd = ckpt::StateDict::from_ivalue(ckpt::read_file(dir / ckpt::checkpoint_file_name(rank)));
+    BOOST_CHECK_EQUAL(sd.at("rank").toInt(), rank);
+    BOOST_CHECK_EQUAL(sd.at("value").toDouble(), value_at(step, rank));
+    BOOST_CHECK(ckpt::test::identical(sd.at("weight").toTensor(),
+                                      at::full({8, 16}, value_at(step, rank), at::kFloat)));
+  }
+}
+
+/// `dir` is committed by a marker naming every rank's file with its real size,
+/// and every file holds its rank's state of `step`.
+void check_committed(const fs::path& dir, std::int64_t step) {
+  BOOST_TEST_CONTEXT(dir) {
+    const auto marker = ckpt::read_commit_marker(dir);
+    BOOST_REQUIRE_MESSAGE(marker.has_value(), "no " << ckpt::kCommitMarkerName);
+    BOOST_CHECK_EQUAL(marker->version, ckpt::kCommitMarkerVersion);
+    BOOST_CHECK_EQUAL(marker->world_size, kRanks);
+    BOOST_REQUIRE_EQUAL(marker->files.size(), static_cast<std::size_t>(kRanks));
+    for (std::int64_t r = 0; r < kRanks; ++r) {
+      const auto& f = marker->files[static_cast<std::size_t>(r)];
+      BOOST_CHECK_EQUAL(f.rank, r);
+      BOOST_CHECK_EQUAL(f.name, ckpt::checkpoint_file_name(r));
+      BOOST_CHECK_EQUAL(f.size, fs::file_size(dir / f.name));
+      check_file_holds(dir, r, step);
+    }
+    BOOST_CHECK_NO_THROW(ckpt::verify_commit(dir, *marker));
+    BOOST_CHECK(ckpt::is_committed(dir));
+  }
+}
+
+/// The `step_<n>` entries of a manager's root, sorted.
+std::set<std::string> step_dirs(const fs::path& root) {
+  std::set<std::string> out;
+  for (const auto& e : fs::directory_iterator(root))
+    if (starts_with(e.path().filename().string(), "step_")) out.insert(e.path().filename().string());
+  return out;
+}
+
+/// Temporary files a writer left in `dir` (`.checkpoint_<r>.pt.tmp-...`).
+std::vector<std::string> temporaries(const fs::path& dir) {
+  std::vector<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (contains(e.path().filename().string(), ".tmp-")) out.push_back(e.path().filename().string());
+  return out;
+}
+
+// A: one save per directory, two directories, every rank's file committed.
+void save_commits_on_every_rank(const std::string& scenario) {
+  TempDir dir;
+  const auto run = launch(scenario, dir.path());
+  check_every_rank_as_expected(run);
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      for (const char* label : {"save_1", "save_2"}) BOOST_CHECK_EQUAL(run.at(r, label), "ok");
+      for (const char* label : {"load_1", "load_2"}) BOOST_CHECK_EQUAL(run.at(r, label), "own-values");
+      if (scenario == "commit-sync") BOOST_CHECK_EQUAL(run.at(r, "sequence"), "2");
+    }
+  }
+  for (int save = 1; save <= 2; ++save) {
+    const auto path = dir / ("save_" + std::to_string(save));
+    check_committed(path, save);
+    std::set<std::string> names;
+    for (const auto& e : fs::directory_iterator(path)) names.insert(e.path().filename().string());
+    BOOST_CHECK((names == std::set<std::string>{"checkpoint_0.pt", "checkpoint_1.pt", "checkpoint_2.pt",
+                                                "checkpoint_3.pt", ckpt::kCommitMarkerName}));
+  }
+}
+
+// B: rank 2 fails; every other rank names it, with its error's type; nothing commits.
+void failed_rank_is_named_by_every_other(const std::string& scenario, const std::string& rank_2_says) {
+  TempDir dir;
+  const auto run = launch(scenario, dir.path());
+  check_every_rank_as_expected(run);
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      const auto outcome = run.at(r, "save");
+      if (r == 2) {
+        BOOST_CHECK_MESSAGE(starts_with(outcome, "IoError msg=" + rank_2_says), outcome);
+      } else {
+        BOOST_CHECK_MESSAGE(starts_with(outcome, "CheckpointException failures={2:IoError} "), outcome);
+        BOOST_CHECK_MESSAGE(contains(outcome, rank_2_says), outcome);  // rank 2's own text travels
+      }
+    }
+  }
+  BOOST_CHECK(!fs::exists(dir / ckpt::kCommitMarkerName));
+  BOOST_CHECK(!ckpt::is_committed(dir.path()));
+  for (int r : {0, 1, 3}) check_file_holds(dir.path(), r, 1);  // written, never committed
+  BOOST_CHECK_MESSAGE(temporaries(dir.path()).empty(), "temporary files left");
+}
+
+// C: rank 3 never arrives; the others time out naming it; nothing commits.
+void missing_rank_is_named_in_the_timeout(const std::string& scenario) {
+  TempDir dir;
+  const auto run = launch(scenario, dir.path());
+  check_every_rank_as_expected(run);
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      const auto outcome = run.at(r, "save");
+      if (r == 3) {
+        BOOST_CHECK_EQUAL(outcome, "not-attempted");
+      } else {
+        BOOST_CHECK_MESSAGE(starts_with(outcome, "Timeout msg=Timed out"), outcome);
+        BOOST_CHECK_MESSAGE(contains(outcome, "ranks that did not arrive: [3]"), outcome);
+      }
+    }
+  }
+  BOOST_CHECK(!fs::exists(dir / ckpt::kCommitMarkerName));
+  BOOST_CHECK(!fs::exists(dir / ckpt::checkpoint_file_name(3)));
+  for (int r : {0, 1, 2}) check_file_holds(dir.path(), r, 1);
+}
+
+}  // namespace
+
+BOOST_TEST_GLOBAL_FIXTURE(ChildSubreaper);
+
+BOOST_AUTO_TEST_SUITE(commit)
+
+BOOST_AUTO_TEST_CASE(sync_saves_on_four_ranks_commit_every_rank_s_file) {
+  save_commits_on_every_rank("commit-sync");
+}
+
+BOOST_AUTO_TEST_CASE(async_saves_on_four_ranks_commit_every_rank_s_file) {
+  save_commits_on_every_rank("commit-async");
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(failed_rank)
+
+// The rank's file name is taken by a directory: the rename of its file fails.
+BOOST_AUTO_TEST_CASE(sync_write_that_fails_on_rank_2_is_named_by_every_rank) {
+  failed_rank_is_named_by_every_other("rank-fails-sync", "cannot write checkpoint");
+}
+
+BOOST_AUTO_TEST_CASE(async_write_that_fails_on_rank_2_is_named_by_every_rank) {
+  failed_rank_is_named_by_every_other("rank-fails-async", "cannot write checkpoint");
+}
+
+// Rank 2's pre_commit hook throws, after its file is durable.
+BOOST_AUTO_TEST_CASE(sync_pre_commit_hook_that_fails_on_rank_2_is_named_by_every_rank) {
+  failed_rank_is_named_by_every_other("hook-fails-sync", "injected on rank 2");
+}
+
+BOOST_AUTO_TEST_CASE(async_pre_commit_hook_that_fails_on_rank_2_is_named_by_every_rank) {
+  failed_rank_is_named_by_every_other("hook-fails-async", "injected on rank 2");
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(missing_rank)
+
+BOOST_AUTO_TEST_CASE(sync_rank_that_left_is_named_in_the_others_timeout) {
+  missing_rank_is_named_in_the_timeout("rank-leaves-sync");
+}
+
+BOOST_AUTO_TEST_CASE(async_rank_that_left_is_named_in_the_others_timeout) {
+  missing_rank_is_named_in_the_timeout("rank-leaves-async");
+}
+
+BOOST_AUTO_TEST_CASE(sync_rank_that_hangs_is_named_in_the_others_timeout) {
+  missing_rank_is_named_in_the_timeout("rank-hangs-sync");
+}
+
+BOOST_AUTO_TEST_CASE(async_rank_that_hangs_is_named_in_the_others_timeout) {
+  missing_rank_is_named_in_the_timeout("rank-hangs-async");
+}
+
+// Rank 3 saves only once the others timed out: they name it; then every rank
+// saves again (rank 0 first at the barrier) and that checkpoint commits.
+BOOST_AUTO_TEST_CASE(sync_checkpointers_commit_again_after_a_rank_came_late) {
+  TempDir dir;
+  const auto run = launch("rank-late-sync", dir.path());
+  check_every_rank_as_expected(run);
+  for (int r = 0; r < 3; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      BOOST_CHECK_MESSAGE(starts_with(run.at(r, "save"), "Timeout msg=Timed out"), run.at(r, "save"));
+      BOOST_CHECK_MESSAGE(contains(run.at(r, "save"), "ranks that did not arrive: [3]"), run.at(r, "save"));
+    }
+  }
+  for (int r = 0; r < kRanks; ++r)
+    BOOST_TEST_CONTEXT("rank " << r) BOOST_CHECK_EQUAL(run.at(r, "save_again"), "ok");
+  BOOST_CHECK(!fs::exists(dir / "first" / ckpt::kCommitMarkerName));
+  check_committed(dir / "again", 2);
+}
+
+// A rank that arrives after the others gave up completes the abandoned round
+// alone; the commit phase tells it no rank committed, and its save fails.
+BOOST_AUTO_TEST_CASE(rank_that_came_late_is_not_told_its_save_committed) {
+  TempDir dir;
+  const auto run = launch("rank-late-sync", dir.path());
+  BOOST_CHECK(!fs::exists(dir / "first" / ckpt::kCommitMarkerName));
+  BOOST_CHECK_MESSAGE(run.at(3, "save") != "ok" && run.at(3, "save") != "(none)",
+                      "rank 3 was told: " << run.at(3, "save"));
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(manager)
+
+BOOST_AUTO_TEST_CASE(ten_saves_keeping_two_leave_steps_9_and_10) {
+  TempDir dir;
+  const auto run = launch("manager-keeps-two", dir.path());
+  check_every_rank_as_expected(run);
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      BOOST_CHECK_EQUAL(run.at(r, "saves"), "ok");
+      BOOST_CHECK_EQUAL(run.at(r, "latest"), "10");
+      BOOST_CHECK_EQUAL(run.at(r, "committed"), "[9, 10]");
+      BOOST_CHECK_EQUAL(run.at(r, "restore"), "step=10 own-values");
+    }
+  }
+  BOOST_CHECK((step_dirs(dir.path()) == std::set<std::string>{"step_9", "step_10"}));
+  check_committed(dir / "step_9", 9);
+  check_committed(dir / "step_10", 10);
+}
+
+// Rank 1's writer child is held in its pre_commit hook during the step-3 save
+// (its file durable, not yet at the barrier) and killed there.
+BOOST_AUTO_TEST_CASE(save_whose_writer_child_is_killed_is_never_restored_and_the_next_commits) {
+  TempDir dir;
+  const auto run = launch("manager-survives-kill", dir.path());
+  check_every_rank_as_expected(run);
+  BOOST_CHECK_EQUAL(run.at(1, "killed_writer_child"), "ok");
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      BOOST_CHECK_EQUAL(run.at(r, "step_1"), "ok");
+      BOOST_CHECK_EQUAL(run.at(r, "step_2"), "ok");
+      const auto step3 = run.at(r, "step_3");
+      if (r == 1) {
+        BOOST_CHECK_MESSAGE(
+            starts_with(step3, "WriterProcessError msg=Child process terminated unexpectedly"), step3);
+        BOOST_CHECK_MESSAGE(contains(step3, "signal 9"), step3);
+      } else {
+        BOOST_CHECK_MESSAGE(starts_with(step3, "Timeout msg=Timed out"), step3);
+        BOOST_CHECK_MESSAGE(contains(step3, "ranks that did not arrive: [1]"), step3);
+      }
+      BOOST_CHECK_EQUAL(run.at(r, "latest_after_kill"), "2");
+      BOOST_CHECK_EQUAL(run.at(r, "restore"), "step=2 own-values");
+      // The async checkpointer hands a failed write's error to the next save, once.
+      BOOST_CHECK_MESSAGE(starts_with(run.at(r, "step_4_first_attempt"), step3.substr(0, step3.find(' '))),
+                          run.at(r, "step_4_first_attempt"));
+      BOOST_CHECK_EQUAL(run.at(r, "step_4"), "ok");
+      BOOST_CHECK_EQUAL(run.at(r, "latest"), "4");
+      BOOST_CHECK_EQUAL(run.at(r, "committed"), "[2, 4]");
+    }
+  }
+  // step_1 pruned (two kept), step_3 removed as the debris of a failed save.
+  BOOST_CHECK((step_dirs(dir.path()) == std::set<std::string>{"step_2", "step_4"}));
+  check_committed(dir / "step_2", 2);
+  check_committed(dir / "step_4", 4);
+}
+
+BOOST_AUTO_TEST_SUITE_END()

@@ -1,0 +1,596 @@
+// One rank of a multi-rank checkpointing job, for tests/multi_rank_test.cpp:
+// real rank processes started by ckpt-launch, a real c10d group, a real
+// tcp_store barrier, real writer children.
+//
+//   ckpt-launch -n 4 --timeout S multi_rank_worker SCENARIO DIR   (a rank)
+//   multi_rank_worker --fd N           (a writer child: the async checkpointer's
+//                                       WriterOptions::executable, see below)
+//
+// What a rank does, in order:
+//   1. joins the default process group (RANK, WORLD_SIZE, MASTER_ADDR,
+//      MASTER_PORT from the launcher) and agrees with the others on a port for
+//      the tcp_store barrier's own store;
+//   2. builds a sync or async checkpointer with that barrier (and, for the
+//      manager scenarios, a CheckpointManager on DIR);
+//   3. runs SCENARIO (see `scenarios` at the bottom), printing one line per
+//      observation: `RESULT <label> <outcome>`, where <outcome> is `ok`,
+//      `CheckpointException failures={<rank>:<type>,...} msg=<text>`, or
+//      `<ErrorType> msg=<text>` (its lines joined by " | ");
+//   4. meets the other ranks through the group's store (rank 0, which hosts
+//      the stores, leaves last, so nobody loses a store it still reads);
+//   5. exits 0 when every observation of this rank was the one expected.
+// Every wait is bounded (kBound); the test itself bounds the launcher too.
+//
+// As a writer child (argv[1] == "--fd") it runs ckpt::writer_main with the
+// default writer plus a fault-injecting hook configured by the parent through
+// WriterOptions::checkpoint_writer_init_args:
+//   fail_pre_commit = true        pre_commit throws ckpt::IoError("injected on rank R")
+//   block_pre_commit_of = NAME    when the checkpoint directory is named NAME,
+//   signal_fifo = PATH            pre_commit writes one byte into the FIFO PATH
+//                                 and then blocks (at most kBound): the parent
+//                                 kills it there, before it reaches the barrier.
+#include <ckpt/ckpt.hpp>
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <boost/asio/use_future.hpp>
+
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+namespace {
+
+/// The bound on every wait of this program: only keeps a broken library from
+/// hanging a rank; no check relies on it (the launcher's --timeout is longer).
+constexpr auto kBound = 60s;
+
+// --- the writer child ---------------------------------------------------------
+
+class FaultHook : public ckpt::WriterHook {
+ public:
+  FaultHook(ckpt::RankInfo rank_info, const ckpt::Kwargs& args) : rank_(rank_info.global_rank) {
+    if (const auto* a = args.find("fail_pre_commit")) fail_ = a->as_bool();
+    if (const auto* a = args.find("block_pre_commit_of")) block_in_ = a->as_string();
+    if (const auto* a = args.find("signal_fifo")) fifo_ = a->as_string();
+  }
+
+  void pre_commit(const fs::path& path, const ckpt::Kwargs&) override {
+    if (fail_) throw ckpt::IoError(fmt::format("injected on rank {}", rank_));
+    if (block_in_.empty() || path.filename() != block_in_) return;
+    // The parent holds the FIFO open for reading, so this open does not block.
+    const int fd = ::open(fifo_.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0 || ::write(fd, "!", 1) != 1)
+      throw ckpt::IoError(fmt::format("cannot signal {}: {}", fifo_.string(), std::strerror(errno)));
+    ::close(fd);
+    // Blocked until killed; a parent that never kills it only costs kBound.
+    const auto until = std::chrono::steady_clock::now() + kBound;
+    while (std::chrono::steady_clock::now() < until) ::poll(nullptr, 0, 1000);
+    throw ckpt::IoError("the blocked pre_commit hook was not killed");
+  }
+
+ private:
+  std::int64_t rank_;
+  bool fail_ = false;
+  std::string block_in_;
+  fs::path fifo_;
+};
+
+int writer_child(int argc, char** argv) {
+  ckpt::WriterMainOptions options;
+  options.writer_factory = [](const ckpt::WriterFactoryArgs& a) {
+    return std::make_shared<ckpt::CheckpointWriter>(
+        a.config, a.rank_info, ckpt::create_barrier_from_config(a.barrier_config, a.rank_info),
+        std::make_shared<FaultHook>(a.rank_info, a.writer_init_args));
+  };
+  return ckpt::writer_main(argc, argv, options);
+}
+
+// --- a rank -----------------------------------------------------------------------
+
+/// What a save did, as one line: "ok", or the error's type and text.
+std::string outcome_of(const std::function<void()>& body) {
+  const auto one_line = [](std::string text) {
+    for (std::size_t at; (at = text.find('\n')) != std::string::npos;) text.replace(at, 1, " | ");
+    return text;
+  };
+  try {
+    body();
+    return "ok";
+  } catch (const ckpt::CheckpointException& e) {
+    std::string failures;
+    for (const auto& [rank, f] : e.failures())
+      failures += fmt::format("{}{}:{}", failures.empty() ? "" : ",", rank, f.type);
+    return fmt::format("CheckpointException failures={{{}}} msg={}", failures, one_line(e.what()));
+  } catch (...) {
+    const auto f = ckpt::describe_failure(std::current_exception());
+    return fmt::format("{} msg={}", f.type, one_line(f.message));
+  }
+}
+
+bool starts_with(const std::string& text, const std::string& prefix) {
+  return text.compare(0, prefix.size(), prefix) == 0;
+}
+
+/// The group's options: the launcher's variables, every collective bounded by kBound.
+ckpt::dist::InitOptions init_options() {
+  ckpt::dist::InitOptions options;
+  options.timeout = kBound;
+  return options;
+}
+
+/// What every scenario shares.
+class Rank {
+ public:
+  Rank(std::string scenario, fs::path dir)
+      : scenario_(std::move(scenario)),
+        dir_(std::move(dir)),
+        pg_(ckpt::dist::init_process_group(init_options())),
+        rank_(pg_->rank_info.global_rank),
+        world_(pg_->rank_info.global_world_size) {}
+
+  std::int64_t rank() const { return rank_; }
+  std::int64_t world() const { return world_; }
+  const fs::path& dir() const { return dir_; }
+  const ckpt::dist::ProcessGroupHandle& group() const { return *pg_; }
+  bool all_expected() const { return all_expected_; }
+
+  /// A tcp_store barrier whose own timeout is `barrier_timeout`; the writer's
+  /// barrier deadline is longer, so that a missing rank is reported by the
+  /// barrier itself, which names it.
+  ckpt::CheckpointerConfig config(std::chrono::seconds barrier_timeout) const {
+    ckpt::CheckpointerConfig config;
+    config.barrier_config.barrier_type = "tcp_store";
+    config.barrier_config.barrier_args = {{"barrier_prefix", scenario_},
+                                          {"tcpstore_port", ckpt::dist::agree_on_free_port(*pg_, scenario_)},
+                                          {"master_address", "127.0.0.1"},
+                                          {"timeout_secs", barrier_timeout.count()}};
+    config.writer_config.write_barrier_timeout = kBound;
+    return config;
+  }
+
+  std::unique_ptr<ckpt::AsyncCheckpointer> make_async(std::chrono::seconds barrier_timeout,
+                                                      ckpt::WriterOptions writer = {}) const {
+    return ckpt::make_async_checkpointer(config(barrier_timeout), pg_->rank_info, std::move(writer));
+  }
+  std::unique_ptr<ckpt::SyncCheckpointer> make_sync(std::chrono::seconds barrier_timeout,
+                                                    std::shared_ptr<ckpt::WriterHook> hook = nullptr) const {
+    return ckpt::make_sync_checkpointer(config(barrier_timeout), pg_->rank_info, std::move(hook));
+  }
+
+  /// Prints `RESULT label outcome` and records whether it was expected.
+  void report(const std::string& label, const std::string& outcome, bool expected) {
+    std::printf("RESULT %s %s\n", label.c_str(), outcome.c_str());
+    if (!expected) std::printf("UNEXPECTED %s\n", label.c_str());
+    std::fflush(stdout);
+    all_expected_ &= expected;
+  }
+  void expect(const std::string& label, const std::string& outcome, const std::string& prefix) {
+    report(label, outcome, starts_with(outcome, prefix));
+  }
+
+  /// Returns once `n` ranks called meet(name, n) (through the group's store).
+  void meet(const std::string& name, std::int64_t n) {
+    const std::string key = scenario_ + "/meet/" + name;
+    if (pg_->store->add(key + "/count", 1) == n) pg_->store->set(key + "/all", {'1'});
+    pg_->store->wait({key + "/all"}, kBound);
+  }
+
+  /// The last step: rank 0 hosts the group's store (and, in the sync
+  /// checkpointer, the barrier's), so it waits until every other rank of
+  /// `participants` is done with them.
+  void leave(std::int64_t participants) {
+    const std::string key = scenario_ + "/left";
+    if (rank_ == 0) {
+      pg_->store->wait({key + "/all"}, kBound);
+    } else if (pg_->store->add(key, 1) == participants - 1) {
+      pg_->store->set(key + "/all", {'1'});
+    }
+  }
+
+ private:
+  std::string scenario_;
+  fs::path dir_;
+  std::shared_ptr<ckpt::dist::ProcessGroupHandle> pg_;
+  std::int64_t rank_;
+  std::int64_t world_;
+  bool all_expected_ = true;
+};
+
+/// A state dict of this rank's own: its tensor is filled with `value`.
+ckpt::StateDict state_of(std::int64_t rank, double value) {
+  ckpt::StateDict sd;
+  sd.insert("weight", at::full({8, 16}, value, at::kFloat));
+  sd.insert("rank", rank);
+  sd.insert("value", value);
+  return sd;
+}
+
+/// The value every rank saves at `step` (or save number): distinct per rank and step.
+double value_at(std::int64_t step, std::int64_t rank) {
+  return static_cast<double>(100 * step + rank);
+}
+
+/// Whether `sd` is what state_of(rank, value) saved.
+bool holds(const ckpt::StateDict& sd, std::int64_t rank, double value) {
+  return sd.at("rank").toInt() == rank && sd.at("value").toDouble() == value &&
+         at::equal(sd.at("weight").toTensor(), at::full({8, 16}, value, at::kFloat));
+}
+
+/// A target for a strict in-place restore.
+ckpt::StateDict restore_target() {
+  ckpt::StateDict sd;
+  sd.insert("weight", at::zeros({8, 16}, at::kFloat));
+  sd.insert("rank", c10::IValue());
+  sd.insert("value", c10::IValue());
+  return sd;
+}
+
+/// Saves and waits until durable (both checkpointers: the blocking form).
+void save(ckpt::Checkpointer& ck, const fs::path& path, const ckpt::StateDict& sd) {
+  auto futures = ck.save(path, sd);
+  if (futures.staged.wait_for(kBound) != std::future_status::ready) throw std::runtime_error("staging hung");
+  futures.staged.get();
+  if (futures.written.wait_for(kBound) != std::future_status::ready) throw std::runtime_error("write hung");
+  futures.written.get();
+}
+
+/// Waits for the async checkpointer's child to have started (and joined the
+/// barrier's store).
+void wait_ready(ckpt::AsyncCheckpointer& ck) {
+  auto ready = ck.process().async_wait_ready(boost::asio::use_future);
+  if (ready.wait_for(kBound) != std::future_status::ready)
+    throw std::runtime_error("writer child did not start");
+  ready.get();
+}
+
+std::unique_ptr<ckpt::Checkpointer> make(Rank& r, bool async, std::chrono::seconds barrier_timeout,
+                                         std::shared_ptr<ckpt::WriterHook> hook = nullptr,
+                                         ckpt::WriterOptions writer = {}) {
+  if (!async) return r.make_sync(barrier_timeout, std::move(hook));
+  auto ck = r.make_async(barrier_timeout, std::move(writer));
+  wait_ready(*ck);
+  return ck;
+}
+
+/// This program as the writer executable, with `args` for its hook.
+ckpt::WriterOptions self_as_writer(ckpt::Kwargs args) {
+  ckpt::WriterOptions options;
+  options.executable = fs::canonical("/proc/self/exe");
+  options.checkpoint_writer_init_args = std::move(args);
+  return options;
+}
+
+// --- the scenarios ------------------------------------------------------------------
+
+// A: two saves into two directories both commit; every rank reads its own back.
+void commit(Rank& r, bool async) {
+  std::unique_ptr<ckpt::Checkpointer> ck;
+  std::shared_ptr<ckpt::Barrier> barrier;
+  if (async) {
+    ck = make(r, true, 60s);
+  } else {
+    // make_sync_checkpointer's parts, assembled here to watch the barrier's
+    // sequence number advance.
+    const auto config = r.config(60s);
+    barrier = ckpt::create_barrier_from_config(config.barrier_config, r.group().rank_info);
+    ck = std::make_unique<ckpt::SyncCheckpointer>(
+        std::make_shared<ckpt::CheckpointWriter>(config.writer_config, r.group().rank_info, barrier),
+        std::make_shared<ckpt::CheckpointReader>(r.group().rank_info));
+  }
+  for (int i = 1; i <= 2; ++i) {
+    const auto path = r.dir() / fmt::format("save_{}", i);
+    r.expect(fmt::format("save_{}", i),
+             outcome_of([&] { save(*ck, path, state_of(r.rank(), value_at(i, r.rank()))); }), "ok");
+    bool same = false;
+    const auto loaded = outcome_of([&] { same = holds(ck->load(path), r.rank(), value_at(i, r.rank())); });
+    r.report(fmt::format("load_{}", i), loaded == "ok" ? (same ? "own-values" : "OTHER-VALUES") : loaded,
+             same);
+  }
+  if (barrier) {
+    const auto seq = dynamic_cast<ckpt::TCPStoreBarrier&>(*barrier).sequence();
+    r.report("sequence", std::to_string(seq), seq == 2);
+  }
+  if (r.rank() != 0) ck->close();
+  r.leave(r.world());
+  ck->close();
+}
+
+// B: rank 2's write fails for real (its file's name is taken by a directory:
+// the rename fails) or its pre_commit hook throws; every rank learns it.
+void rank_fails(Rank& r, bool async, bool in_hook) {
+  const bool failing = r.rank() == 2;
+  std::unique_ptr<ckpt::Checkpointer> ck;
+  if (!in_hook)
+    ck = make(r, async, 60s);
+  else if (async)
+    ck = make(r, true, 60s, nullptr, self_as_writer({{"fail_pre_commit", failing}}));
+  else
+    ck = make(r, false, 60s,
+              failing
+                  ? std::make_shared<FaultHook>(r.group().rank_info, ckpt::Kwargs{{"fail_pre_commit", true}})
+                  : nullptr);
+  if (failing && !in_hook) fs::create_directories(r.dir() / ckpt::checkpoint_file_name(2));
+  const auto outcome = outcome_of([&] { save(*ck, r.dir(), state_of(r.rank(), value_at(1, r.rank()))); });
+  if (failing)
+    r.expect("save", outcome,
+             in_hook ? "IoError msg=injected on rank 2" : "IoError msg=cannot write checkpoint");
+  else
+    r.expect("save", outcome, "CheckpointException failures={2:IoError} ");
+  if (r.rank() != 0) ck->close();
+  r.leave(r.world());
+  ck->close();
+}
+
+// C: rank 3 joins the barrier's store but never arrives: it leaves at once
+// (its store clients disconnect), or it stays, blocked until the others timed
+// out. The others time out naming it.
+void rank_missing(Rank& r, bool async, bool hangs) {
+  constexpr std::int64_t missing = 3;
+  auto ck = make(r, async, 3s);
+  if (r.rank() == missing) {
+    if (hangs) {
+      // Alive and connected, but never at the barrier, until the others are done.
+      r.meet("timed-out", r.world());
+      r.report("save", "not-attempted", true);
+    } else {
+      r.report("save", "not-attempted", true);
+      ck->close();
+      ck.reset();
+    }
+  } else {
+    const auto outcome = outcome_of([&] { save(*ck, r.dir(), state_of(r.rank(), value_at(1, r.rank()))); });
+    const bool named = outcome.find("Timed out") != std::string::npos &&
+                       outcome.find(fmt::format("[{}]", missing)) != std::string::npos;
+    r.report("save", outcome, starts_with(outcome, "Timeout msg=") && named);
+    if (hangs) r.meet("timed-out", r.world());
+  }
+  if (ck && r.rank() != 0) ck->close();
+  r.leave(r.world());
+  if (ck) ck->close();
+}
+
+/// Sets a key of the group's store right before this rank's commit barrier
+/// (pre_commit) of a checkpoint directory named `name`.
+class SignalHook : public ckpt::WriterHook {
+ public:
+  SignalHook(c10::intrusive_ptr<c10d::Store> store, std::string name, std::string key)
+      : store_(std::move(store)), name_(std::move(name)), key_(std::move(key)) {}
+  void pre_commit(const fs::path& path, const ckpt::Kwargs&) override {
+    if (path.filename() == name_) store_->set(key_, {'1'});
+  }
+
+ private:
+  c10::intrusive_ptr<c10d::Store> store_;
+  std::string name_;
+  std::string key_;
+};
+
+// C, then again: rank 3 misses the barrier of a first save — it saves once the
+// others have timed out (`late`), or not at all — then every rank saves into
+// another directory with the same (sync) checkpointers. Rank 0 is the first at
+// that barrier (the others start once it is there), so a barrier that still
+// counted the first round's arrivals would let it through alone.
+void save_after_a_timeout(Rank& r, bool late) {
+  constexpr std::int64_t missing = 3;
+  const std::string go = "rank-0-at-the-second-barrier";
+  auto ck = make(r, false, 3s,
+                 r.rank() == 0 ? std::make_shared<SignalHook>(r.group().store, "again", go) : nullptr);
+  const auto first = [&] { save(*ck, r.dir() / "first", state_of(r.rank(), value_at(1, r.rank()))); };
+  if (r.rank() == missing) {
+    r.meet("timed-out", r.world());
+    // What the late rank is told is judged by the test (see its cases).
+    r.report("save", late ? outcome_of(first) : "not-attempted", true);
+  } else {
+    const auto outcome = outcome_of(first);
+    r.report("save", outcome,
+             starts_with(outcome, "Timeout msg=") &&
+                 outcome.find(fmt::format("[{}]", missing)) != std::string::npos);
+    r.meet("timed-out", r.world());
+  }
+  const auto again = outcome_of([&] {
+    if (r.rank() != 0) r.group().store->wait({go}, kBound);
+    save(*ck, r.dir() / "again", state_of(r.rank(), value_at(2, r.rank())));
+  });
+  r.expect("save_again", again, "ok");
+  if (r.rank() != 0) ck->close();
+  r.leave(r.world());
+  ck->close();
+}
+
+/// Step directories of `manager`'s committed checkpoints, as "[9, 10]".
+std::string committed_steps(const ckpt::CheckpointManager& manager) {
+  std::vector<std::int64_t> steps;
+  for (const auto& c : manager.committed()) steps.push_back(c.step);
+  return fmt::format("[{}]", fmt::join(steps, ", "));
+}
+
+/// Restores the newest committed checkpoint and checks it is step `step`'s.
+void check_restore(Rank& r, ckpt::CheckpointManager& manager, std::int64_t step) {
+  std::optional<std::int64_t> from;
+  auto target = restore_target();
+  const auto outcome = outcome_of([&] { from = manager.restore_latest(target); });
+  const bool same = from && holds(target, r.rank(), value_at(step, r.rank()));
+  r.report("restore",
+           outcome == "ok"
+               ? fmt::format("step={} {}", from ? *from : -1, same ? "own-values" : "OTHER-VALUES")
+               : outcome,
+           from == step && same);
+}
+
+void check_latest(Rank& r, const ckpt::CheckpointManager& manager, const std::string& label,
+                  std::int64_t step) {
+  const auto latest = manager.latest_committed();
+  r.report(label, latest ? std::to_string(latest->step) : "none", latest && latest->step == step);
+}
+
+// D: ten saves through a manager keeping two.
+void manager_keeps_two(Rank& r) {
+  std::shared_ptr<ckpt::AsyncCheckpointer> ck = r.make_async(60s);
+  ckpt::CheckpointManager manager(r.dir(), ck, {.keep_last_n = 2, .rank_info = r.group().rank_info});
+  std::string failed;
+  for (std::int64_t step = 1; step <= 10; ++step) {
+    const auto outcome = outcome_of([&] {
+      auto futures = manager.save(step, state_of(r.rank(), value_at(step, r.rank())));
+      futures.staged.get();
+      if (futures.written.wait_for(kBound) != std::future_status::ready)
+        throw std::runtime_error("write hung");
+      futures.written.get();
+    });
+    if (outcome != "ok") failed += fmt::format(" step_{}: {}", step, outcome);
+  }
+  r.report("saves", failed.empty() ? "ok" : failed, failed.empty());
+  manager.close();  // rank 0: the last pruning is done
+  r.meet("pruned", r.world());
+  check_latest(r, manager, "latest", 10);
+  const auto committed = committed_steps(manager);
+  r.report("committed", committed, committed == "[9, 10]");
+  check_restore(r, manager, 10);
+  if (r.rank() != 0) ck->close();
+  r.leave(r.world());
+  ck->close();
+}
+
+/// A FIFO that this process holds open for reading (and writing, so that it
+/// never reads end-of-file): the writer child's hook signals through it.
+class Fifo {
+ public:
+  explicit Fifo(fs::path path) : path_(std::move(path)) {
+    if (::mkfifo(path_.c_str(), 0600) != 0)
+      throw std::runtime_error("mkfifo: " + std::string(std::strerror(errno)));
+    fd_ = ::open(path_.c_str(), O_RDWR | O_CLOEXEC);
+    if (fd_ < 0) throw std::runtime_error("open fifo: " + std::string(std::strerror(errno)));
+  }
+  ~Fifo() {
+    ::close(fd_);
+    ::unlink(path_.c_str());
+  }
+  /// Waits (at most kBound) for one byte.
+  void wait() {
+    pollfd p{fd_, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(std::chrono::milliseconds(kBound).count())) != 1)
+      throw std::runtime_error("the writer child never reached its pre_commit hook");
+    char c;
+    if (::read(fd_, &c, 1) != 1) throw std::runtime_error("read fifo: " + std::string(std::strerror(errno)));
+  }
+  const fs::path& path() const { return path_; }
+
+ private:
+  fs::path path_;
+  int fd_ = -1;
+};
+
+// E: the step-3 save's writer child on rank 1 is killed before it reaches the
+// barrier; the manager resumes from step 2 and the next save commits.
+void manager_survives_kill(Rank& r) {
+  constexpr std::int64_t victim = 1;
+  std::optional<Fifo> fifo;
+  ckpt::Kwargs hook_args;
+  if (r.rank() == victim) {
+    fifo.emplace(r.dir() / "writer_child_blocked.fifo");
+    hook_args = {{"block_pre_commit_of", "step_3"}, {"signal_fifo", fifo->path().string()}};
+  }
+  std::shared_ptr<ckpt::AsyncCheckpointer> ck = r.make_async(3s, self_as_writer(hook_args));
+  ckpt::CheckpointManager manager(r.dir(), ck, {.keep_last_n = 2, .rank_info = r.group().rank_info});
+  const auto save_step = [&](std::int64_t step, const std::function<void()>& after_staged = {}) {
+    auto futures = manager.save(step, state_of(r.rank(), value_at(step, r.rank())));
+    futures.staged.get();
+    if (after_staged) after_staged();
+    if (futures.written.wait_for(kBound) != std::future_status::ready) throw std::runtime_error("write hung");
+    futures.written.get();
+  };
+  for (std::int64_t step : {1, 2})
+    r.expect(fmt::format("step_{}", step), outcome_of([&] { save_step(step); }), "ok");
+
+  // Step 3: rank 1 kills its child as soon as the child is held in pre_commit.
+  const auto step3 = outcome_of([&] {
+    save_step(3, [&] {
+      if (r.rank() != victim) return;
+      fifo->wait();
+      const int pid = ck->process().pid();
+      if (pid <= 0 || ::kill(pid, SIGKILL) != 0) throw std::runtime_error("cannot kill the writer child");
+      r.report("killed_writer_child", "ok", true);
+    });
+  });
+  if (r.rank() == victim)
+    r.expect("step_3", step3, "WriterProcessError msg=Child process terminated unexpectedly");
+  else
+    r.report("step_3", step3,
+             starts_with(step3, "Timeout msg=Timed out") &&
+                 step3.find(fmt::format("[{}]", victim)) != std::string::npos);
+  r.meet("step-3-failed", r.world());
+  check_latest(r, manager, "latest_after_kill", 2);
+  check_restore(r, manager, 2);
+  r.meet("restored", r.world());  // nobody prunes step_2 while another rank reads it
+
+  // Step 4: the async checkpointer fails the first save after a failed write
+  // with that write's error, once (async_checkpointer.hpp); then a new child
+  // (on rank 1) writes it.
+  const auto retry = outcome_of([&] { save_step(4); });
+  r.expect("step_4_first_attempt", retry, step3.substr(0, step3.find(' ')));
+  r.expect("step_4", outcome_of([&] { save_step(4); }), "ok");
+  manager.close();
+  r.meet("step-4-done", r.world());
+  check_latest(r, manager, "latest", 4);
+  const auto committed = committed_steps(manager);
+  r.report("committed", committed, committed == "[2, 4]");
+  if (r.rank() != 0) ck->close();
+  r.leave(r.world());
+  ck->close();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  if (argc >= 2 && std::string(argv[1]) == "--fd") return writer_child(argc, argv);
+  if (argc != 3) {
+    std::fprintf(stderr, "usage: ckpt-launch -n 4 multi_rank_worker SCENARIO DIR\n");
+    return 2;
+  }
+  const std::map<std::string, std::function<void(Rank&)>> scenarios{
+      {"commit-sync", [](Rank& r) { commit(r, false); }},
+      {"commit-async", [](Rank& r) { commit(r, true); }},
+      {"rank-fails-sync", [](Rank& r) { rank_fails(r, false, false); }},
+      {"rank-fails-async", [](Rank& r) { rank_fails(r, true, false); }},
+      {"hook-fails-sync", [](Rank& r) { rank_fails(r, false, true); }},
+      {"hook-fails-async", [](Rank& r) { rank_fails(r, true, true); }},
+      {"rank-leaves-sync", [](Rank& r) { rank_missing(r, false, false); }},
+      {"rank-leaves-async", [](Rank& r) { rank_missing(r, true, false); }},
+      {"rank-hangs-sync", [](Rank& r) { rank_missing(r, false, true); }},
+      {"rank-hangs-async", [](Rank& r) { rank_missing(r, true, true); }},
+      {"rank-late-sync", [](Rank& r) { save_after_a_timeout(r, true); }},
+      {"manager-keeps-two", manager_keeps_two},
+      {"manager-survives-kill", manager_survives_kill},
+  };
+  const auto it = scenarios.find(argv[1]);
+  if (it == scenarios.end()) {
+    std::fprintf(stderr, "multi_rank_worker: unknown scenario '%s'\n", argv[1]);
+    return 2;
+  }
+  Rank rank(argv[1], argv[2]);
+  it->second(rank);
+  return rank.all_expected() ? 0 : 1;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "multi_rank_worker: %s\n", e.what());
+  return 1;
+}
