@@ -106,6 +106,26 @@ std::chrono::milliseconds seconds_arg(const Kwargs& args, const std::string& nam
   return std::chrono::milliseconds(static_cast<std::int64_t>(a->as_double() * 1000.0));
 }
 
+/// The commit verdict the coordinator leaves at `key`: nullopt when committed.
+std::optional<RankFailure> await_verdict(c10d::Store& store, const std::string& key, std::chrono::milliseconds timeout) {
+  std::string value;
+  try {
+    store.wait({key}, timeout);
+    value = to_string(store.get(key));
+  } catch (const std::exception& e) {
+    return RankFailure{"Timeout", fmt::format("Timed out after {} ms waiting for rank 0 to commit ({})",
+                                              timeout.count(), first_line(e.what()))};
+  }
+  if (value == "ok") return std::nullopt;
+  if (value.rfind("abandoned: ", 0) == 0)
+    return RankFailure{"Timeout", "arrived after the other ranks had given up: " + value.substr(11)};
+  if (value.rfind("failed:", 0) == 0) {
+    const auto colon = value.find(':', 7);
+    if (colon != std::string::npos) return RankFailure{value.substr(7, colon - 7), value.substr(colon + 1)};
+  }
+  return RankFailure{"Error", value};
+}
+
 }  // namespace
 
 // --- Barrier ---------------------------------------------------------------------
@@ -369,26 +389,10 @@ void TCPStoreBarrier::end_commit(const std::optional<RankFailure>& failure) {
 
 std::optional<RankFailure> TCPStoreBarrier::await_commit() {
   std::lock_guard lock(impl_->mutex);
-  const auto& o = impl_->options;
   if (impl_->round.empty()) return RankFailure{"Error", "no barrier round to await"};
-  const std::string key = impl_->round + "/done";
-  std::string value;
-  try {
-    impl_->store->wait({key}, o.timeout);
-    value = to_string(impl_->store->get(key));
-  } catch (const std::exception& e) {
-    impl_->reconnect();
-    return RankFailure{"Timeout", fmt::format("Timed out after {} ms waiting for rank 0 to commit ({})",
-                                              o.timeout.count(), first_line(e.what()))};
-  }
-  if (value == "ok") return std::nullopt;
-  if (value.rfind("abandoned: ", 0) == 0)
-    return RankFailure{"Timeout", "arrived after the other ranks had given up: " + value.substr(11)};
-  if (value.rfind("failed:", 0) == 0) {
-    const auto colon = value.find(':', 7);
-    if (colon != std::string::npos) return RankFailure{value.substr(7, colon - 7), value.substr(colon + 1)};
-  }
-  return RankFailure{"Error", value};
+  auto verdict = await_verdict(*impl_->store, impl_->round + "/done", impl_->options.timeout);
+  if (verdict && verdict->type == "Timeout" && verdict->message.rfind("Timed out", 0) == 0) impl_->reconnect();
+  return verdict;
 }
 
 namespace dist {
@@ -530,6 +534,7 @@ BarrierOutcome DistBarrier::arrive(const std::string& report, bool failed, bool 
   const std::string k = fmt::format("{}{}", prefix_, seq);
   const auto arrived_key = [&](std::int64_t r) { return fmt::format("{}/arrived/{}", k, r); };
   const std::string what = fmt::format("dist_barrier #{} (rank {} of {})", seq, rank, world);
+  round_.clear();
   store.set(arrived_key(rank), to_bytes("1"));
   if (seq >= 2) store.deleteKey(fmt::format("{}{}/arrived/{}", prefix_, seq - 2, rank));
 
@@ -541,7 +546,13 @@ BarrierOutcome DistBarrier::arrive(const std::string& report, bool failed, bool 
     } catch (const std::exception& e) {
       cause = e.what();
     }
-    if (!done) barrier_timed_out(store, what, timeout_, world, arrived_key, cause);
+    if (done) return;
+    try {  // the round is abandoned: a rank that comes late must not commit
+      if (to_string(store.compareSet(k + "/verdict", {}, to_bytes("abandoned"))) == "abandoned")
+        store.compareSet(k + "/done", {}, to_bytes("abandoned: " + what + " timed out"));
+    } catch (const std::exception&) {
+    }
+    barrier_timed_out(store, what, timeout_, world, arrived_key, cause);
   };
   const auto all_gather = [&](const at::Tensor& mine) {
     std::vector<std::vector<at::Tensor>> outputs(1);
@@ -577,7 +588,28 @@ BarrierOutcome DistBarrier::arrive(const std::string& report, bool failed, bool 
       if (want_reports) out.reports.push_back(std::move(text));
     }
   }
+  round_ = k;
   return out;
+}
+
+bool DistBarrier::begin_commit() {
+  if (round_.empty()) return false;
+  return to_string(group_->store->compareSet(round_ + "/verdict", {}, to_bytes("commit"))) == "commit";
+}
+
+void DistBarrier::end_commit(const std::optional<RankFailure>& failure) {
+  if (round_.empty()) return;
+  try {
+    group_->store->set(round_ + "/done",
+                       to_bytes(failure ? fmt::format("failed:{}:{}", failure->type, failure->message) : "ok"));
+  } catch (const std::exception&) {
+    // the others time out waiting for the verdict
+  }
+}
+
+std::optional<RankFailure> DistBarrier::await_commit() {
+  if (round_.empty()) return RankFailure{"Error", "no barrier round to await"};
+  return await_verdict(*group_->store, round_ + "/done", timeout_);
 }
 
 }  // namespace dist

@@ -15,10 +15,14 @@
 #define BOOST_TEST_MODULE barriers_test
 #include <boost/test/unit_test.hpp>
 
+#include <ckpt/checkpoint_writer.hpp>
+#include <ckpt/commit.hpp>
 #include <ckpt/dist.hpp>
 #include <ckpt/error.hpp>
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
+
+#include "support/test_support.hpp"
 
 #include <fmt/format.h>
 
@@ -532,6 +536,33 @@ BOOST_AUTO_TEST_CASE(over_a_gloo_group) {
     rounds.push_back(of_rank(seen, r).rounds);
   }
   check_report_rounds(rounds);
+  leave_group(handles);
+}
+
+// The commit phase over a real group: four sync writers save into one
+// directory; when any rank's write returns, rank 0's marker is already there
+// and names all four files (no rank reports a save before it is committed).
+BOOST_AUTO_TEST_CASE(no_rank_returns_before_the_commit_marker) {
+  auto handles = gloo_group(free_port(), 30s);
+  ckpt::test::TempDir dir;
+  for (int save = 0; save < 2; ++save) {
+    BOOST_TEST_CONTEXT("save " << save) {
+      const auto path = dir.path() / fmt::format("save_{}", save);
+      const auto seen = results(on_ranks(kAllRanks, [&](std::int64_t r) {
+        auto barrier = std::make_shared<ckpt::dist::DistBarrier>(of_rank(handles, r), 30s);
+        ckpt::CheckpointWriter writer({}, RankInfo{r, kWorld}, barrier);
+        ckpt::StateDict sd;
+        sd.insert("rank", r);
+        writer.write(path, sd);
+        // Read right when this rank's save returned.
+        const auto marker = ckpt::read_commit_marker(path);
+        return marker ? static_cast<std::int64_t>(marker->files.size()) : -1;
+      }));
+      for (std::int64_t r = 0; r < kWorld; ++r)
+        BOOST_TEST(of_rank(seen, r) == kWorld, "rank " << r << " saw a marker of " << of_rank(seen, r) << " files");
+      BOOST_TEST(ckpt::is_committed(path));
+    }
+  }
   leave_group(handles);
 }
 

@@ -12,7 +12,7 @@
 //      failed, the others throw CheckpointException naming each failed rank;
 //   5. the coordinator (rank 0) writes the commit marker (commit.hpp) — alone,
 //      or with a barrier that exchanges reports (tcp_store, dist_barrier) —
-//      and, with a barrier that has a commit phase (tcp_store), the others
+//      and, with a barrier that has a commit phase (both built-in ones), the others
 //      wait until it has: a save returns on any rank only once committed;
 //   6. commit_hook->post_commit(path, kwargs).
 // A failure at any step stops there and is thrown: no later step runs.

@@ -68,7 +68,8 @@ std::uint16_t agree_on_free_port(const ProcessGroupHandle& group, const std::str
 RankInfo rank_info_from(const c10d::ProcessGroup& group);
 
 /// upstream's DistBarrier ("dist_barrier"): a barrier over a process group.
-/// Reports travel by all-gather over the group. Unlike upstream, its timeout is
+/// Reports travel by all-gather over the group; the commit phase and the
+/// arrival marks go through the group's store. Unlike upstream, its timeout is
 /// enforced and names the ranks that did not arrive (each rank marks its
 /// arrival in the group's store).
 class DistBarrier : public Barrier {
@@ -80,6 +81,9 @@ class DistBarrier : public Barrier {
   void execute_barrier() override;
   BarrierOutcome arrive(const std::string& report, bool failed, bool want_reports) override;
   void set_sequence(std::int64_t sequence) override { sequence_ = sequence; }
+  bool begin_commit() override;
+  void end_commit(const std::optional<RankFailure>& failure) override;
+  std::optional<RankFailure> await_commit() override;
   ~DistBarrier() override;
 
  private:
@@ -87,6 +91,7 @@ class DistBarrier : public Barrier {
   std::chrono::milliseconds timeout_;
   std::string prefix_;  // of its store keys: ckpt/dist_barrier/<number>/
   std::int64_t sequence_ = 0;
+  std::string round_;  // key prefix of the round last passed (for the commit phase)
 };
 
 }  // namespace ckpt::dist

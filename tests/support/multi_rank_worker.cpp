@@ -359,6 +359,9 @@ void rank_missing(Rank& r, bool async, bool hangs) {
       ck.reset();
     }
   } else {
+    // The three that arrive start together: the 3 s barrier timeout must only
+    // ever run out on the missing rank, however busy the machine is.
+    r.meet("ready", r.world() - 1);
     const auto outcome = outcome_of([&] { save(*ck, r.dir(), state_of(r.rank(), value_at(1, r.rank()))); });
     const bool named = outcome.find("Timed out") != std::string::npos &&
                        outcome.find(fmt::format("[{}]", missing)) != std::string::npos;
@@ -402,6 +405,7 @@ void save_after_a_timeout(Rank& r, bool late) {
     // What the late rank is told is judged by the test (see its cases).
     r.report("save", late ? outcome_of(first) : "not-attempted", true);
   } else {
+    r.meet("ready", r.world() - 1);  // the three that arrive start together
     const auto outcome = outcome_of(first);
     r.report("save", outcome,
              starts_with(outcome, "Timeout msg=") &&
@@ -510,7 +514,9 @@ void manager_survives_kill(Rank& r) {
     fifo.emplace(r.dir() / "writer_child_blocked.fifo");
     hook_args = {{"block_pre_commit_of", "step_3"}, {"signal_fifo", fifo->path().string()}};
   }
-  std::shared_ptr<ckpt::AsyncCheckpointer> ck = r.make_async(3s, self_as_writer(hook_args));
+  // Long enough for the saves every rank reaches on a busy machine; it runs
+  // out only at step 3, waiting for the killed child.
+  std::shared_ptr<ckpt::AsyncCheckpointer> ck = r.make_async(10s, self_as_writer(hook_args));
   ckpt::CheckpointManager manager(r.dir(), ck, {.keep_last_n = 2, .rank_info = r.group().rank_info});
   const auto save_step = [&](std::int64_t step, const std::function<void()>& after_staged = {}) {
     auto futures = manager.save(step, state_of(r.rank(), value_at(step, r.rank())));
