@@ -9,6 +9,7 @@
 #include <ckpt/checkpoint_writer.hpp>
 #include <ckpt/checkpointer.hpp>
 #include <ckpt/commit.hpp>
+#include <ckpt/dcp/metadata.hpp>
 #include <ckpt/dist.hpp>
 #include <ckpt/error.hpp>
 #include <ckpt/format.hpp>
