@@ -177,8 +177,9 @@ StateDict AsyncCheckpointer::load(const std::filesystem::path& path, const LoadO
 
 void AsyncCheckpointer::close() {
   if (impl_->closed.exchange(true)) return;
-  // A write in progress completes (or the child's close ends it).
-  if (auto last = impl_->last) last->written->wait_for(std::chrono::seconds(60));
+  // A write in progress completes first (bounded by the write's own timeout);
+  // then the child is asked to exit.
+  if (auto last = impl_->last) last->written->wait_for(impl_->process->config().write_timeout);
   impl_->stager->close();
   impl_->process->close();
   if (impl_->own_context) {

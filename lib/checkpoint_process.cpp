@@ -478,6 +478,11 @@ void CheckpointProcess::close() {
   impl_->close();
 }
 
+const CheckpointProcessConfig& CheckpointProcess::config() const {
+  static const CheckpointProcessConfig defaults;
+  return impl_ ? impl_->config : defaults;
+}
+
 int CheckpointProcess::pid() const {
   std::lock_guard lock(impl_->mutex);
   return impl_->pid;

@@ -100,6 +100,9 @@ class CheckpointProcess {
   virtual void close();
   /// The child's pid, or -1 when there is none.
   int pid() const;
+  /// The configuration it was made with (a fake made without a child: the
+  /// defaults).
+  const CheckpointProcessConfig& config() const;
 
  protected:
   /// For fakes in tests: no child at all; ready at once.
