@@ -67,7 +67,8 @@ std::shared_ptr<Barrier> create_barrier_from_config(const BarrierConfig& config)
 
 std::shared_ptr<Barrier> create_barrier_from_config(const BarrierConfig& config, const RankInfo& rank_info) {
   BarrierConfig with_rank = config;
-  if (!with_rank.barrier_args.contains("global_rank")) with_rank.barrier_args.set("global_rank", rank_info.global_rank);
+  if (!with_rank.barrier_args.contains("global_rank"))
+    with_rank.barrier_args.set("global_rank", rank_info.global_rank);
   if (!with_rank.barrier_args.contains("global_world_size"))
     with_rank.barrier_args.set("global_world_size", rank_info.global_world_size);
   return create_barrier_from_config(with_rank);

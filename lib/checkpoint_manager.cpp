@@ -18,7 +18,8 @@ constexpr std::string_view kStepPrefix = "step_";
 
 /// The step a directory name stands for; nullopt for other names.
 std::optional<std::int64_t> step_of(const std::string& name) {
-  if (name.size() <= kStepPrefix.size() || name.compare(0, kStepPrefix.size(), kStepPrefix) != 0) return std::nullopt;
+  if (name.size() <= kStepPrefix.size() || name.compare(0, kStepPrefix.size(), kStepPrefix) != 0)
+    return std::nullopt;
   std::int64_t step = 0;
   const char* first = name.data() + kStepPrefix.size();
   const char* last = name.data() + name.size();
@@ -68,29 +69,37 @@ fs::path CheckpointManager::path_of(std::int64_t step) const {
 SaveFutures CheckpointManager::save(std::int64_t step, const StateDict& state_dict, const Kwargs& kwargs) {
   close();  // the previous save's write and pruning
   if (step < 0) throw Error(fmt::format("step {} is negative", step));
-  if (const auto latest = latest_committed(); latest && step <= latest->step)
+  // The directory is scanned once (each committed checkpoint costs a read of
+  // every rank's zip directory); later, each commit moves the floor up.
+  if (!floor_step_) {
+    const auto latest = latest_committed();
+    floor_step_ = latest ? latest->step : -1;
+  }
+  if (step <= *floor_step_)
     throw Error(fmt::format("step {} is not above the newest committed checkpoint (step {} in {})", step,
-                            latest->step, latest->path.string()));
+                            *floor_step_, path_of(*floor_step_).string()));
   auto futures = checkpointer_->save(path_of(step), state_dict, kwargs);
   in_flight_ = step;
   std::promise<void> done;
   auto written = done.get_future();
-  after_write_ = std::thread([this, write = std::move(futures.written), done = std::move(done)]() mutable {
-    try {
-      write.get();
-    } catch (...) {
-      done.set_exception(std::current_exception());
-      return;
-    }
-    in_flight_ = -1;
-    try {
-      prune();
-    } catch (const std::exception& e) {
-      fmt::print(stderr, "ckpt: pruning old checkpoints in {} failed (the new one is committed): {}\n",
-                 root_.string(), e.what());
-    }
-    done.set_value();
-  });
+  after_write_ =
+      std::thread([this, step, write = std::move(futures.written), done = std::move(done)]() mutable {
+        try {
+          write.get();
+        } catch (...) {
+          done.set_exception(std::current_exception());
+          return;
+        }
+        in_flight_ = -1;
+        floor_step_ = step;  // committed: the next save goes above it (read after close() joined here)
+        try {
+          prune();
+        } catch (const std::exception& e) {
+          fmt::print(stderr, "ckpt: pruning old checkpoints in {} failed (the new one is committed): {}\n",
+                     root_.string(), e.what());
+        }
+        done.set_value();
+      });
   return {std::move(futures.staged), std::move(written)};
 }
 
@@ -116,7 +125,8 @@ std::optional<std::int64_t> CheckpointManager::restore_latest(const StateDict& t
       checkpointer_->load(it->path, options);
       return it->step;
     } catch (const CorruptCheckpoint& e) {
-      fmt::print(stderr, "ckpt: committed checkpoint {} no longer reads back ({}); trying the one before it\n",
+      fmt::print(stderr,
+                 "ckpt: committed checkpoint {} no longer reads back ({}); trying the one before it\n",
                  it->path.string(), e.what());
     }
   }
@@ -132,7 +142,8 @@ std::vector<fs::path> CheckpointManager::prune() {
     if (is_committed(d.second)) good.push_back(d);
   if (good.empty()) return removed;  // nothing is known good: remove nothing
   const std::int64_t newest = good.back().first;
-  const std::size_t keep = options_.keep_last_n == 0 ? good.size() : std::max<std::size_t>(options_.keep_last_n, 1);
+  const std::size_t keep =
+      options_.keep_last_n == 0 ? good.size() : std::max<std::size_t>(options_.keep_last_n, 1);
   std::vector<fs::path> doomed;
   for (std::size_t i = 0; i + keep < good.size(); ++i) doomed.push_back(good[i].second);
   // Debris of failed saves: uncommitted, older than the newest committed one.

@@ -5,8 +5,8 @@
 
 #include "file_writer.hpp"
 
-#include <boost/json.hpp>
 #include <fmt/format.h>
+#include <boost/json.hpp>
 
 #include <atomic>
 #include <map>
@@ -142,7 +142,8 @@ void CheckpointWriter::commit(const std::filesystem::path& path, const Kwargs& k
     if (!outcome.failures.empty()) {
       std::map<std::int64_t, RankFailure> failures;
       for (const auto& [rank, report] : outcome.failures) failures[rank] = parse_failure(report);
-      throw CheckpointException(fmt::format("checkpoint {} was not committed", path.string()), std::move(failures));
+      throw CheckpointException(fmt::format("checkpoint {} was not committed", path.string()),
+                                std::move(failures));
     }
   }
 
@@ -161,8 +162,8 @@ void CheckpointWriter::commit(const std::filesystem::path& path, const Kwargs& k
                                 : "no barrier with several ranks: no commit marker is written");
     }
     if (barrier_ && outcome.exchanged && !barrier_->begin_commit())
-      throw Timeout(fmt::format("checkpoint {} was not committed: another rank gave up waiting at the barrier",
-                                path.string()));
+      throw Timeout(fmt::format(
+          "checkpoint {} was not committed: another rank gave up waiting at the barrier", path.string()));
     try {
       if (!marker.files.empty()) write_commit_marker(path, std::move(marker));
     } catch (...) {
@@ -175,7 +176,8 @@ void CheckpointWriter::commit(const std::filesystem::path& path, const Kwargs& k
       if (failure->type == "Timeout")
         throw Timeout(fmt::format("checkpoint {} was not committed (rank {} of {}): {}", path.string(),
                                   rank_info_.global_rank, rank_info_.global_world_size, failure->message));
-      throw CheckpointException(fmt::format("checkpoint {} was not committed", path.string()), {{0, *failure}});
+      throw CheckpointException(fmt::format("checkpoint {} was not committed", path.string()),
+                                {{0, *failure}});
     }
   }
   if (commit_hook_) commit_hook_->post_commit(path, kwargs);

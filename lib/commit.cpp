@@ -7,8 +7,8 @@
 #include "io.hpp"
 #include "zip.hpp"
 
-#include <boost/json.hpp>
 #include <fmt/format.h>
+#include <boost/json.hpp>
 
 #include <zlib.h>
 
@@ -57,7 +57,8 @@ CommittedFile describe_committed_file(const fs::path& dir, std::int64_t rank) {
     throw IoError(fmt::format("cannot open {}: {}", file.string(), std::strerror(errno)));
   }
   struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) throw IoError(fmt::format("stat {}: {}", file.string(), std::strerror(errno)));
+  if (::fstat(fd.get(), &st) != 0)
+    throw IoError(fmt::format("stat {}: {}", file.string(), std::strerror(errno)));
   out.size = static_cast<std::uint64_t>(st.st_size);
   const detail::Directory directory = detail::read_directory(fd.get(), out.size, file);
   std::string tail(out.size - directory.cd_offset, '\0');
@@ -72,13 +73,12 @@ void write_commit_marker(const fs::path& dir, CommitMarker marker) {
   json::array files;
   for (const auto& f : marker.files)
     files.push_back(json::object{{"rank", f.rank}, {"name", f.name}, {"size", f.size}, {"crc32", f.crc32}});
-  const std::string text =
-      json::serialize(json::object{{"format", "ckpt-commit"},
-                                   {"version", marker.version},
-                                   {"world_size", marker.world_size},
-                                   {"time", marker.time},
-                                   {"files", std::move(files)}}) +
-      "\n";
+  const std::string text = json::serialize(json::object{{"format", "ckpt-commit"},
+                                                        {"version", marker.version},
+                                                        {"world_size", marker.world_size},
+                                                        {"time", marker.time},
+                                                        {"files", std::move(files)}}) +
+                           "\n";
   detail::write_durably(dir / kCommitMarkerName, WriteOptions{.direct_io = false, .fsync = true},
                         [&](int fd, bool, const fs::path& temp) {
                           detail::pwrite_full(fd, text.data(), text.size(), 0, temp);
@@ -125,7 +125,8 @@ std::optional<CommitMarker> read_commit_marker(const fs::path& dir) {
       cf.crc32 = fo.at("crc32").to_number<std::uint32_t>();
       // A marker names files of its own directory only.
       const fs::path name(cf.name);
-      if (cf.name.empty() || name.is_absolute() || name.has_parent_path() || cf.name == "." || cf.name == "..")
+      if (cf.name.empty() || name.is_absolute() || name.has_parent_path() || cf.name == "." ||
+          cf.name == "..")
         bad_marker(file, fmt::format("file name '{}' is not a plain name in the directory", cf.name));
       marker.files.push_back(std::move(cf));
     }
@@ -152,9 +153,11 @@ void verify_commit(const fs::path& dir, const CommitMarker& marker) {
                                           expected.rank, e.what()));
     }
     if (actual.name != expected.name || actual.size != expected.size || actual.crc32 != expected.crc32)
-      throw CorruptCheckpoint(fmt::format(
-          "{}: rank {}'s file {} does not match the commit marker (size {} vs {}, directory CRC-32 {:08x} vs {:08x})",
-          dir.string(), expected.rank, expected.name, actual.size, expected.size, actual.crc32, expected.crc32));
+      throw CorruptCheckpoint(
+          fmt::format("{}: rank {}'s file {} does not match the commit marker (size {} vs {}, directory "
+                      "CRC-32 {:08x} vs {:08x})",
+                      dir.string(), expected.rank, expected.name, actual.size, expected.size, actual.crc32,
+                      expected.crc32));
   }
 }
 

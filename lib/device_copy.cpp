@@ -70,7 +70,8 @@ DeviceFences::DeviceFences(const c10::IValue& value) {
       event->record(impl.getStream(d));
       fences_.emplace_back(d, std::move(event));
     } catch (const c10::Error& e) {
-      throw Unsupported(fmt::format("tensors on {} cannot be staged: {}", d.str(), e.what_without_backtrace()));
+      throw Unsupported(
+          fmt::format("tensors on {} cannot be staged: {}", d.str(), e.what_without_backtrace()));
     }
   }
 }
@@ -86,15 +87,16 @@ bool has_device_records(const Layout& layout) {
   return false;
 }
 
-void copy_device_records(const Layout& layout, std::byte* base, const DeviceFences& fences, bool non_blocking) {
+void copy_device_records(const Layout& layout, std::byte* base, const DeviceFences& fences,
+                         bool non_blocking) {
   std::map<std::pair<int, int>, std::vector<const LayoutRecord*>> by_device;
   for (const auto& r : layout.records)
-    if (r.device_source)
-      by_device[{static_cast<int>(r.device.type()), r.device.index()}].push_back(&r);
+    if (r.device_source) by_device[{static_cast<int>(r.device.type()), r.device.index()}].push_back(&r);
   for (const auto& [key, records] : by_device) {
     const c10::Device device = records.front()->device;
     if (!c10::impl::hasDeviceGuardImpl(device.type()))
-      throw Unsupported(fmt::format("tensors on {}: this libtorch has no support for that device", device.str()));
+      throw Unsupported(
+          fmt::format("tensors on {}: this libtorch has no support for that device", device.str()));
     c10::impl::VirtualGuardImpl impl(device.type());
     c10::DeviceGuard device_guard(device);
     const c10::Stream side = impl.getStreamFromGlobalPool(device);

@@ -39,7 +39,8 @@ class DeviceFences {
 
 /// Steps 2 and 3: copies every record of `layout` with a `device_source` to
 /// `base + data_offset`, on a side stream per device, and waits for the copies.
-void copy_device_records(const Layout& layout, std::byte* base, const DeviceFences& fences, bool non_blocking);
+void copy_device_records(const Layout& layout, std::byte* base, const DeviceFences& fences,
+                         bool non_blocking);
 
 /// Whether any record of `layout` is still on a device.
 bool has_device_records(const Layout& layout);

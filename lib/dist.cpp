@@ -30,10 +30,10 @@
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <cctype>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include <arpa/inet.h>
@@ -73,7 +73,8 @@ std::vector<std::int64_t> absent_ranks(c10d::Store& store, std::int64_t world,
 
 /// Who did not arrive, as the store tells (`missing` gets their number).
 std::string who_did_not_arrive(c10d::Store& store, std::int64_t world,
-                               const std::function<std::string(std::int64_t)>& key_of, std::size_t* missing = nullptr) {
+                               const std::function<std::string(std::int64_t)>& key_of,
+                               std::size_t* missing = nullptr) {
   try {
     const auto absent = absent_ranks(store, world, key_of);
     if (missing) *missing = absent.size();
@@ -86,11 +87,13 @@ std::string who_did_not_arrive(c10d::Store& store, std::int64_t world,
 
 /// Throws Timeout for a barrier that did not complete: names the ranks that did
 /// not arrive when the store can still tell.
-[[noreturn]] void barrier_timed_out(c10d::Store& store, const std::string& what, std::chrono::milliseconds timeout,
-                                    std::int64_t world, const std::function<std::string(std::int64_t)>& key_of,
+[[noreturn]] void barrier_timed_out(c10d::Store& store, const std::string& what,
+                                    std::chrono::milliseconds timeout, std::int64_t world,
+                                    const std::function<std::string(std::int64_t)>& key_of,
                                     const std::string& cause) {
   const std::string who = who_did_not_arrive(store, world, key_of);
-  throw Timeout(fmt::format("Timed out after {} ms at {}: {} ({})", timeout.count(), what, who, first_line(cause)));
+  throw Timeout(
+      fmt::format("Timed out after {} ms at {}: {} ({})", timeout.count(), what, who, first_line(cause)));
 }
 
 std::int64_t int_arg(const Kwargs& args, const std::string& name, std::int64_t fallback) {
@@ -107,7 +110,8 @@ std::chrono::milliseconds seconds_arg(const Kwargs& args, const std::string& nam
 }
 
 /// The commit verdict the coordinator leaves at `key`: nullopt when committed.
-std::optional<RankFailure> await_verdict(c10d::Store& store, const std::string& key, std::chrono::milliseconds timeout) {
+std::optional<RankFailure> await_verdict(c10d::Store& store, const std::string& key,
+                                         std::chrono::milliseconds timeout) {
   std::string value;
   try {
     store.wait({key}, timeout);
@@ -170,7 +174,7 @@ struct TCPStoreBarrier::Impl {
   c10::intrusive_ptr<c10d::TCPStore> store;   // every rank: the client barrier calls use
   std::int64_t sequence = 0;
   std::string round;  // key prefix of the round last passed (for the commit phase)
-  std::mutex mutex;  // one barrier call at a time
+  std::mutex mutex;   // one barrier call at a time
 
   std::string key(std::int64_t seq) const { return options.barrier_prefix + std::to_string(seq); }
 
@@ -200,9 +204,9 @@ struct TCPStoreBarrier::Impl {
 TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options) : impl_(std::make_unique<Impl>()) {
   impl_->options = std::move(options);
   const auto& o = impl_->options;
-  const std::string where = fmt::format("the tcp_store barrier's store at {}:{} (rank {} of {}, init timeout {} ms)",
-                                        o.master_address, o.tcpstore_port, o.global_rank, o.global_world_size,
-                                        o.timeout_barrier_init.count());
+  const std::string where = fmt::format(
+      "the tcp_store barrier's store at {}:{} (rank {} of {}, init timeout {} ms)", o.master_address,
+      o.tcpstore_port, o.global_rank, o.global_world_size, o.timeout_barrier_init.count());
   try {
     if (o.global_rank == 0) {
       c10d::TCPStoreOptions master;
@@ -231,18 +235,20 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options) : impl_(std::ma
   const std::string open_key = prefix + "/open";
   const auto rank_key = [&](std::int64_t r) { return fmt::format("{}/rank/{}", prefix, r); };
   const auto timed_out = [&](const std::string& who) {
-    return Timeout(fmt::format("Timed out after {} ms at the set-up of {}: {}", o.timeout_barrier_init.count(),
-                               where, who));
+    return Timeout(fmt::format("Timed out after {} ms at the set-up of {}: {}",
+                               o.timeout_barrier_init.count(), where, who));
   };
   try {
     impl_->store->set(rank_key(o.global_rank), to_bytes("1"));
-    if (impl_->store->add(prefix + "/joined", 1) == o.global_world_size) impl_->store->set(open_key, to_bytes("1"));
+    if (impl_->store->add(prefix + "/joined", 1) == o.global_world_size)
+      impl_->store->set(open_key, to_bytes("1"));
   } catch (const std::exception& e) {
     throw Error(fmt::format("cannot set up {}: {}", where, first_line(e.what())));
   }
   std::string verdict;
   try {
-    impl_->store->wait({open_key}, o.global_rank == 0 ? o.timeout_barrier_init : o.timeout_barrier_init + kGrace);
+    impl_->store->wait({open_key},
+                       o.global_rank == 0 ? o.timeout_barrier_init : o.timeout_barrier_init + kGrace);
     verdict = to_string(impl_->store->get(open_key));
   } catch (const std::exception& e) {
     impl_->reconnect();
@@ -251,8 +257,11 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options) : impl_(std::ma
     verdict = who_did_not_arrive(*impl_->store, o.global_world_size, rank_key, &missing);
     try {
       impl_->store->set(open_key, to_bytes(verdict));
-      const auto waiting = static_cast<std::int64_t>(o.global_world_size) - static_cast<std::int64_t>(missing) - 1;
-      if (waiting > 0) impl_->store->wait({prefix + "/told"}, std::min<std::chrono::milliseconds>(o.timeout_barrier_init, kGrace));
+      const auto waiting =
+          static_cast<std::int64_t>(o.global_world_size) - static_cast<std::int64_t>(missing) - 1;
+      if (waiting > 0)
+        impl_->store->wait({prefix + "/told"},
+                           std::min<std::chrono::milliseconds>(o.timeout_barrier_init, kGrace));
     } catch (const std::exception&) {
       // the others find out by themselves
     }
@@ -298,8 +307,8 @@ BarrierOutcome TCPStoreBarrier::arrive(const std::string& report, bool failed, b
   const std::string rank = std::to_string(o.global_rank);
   const std::string k = impl_->key(seq);
   const auto report_key = [&](std::int64_t r) { return fmt::format("{}/report/{}", k, r); };
-  const std::string what = fmt::format("barrier '{}' #{} (rank {} of {})", o.barrier_prefix, seq, o.global_rank,
-                                       o.global_world_size);
+  const std::string what = fmt::format("barrier '{}' #{} (rank {} of {})", o.barrier_prefix, seq,
+                                       o.global_rank, o.global_world_size);
   impl_->round.clear();
   try {
     // Steps 1 and 2.
@@ -323,8 +332,8 @@ BarrierOutcome TCPStoreBarrier::arrive(const std::string& report, bool failed, b
   } catch (const std::exception& e) {
     impl_->reconnect();
     const std::string who = who_did_not_arrive(store(), o.global_world_size, report_key);
-    const std::string text =
-        fmt::format("Timed out after {} ms at {}: {} ({})", o.timeout.count(), what, who, first_line(e.what()));
+    const std::string text = fmt::format("Timed out after {} ms at {}: {} ({})", o.timeout.count(), what, who,
+                                         first_line(e.what()));
     std::string verdict;
     try {
       verdict = to_string(store().compareSet(k + "/verdict", {}, to_bytes("abandoned")));
@@ -358,7 +367,8 @@ BarrierOutcome TCPStoreBarrier::arrive(const std::string& report, bool failed, b
     }
   } catch (const std::exception& e) {
     impl_->reconnect();
-    throw Error(fmt::format("{}: the barrier's store failed after the barrier: {}", what, first_line(e.what())));
+    throw Error(
+        fmt::format("{}: the barrier's store failed after the barrier: {}", what, first_line(e.what())));
   }
   impl_->round = k;
   return out;
@@ -371,8 +381,8 @@ bool TCPStoreBarrier::begin_commit() {
     return to_string(impl_->store->compareSet(impl_->round + "/verdict", {}, to_bytes("commit"))) == "commit";
   } catch (const std::exception& e) {
     impl_->reconnect();
-    throw Error(fmt::format("barrier '{}': the store failed before the commit: {}", impl_->options.barrier_prefix,
-                            first_line(e.what())));
+    throw Error(fmt::format("barrier '{}': the store failed before the commit: {}",
+                            impl_->options.barrier_prefix, first_line(e.what())));
   }
 }
 
@@ -391,7 +401,8 @@ std::optional<RankFailure> TCPStoreBarrier::await_commit() {
   std::lock_guard lock(impl_->mutex);
   if (impl_->round.empty()) return RankFailure{"Error", "no barrier round to await"};
   auto verdict = await_verdict(*impl_->store, impl_->round + "/done", impl_->options.timeout);
-  if (verdict && verdict->type == "Timeout" && verdict->message.rfind("Timed out", 0) == 0) impl_->reconnect();
+  if (verdict && verdict->type == "Timeout" && verdict->message.rfind("Timed out", 0) == 0)
+    impl_->reconnect();
   return verdict;
 }
 
@@ -418,21 +429,23 @@ bool is_loopback(const std::string& addr) {
 
 std::shared_ptr<ProcessGroupHandle> init_process_group(InitOptions options) {
   const RankInfo info = options.rank_info ? *options.rank_info : rank_info_from_env();
-  const std::string addr = options.master_addr ? *options.master_addr : env("MASTER_ADDR").value_or("127.0.0.1");
+  const std::string addr =
+      options.master_addr ? *options.master_addr : env("MASTER_ADDR").value_or("127.0.0.1");
   std::uint16_t port = 0;
   if (options.master_port) {
     port = *options.master_port;
   } else if (const auto p = env("MASTER_PORT")) {
     char* end = nullptr;
     const long v = std::strtol(p->c_str(), &end, 10);
-    if (*end != '\0' || v < 1 || v > 65535) throw Error(fmt::format("MASTER_PORT '{}' is not a port number", *p));
+    if (*end != '\0' || v < 1 || v > 65535)
+      throw Error(fmt::format("MASTER_PORT '{}' is not a port number", *p));
     port = static_cast<std::uint16_t>(v);
   } else if (info.global_world_size > 1) {
     throw Error(fmt::format("a process group of {} ranks needs MASTER_PORT (or InitOptions::master_port)",
                             info.global_world_size));
   }
-  const std::string where = fmt::format("rank {} of {}, master {}:{}", info.global_rank, info.global_world_size,
-                                        addr, port);
+  const std::string where =
+      fmt::format("rank {} of {}, master {}:{}", info.global_rank, info.global_world_size, addr, port);
   auto handle = std::make_shared<ProcessGroupHandle>();
   handle->rank_info = info;
   handle->timeout = options.timeout;
@@ -457,7 +470,8 @@ std::shared_ptr<ProcessGroupHandle> init_process_group(InitOptions options) {
     handle->group = c10::make_intrusive<c10d::ProcessGroupGloo>(
         handle->store, static_cast<int>(info.global_rank), static_cast<int>(info.global_world_size), gloo);
   } catch (const std::exception& e) {
-    const std::string text = fmt::format("cannot create the process group ({}): {}", where, first_line(e.what()));
+    const std::string text =
+        fmt::format("cannot create the process group ({}): {}", where, first_line(e.what()));
     if (mentions_timeout(e.what())) throw Timeout(text);
     throw Error(text);
   }
@@ -498,8 +512,8 @@ std::uint16_t agree_on_free_port(const ProcessGroupHandle& group, const std::str
   try {
     return static_cast<std::uint16_t>(std::stoi(to_string(group.store->get(key))));
   } catch (const std::exception& e) {
-    throw Timeout(fmt::format("rank {} did not learn the port '{}' from rank 0: {}", group.rank_info.global_rank,
-                              name, first_line(e.what())));
+    throw Timeout(fmt::format("rank {} did not learn the port '{}' from rank 0: {}",
+                              group.rank_info.global_rank, name, first_line(e.what())));
   }
 }
 
@@ -509,7 +523,8 @@ RankInfo rank_info_from(const c10d::ProcessGroup& group) {
 
 // --- DistBarrier ---------------------------------------------------------------------
 
-DistBarrier::DistBarrier(std::shared_ptr<ProcessGroupHandle> group, std::optional<std::chrono::milliseconds> timeout)
+DistBarrier::DistBarrier(std::shared_ptr<ProcessGroupHandle> group,
+                         std::optional<std::chrono::milliseconds> timeout)
     : group_(std::move(group)) {
   if (!group_ || !group_->group)
     throw Error("DistBarrier requires an initialized process group (ckpt::dist::init_process_group)");
@@ -563,10 +578,10 @@ BarrierOutcome DistBarrier::arrive(const std::string& report, bool failed, bool 
   };
 
   // Who failed, how long the reports are, whether anyone wants them.
-  const auto head = all_gather(at::tensor(std::vector<std::int64_t>{failed ? 1 : 0,
-                                                                     static_cast<std::int64_t>(report.size()),
-                                                                     want_reports ? 1 : 0},
-                                          at::kLong));
+  const auto head = all_gather(
+      at::tensor(std::vector<std::int64_t>{failed ? 1 : 0, static_cast<std::int64_t>(report.size()),
+                                           want_reports ? 1 : 0},
+                 at::kLong));
   bool any_failed = false;
   bool any_want = false;
   std::int64_t longest = 1;
@@ -600,8 +615,9 @@ bool DistBarrier::begin_commit() {
 void DistBarrier::end_commit(const std::optional<RankFailure>& failure) {
   if (round_.empty()) return;
   try {
-    group_->store->set(round_ + "/done",
-                       to_bytes(failure ? fmt::format("failed:{}:{}", failure->type, failure->message) : "ok"));
+    group_->store->set(
+        round_ + "/done",
+        to_bytes(failure ? fmt::format("failed:{}:{}", failure->type, failure->message) : "ok"));
   } catch (const std::exception&) {
     // the others time out waiting for the verdict
   }

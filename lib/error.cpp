@@ -18,13 +18,14 @@ std::string summary(const std::string& context, const std::map<std::int64_t, Ran
     ranks.push_back(rank);
     details += fmt::format("\n  rank {}: {}: {}", rank, f.type, f.message);
   }
-  return fmt::format("{}: failed on rank{} [{}]{}", context, ranks.size() == 1 ? "" : "s", fmt::join(ranks, ", "),
-                     details);
+  return fmt::format("{}: failed on rank{} [{}]{}", context, ranks.size() == 1 ? "" : "s",
+                     fmt::join(ranks, ", "), details);
 }
 
 }  // namespace
 
-CheckpointException::CheckpointException(const std::string& context, std::map<std::int64_t, RankFailure> failures)
+CheckpointException::CheckpointException(const std::string& context,
+                                         std::map<std::int64_t, RankFailure> failures)
     : Error(summary(context, failures)), context_(context), failures_(std::move(failures)) {}
 
 RankFailure describe_failure(std::exception_ptr error) {

@@ -176,8 +176,12 @@ json::object error_reply(std::exception_ptr error) {
     json::array failures;
     for (const auto& [rank, f] : e.failures())
       failures.push_back(json::object{{"rank", rank}, {"type", f.type}, {"message", f.message}});
-    return {{"v", kVersion}, {"ok", false},          {"kind", "CheckpointException"},
-            {"error", e.what()},  {"context", e.context()}, {"failures", std::move(failures)}};
+    return {{"v", kVersion},
+            {"ok", false},
+            {"kind", "CheckpointException"},
+            {"error", e.what()},
+            {"context", e.context()},
+            {"failures", std::move(failures)}};
   } catch (const NotFound& e) {
     kind = "NotFound", text = e.what();
   } catch (const CorruptCheckpoint& e) {

@@ -105,8 +105,9 @@ int writer_main(int argc, char** argv, const WriterMainOptions& options) {
         args.writer_init_args = detail::protocol::kwargs_from_json(message->at("writer_args"));
         writer = options.writer_factory
                      ? options.writer_factory(args)
-                     : std::make_shared<CheckpointWriter>(args.config, args.rank_info,
-                                                          create_barrier_from_config(args.barrier_config, args.rank_info));
+                     : std::make_shared<CheckpointWriter>(
+                           args.config, args.rank_info,
+                           create_barrier_from_config(args.barrier_config, args.rank_info));
         if (!writer) throw WriterProcessError("the writer factory returned no writer");
         reply = detail::protocol::ok();
       } else if (type == "ping") {
@@ -128,7 +129,8 @@ int writer_main(int argc, char** argv, const WriterMainOptions& options) {
             throw WriterProcessError(fmt::format("record {} lies outside the staged image", info.name));
           image.records.push_back(std::move(info));
         }
-        if (const auto* seq = message->if_contains("sequence")) writer->set_barrier_sequence(seq->to_number<std::int64_t>());
+        if (const auto* seq = message->if_contains("sequence"))
+          writer->set_barrier_sequence(seq->to_number<std::int64_t>());
         writer->write_staged(std::filesystem::path(std::string(message->at("path").as_string())), image,
                              detail::protocol::kwargs_from_json(message->at("kwargs")));
         reply = detail::protocol::ok();

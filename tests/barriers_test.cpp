@@ -307,8 +307,8 @@ BOOST_AUTO_TEST_CASE(tcpstore_barrier_init_waits_for_every_rank) {
     BOOST_TEST_CONTEXT("rank " << i) {
       BOOST_CHECK_EXCEPTION(outcomes[i].get(), ckpt::Timeout, [&](const ckpt::Timeout& e) {
         BOOST_TEST_MESSAGE(e.what());
-        return mentions(e, fmt::format("127.0.0.1:{}", port)) && mentions(e, fmt::format("rank {} of 4", i)) &&
-               mentions(e, "did not arrive: [3]");
+        return mentions(e, fmt::format("127.0.0.1:{}", port)) &&
+               mentions(e, fmt::format("rank {} of 4", i)) && mentions(e, "did not arrive: [3]");
       });
     }
   }
@@ -559,7 +559,8 @@ BOOST_AUTO_TEST_CASE(no_rank_returns_before_the_commit_marker) {
         return marker ? static_cast<std::int64_t>(marker->files.size()) : -1;
       }));
       for (std::int64_t r = 0; r < kWorld; ++r)
-        BOOST_TEST(of_rank(seen, r) == kWorld, "rank " << r << " saw a marker of " << of_rank(seen, r) << " files");
+        BOOST_TEST(of_rank(seen, r) == kWorld,
+                   "rank " << r << " saw a marker of " << of_rank(seen, r) << " files");
       BOOST_TEST(ckpt::is_committed(path));
     }
   }

@@ -371,7 +371,7 @@ BOOST_AUTO_TEST_CASE(default_options) {
   const ckpt::CheckpointProcessConfig options;
   BOOST_CHECK(options.subprocess_init_timeout == 30s);
   BOOST_CHECK(options.subprocess_shutdown_timeout == 60s);
-  BOOST_CHECK(options.write_timeout == 1h);  // ckpt's own
+  BOOST_CHECK(options.write_timeout == 1h);        // ckpt's own
   BOOST_CHECK_EQUAL(options.writer_niceness, 10);  // ckpt's own
 }
 

@@ -84,8 +84,10 @@ BOOST_AUTO_TEST_CASE(test_default_metadata) {
       BOOST_TEST((sharded->chunks[1] == ChunkStorageMetadata{{5, 0}, {5, 10}}));
       // This rank holds its own rows only.
       BOOST_REQUIRE(st.local_shards().size() == 1u);
-      BOOST_TEST(st.local_shards()[0].metadata.offsets == (Sizes{5 * rank, 0}), boost::test_tools::per_element());
-      BOOST_TEST(st.local_shards()[0].tensor.sizes().vec() == (Sizes{5, 10}), boost::test_tools::per_element());
+      BOOST_TEST(st.local_shards()[0].metadata.offsets == (Sizes{5 * rank, 0}),
+                 boost::test_tools::per_element());
+      BOOST_TEST(st.local_shards()[0].tensor.sizes().vec() == (Sizes{5, 10}),
+                 boost::test_tools::per_element());
     }
   }
 }
@@ -100,7 +102,8 @@ BOOST_AUTO_TEST_CASE(chunks_are_ceil_of_size_over_placements) {
   const ChunkShardingSpec spec{0, {"rank:0/cpu", "rank:1/cpu", "rank:2/cpu", "rank:3/cpu"}};
   const auto four = spec.build_metadata({20, 20});
   for (std::int64_t r = 0; r < 4; ++r) {
-    BOOST_TEST(four[static_cast<std::size_t>(r)].offsets == (Sizes{5 * r, 0}), boost::test_tools::per_element());
+    BOOST_TEST(four[static_cast<std::size_t>(r)].offsets == (Sizes{5 * r, 0}),
+               boost::test_tools::per_element());
     BOOST_TEST(four[static_cast<std::size_t>(r)].sizes == (Sizes{5, 20}), boost::test_tools::per_element());
     BOOST_TEST(four[static_cast<std::size_t>(r)].rank == r);
   }
@@ -130,8 +133,9 @@ BOOST_AUTO_TEST_CASE(other_dims_and_bad_specs) {
   BOOST_CHECK_EXCEPTION(ChunkShardingSpec({2, {"rank:0/cpu"}}).build_metadata({4, 4}), ckpt::Error,
                         [](const ckpt::Error& e) { return mentions(e, "dim 2"); });
   BOOST_CHECK_THROW(ChunkShardingSpec({0, {}}).build_metadata({4}), ckpt::Error);
-  BOOST_CHECK_EXCEPTION(ckpt::dcp::create_default_local_metadata({{"a", at::zeros({1})}, {"a", at::zeros({1})}}),
-                        ckpt::Error, [](const ckpt::Error& e) { return mentions(e, "'a'"); });
+  BOOST_CHECK_EXCEPTION(
+      ckpt::dcp::create_default_local_metadata({{"a", at::zeros({1})}, {"a", at::zeros({1})}}), ckpt::Error,
+      [](const ckpt::Error& e) { return mentions(e, "'a'"); });
 }
 
 BOOST_AUTO_TEST_SUITE_END()

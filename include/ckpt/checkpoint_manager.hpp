@@ -57,7 +57,7 @@ class CheckpointManager {
   /// coordinator, older ones were pruned (a pruning failure is logged, not
   /// thrown: the new checkpoint is good). Waits first for the previous save's
   /// pruning. Throws Error for a step that is negative or not above the newest
-  /// committed one.
+  /// committed one (found by a scan at the first save, then kept as saves commit).
   SaveFutures save(std::int64_t step, const StateDict& state_dict, const Kwargs& kwargs = {});
 
   /// Every committed checkpoint, oldest first.
@@ -87,6 +87,7 @@ class CheckpointManager {
   CheckpointManagerOptions options_;
   RankInfo rank_info_;
   std::thread after_write_;
+  std::optional<std::int64_t> floor_step_;   // a new save's step must be above it
   std::atomic<std::int64_t> in_flight_{-1};  // step being written (never pruned); -1: none
 };
 

@@ -184,8 +184,8 @@ int verify(const fs::path& path, bool require_commit) {
     if (const auto marker = ckpt::read_commit_marker(path)) {
       ckpt::verify_commit(path, *marker);
       committed = true;
-      fmt::print("committed: {} rank{}, marker written {}\n", marker->world_size, marker->world_size == 1 ? "" : "s",
-                 marker->time);
+      fmt::print("committed: {} rank{}, marker written {}\n", marker->world_size,
+                 marker->world_size == 1 ? "" : "s", marker->time);
     } else {
       fmt::print("uncommitted: no {} (a save that did not finish, or a directory written by PyTorch)\n",
                  ckpt::kCommitMarkerName);
@@ -210,7 +210,8 @@ int main(int argc, char** argv) {
       return inspect(args[1], as_json);
     }
     if (args[0] == "verify" && args.size() == 2) return verify(args[1], false);
-    if (args[0] == "verify" && args.size() == 3 && args[2] == "--require-commit") return verify(args[1], true);
+    if (args[0] == "verify" && args.size() == 3 && args[2] == "--require-commit")
+      return verify(args[1], true);
     return usage();
   } catch (const std::exception& e) {
     fmt::print(stderr, "ckpt: {}\n", e.what());

@@ -64,22 +64,22 @@ std::vector<ShardMetadata> ChunkShardingSpec::build_metadata(const std::vector<s
   return out;
 }
 
-ShardedTensor ShardedTensor::zeros(const ChunkShardingSpec& spec, std::vector<std::int64_t> sizes, std::int64_t rank,
-                                   c10::ScalarType dtype) {
+ShardedTensor ShardedTensor::zeros(const ChunkShardingSpec& spec, std::vector<std::int64_t> sizes,
+                                   std::int64_t rank, c10::ScalarType dtype) {
   return create(spec, std::move(sizes), {dtype, false}, rank, [&](const auto& s, c10::Device device) {
     return at::zeros(s, at::TensorOptions().dtype(dtype).device(device));
   });
 }
 
-ShardedTensor ShardedTensor::rand(const ChunkShardingSpec& spec, std::vector<std::int64_t> sizes, std::int64_t rank,
-                                  c10::ScalarType dtype) {
+ShardedTensor ShardedTensor::rand(const ChunkShardingSpec& spec, std::vector<std::int64_t> sizes,
+                                  std::int64_t rank, c10::ScalarType dtype) {
   return create(spec, std::move(sizes), {dtype, false}, rank, [&](const auto& s, c10::Device device) {
     return at::rand(s, at::TensorOptions().dtype(dtype).device(device));
   });
 }
 
-ShardedTensor ShardedTensor::full(const ChunkShardingSpec& spec, std::vector<std::int64_t> sizes, std::int64_t rank,
-                                  double value, c10::ScalarType dtype) {
+ShardedTensor ShardedTensor::full(const ChunkShardingSpec& spec, std::vector<std::int64_t> sizes,
+                                  std::int64_t rank, double value, c10::ScalarType dtype) {
   return create(spec, std::move(sizes), {dtype, false}, rank, [&](const auto& s, c10::Device device) {
     return at::full(s, value, at::TensorOptions().dtype(dtype).device(device));
   });

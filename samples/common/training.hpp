@@ -84,7 +84,8 @@ inline ckpt::StateDict restore_target(torch::nn::Sequential& model) {
 }
 
 /// Hands the optimizer state of a loaded `target` to Adam; returns the step.
-inline int apply_restored(const ckpt::StateDict& target, torch::nn::Sequential& model, torch::optim::Adam& opt) {
+inline int apply_restored(const ckpt::StateDict& target, torch::nn::Sequential& model,
+                          torch::optim::Adam& opt) {
   const auto ps = model->parameters();
   for (const auto& entry : target.sub("optimizer").at("state").toGenericDict()) {
     ckpt::StateDict saved(entry.value().toGenericDict());

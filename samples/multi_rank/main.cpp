@@ -157,7 +157,8 @@ int main(int argc, char** argv) try {
   const auto from = manager.restore_latest(target);
   if (!from) throw ckpt::NotFound("no committed checkpoint under " + dir.string());
   sample::apply_restored(target, model, opt);
-  const bool restored_equal = saved.count(static_cast<int>(*from)) && saved.at(static_cast<int>(*from)) == digest(model, opt);
+  const bool restored_equal =
+      saved.count(static_cast<int>(*from)) && saved.at(static_cast<int>(*from)) == digest(model, opt);
   std::printf("resumed from step %lld: restored state %s the saved one\n", static_cast<long long>(*from),
               restored_equal ? "equals" : "DIFFERS FROM");
   for (int step = static_cast<int>(*from) + 1; step <= kSteps; ++step) train_step(group, model, opt, step);

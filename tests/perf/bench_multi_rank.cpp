@@ -18,13 +18,13 @@
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
+#include <fcntl.h>
+#include <unistd.h>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <string>
-#include <fcntl.h>
-#include <unistd.h>
 
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
@@ -116,12 +116,13 @@ int rank_main(const std::string& mode, const fs::path& dir, double gib) {
     const double t_with = timed(group, [&] {
       for (int i = 0; i < kSaves; ++i) with->save(dir / fmt::format("committed_{}", i), sd);
     });
-    ckpt::TCPStoreBarrier bare(ckpt::TCPStoreBarrierOptions::from_args(
-        barrier_config(*pg, "bare").barrier_config.barrier_args));
+    ckpt::TCPStoreBarrier bare(
+        ckpt::TCPStoreBarrierOptions::from_args(barrier_config(*pg, "bare").barrier_config.barrier_args));
     const double t_bare = timed(group, [&] {
       for (int i = 0; i < kSaves; ++i) bare.execute_barrier();
     });
-    if (rank == 0) std::printf("RESULT %.6f %.6f %.6f\n", t_without / kSaves, t_with / kSaves, t_bare / kSaves);
+    if (rank == 0)
+      std::printf("RESULT %.6f %.6f %.6f\n", t_without / kSaves, t_with / kSaves, t_bare / kSaves);
     with->close();
     without->close();
   }
@@ -142,13 +143,14 @@ int main(int argc, char** argv) try {
   const auto launch = [&](int n, const std::string& mode) {
     fs::remove_all(root);
     fs::create_directories(root);
-    const auto out = capture(fmt::format("'{}' -n {} --timeout 600 '{}' {} '{}' {} 2>&1", launcher.string(), n,
-                                         self.string(), mode, root.string(), gib));
+    const auto out = capture(fmt::format("'{}' -n {} --timeout 600 '{}' {} '{}' {} 2>&1", launcher.string(),
+                                         n, self.string(), mode, root.string(), gib));
     return result_of(out);
   };
 
   fmt::print("saving and loading {:.2f} GiB in all, split over the ranks ({})\n\n", gib, root.string());
-  fmt::print("{:>5} {:>12} {:>10} {:>12} {:>10}\n", "ranks", "save GB/s", "vs 1 rank", "load GB/s", "vs 1 rank");
+  fmt::print("{:>5} {:>12} {:>10} {:>12} {:>10}\n", "ranks", "save GB/s", "vs 1 rank", "load GB/s",
+             "vs 1 rank");
   double save1 = 0, load1 = 0;
   for (int n : {1, 2, 4}) {
     const auto r = launch(n, "io");

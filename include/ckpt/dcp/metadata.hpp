@@ -118,8 +118,8 @@ class ShardedTensor {
     return st;
   }
   /// sharded_tensor.zeros / rand / full of upstream.
-  static ShardedTensor zeros(const ChunkShardingSpec& spec, std::vector<std::int64_t> sizes, std::int64_t rank,
-                             c10::ScalarType dtype = c10::ScalarType::Float);
+  static ShardedTensor zeros(const ChunkShardingSpec& spec, std::vector<std::int64_t> sizes,
+                             std::int64_t rank, c10::ScalarType dtype = c10::ScalarType::Float);
   static ShardedTensor rand(const ChunkShardingSpec& spec, std::vector<std::int64_t> sizes, std::int64_t rank,
                             c10::ScalarType dtype = c10::ScalarType::Float);
   static ShardedTensor full(const ChunkShardingSpec& spec, std::vector<std::int64_t> sizes, std::int64_t rank,
