@@ -59,36 +59,14 @@ std::string child() {
   return (bin_dir() / "launch_child").string();
 }
 
-/// Orphans are re-parented to this process rather than to init, so that a
-/// rank a launcher left behind can be found (leftover_children()).
+/// Orphans are re-parented to this process, so that a rank a launcher left
+/// behind is found by leftover_children().
 struct ChildSubreaper {
-  ChildSubreaper() { BOOST_REQUIRE_EQUAL(::prctl(PR_SET_CHILD_SUBREAPER, 1), 0); }
+  ChildSubreaper() { ckpt::test::become_child_subreaper(); }
 };
 
-/// Children of this process other than those reaped already: ranks a launcher
-/// left behind (re-parented here). Each is killed and reaped, so that one
-/// failing case leaves nothing to the next.
 std::vector<pid_t> leftover_children() {
-  std::vector<pid_t> left;
-  std::error_code ec;
-  for (fs::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in(it->path() / "stat");
-    std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const auto close = stat.rfind(')');
-    if (close == std::string::npos) continue;
-    std::istringstream rest(stat.substr(close + 1));
-    char state = 0;
-    int ppid = 0;
-    rest >> state >> ppid;
-    if (ppid == ::getpid()) left.push_back(std::stoi(name));
-  }
-  for (pid_t pid : left) {
-    ::kill(pid, SIGKILL);
-    ::waitpid(pid, nullptr, 0);
-  }
-  return left;
+  return ckpt::test::kill_leftover_children();
 }
 
 struct Result {

@@ -67,32 +67,8 @@ fs::path bin_dir() {
 
 /// Ranks and writer children left behind are re-parented here, not to init.
 struct ChildSubreaper {
-  ChildSubreaper() { BOOST_REQUIRE_EQUAL(::prctl(PR_SET_CHILD_SUBREAPER, 1), 0); }
+  ChildSubreaper() { ckpt::test::become_child_subreaper(); }
 };
-
-/// This process's children (re-parented leftovers), each killed and reaped.
-std::vector<pid_t> kill_leftovers() {
-  std::vector<pid_t> left;
-  std::error_code ec;
-  for (fs::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in(it->path() / "stat");
-    const std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const auto close = stat.rfind(')');
-    if (close == std::string::npos) continue;
-    std::istringstream rest(stat.substr(close + 1));
-    char state = 0;
-    int ppid = 0;
-    rest >> state >> ppid;
-    if (ppid == ::getpid()) left.push_back(std::stoi(name));
-  }
-  for (pid_t pid : left) {
-    ::kill(pid, SIGKILL);
-    ::waitpid(pid, nullptr, 0);
-  }
-  return left;
-}
 
 struct Run {
   int status = -1;     ///< the launcher's exit status, or 128 + signal
@@ -195,7 +171,7 @@ Run launch(const std::string& scenario, const fs::path& dir) {
   }
   if (out_fd >= 0) ::close(out_fd);
   ::close(pidfd);
-  run.left_behind = kill_leftovers();
+  run.left_behind = ckpt::test::kill_leftover_children();
   parse_results(run);
   BOOST_TEST_MESSAGE("ckpt-launch " << scenario << " exited " << run.status << "; output:\n" << run.output);
   BOOST_REQUIRE_MESSAGE(!run.hung, "ckpt-launch did not finish within " << kBound.count() << " s:\n"

@@ -4,12 +4,17 @@
 
 #include <ATen/ATen.h>
 
+#include <signal.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
+#include <unistd.h>
 #include <array>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -97,6 +102,40 @@ inline bool identical(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0) return true;
   if (a.is_complex()) return at::equal(at::view_as_real(a.contiguous()), at::view_as_real(b.contiguous()));
   return at::equal(a, b);
+}
+
+/// Makes orphans re-parent to this process rather than to init, so that a
+/// process a test's child left behind can be found (kill_leftover_children).
+inline void become_child_subreaper() {
+  if (::prctl(PR_SET_CHILD_SUBREAPER, 1) != 0)
+    throw std::runtime_error("prctl(PR_SET_CHILD_SUBREAPER) failed");
+}
+
+/// This process's children not reaped yet (with become_child_subreaper: also
+/// grandchildren left behind), each killed and reaped, so that one failing
+/// case leaves nothing to the next. Returns their pids.
+inline std::vector<pid_t> kill_leftover_children() {
+  namespace fs = std::filesystem;
+  std::vector<pid_t> left;
+  std::error_code ec;
+  for (fs::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(it->path() / "stat");
+    const std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    const auto close = stat.rfind(')');  // "pid (comm) state ppid ..."
+    if (close == std::string::npos) continue;
+    std::istringstream rest(stat.substr(close + 1));
+    char state = 0;
+    int ppid = 0;
+    rest >> state >> ppid;
+    if (ppid == ::getpid()) left.push_back(std::stoi(name));
+  }
+  for (pid_t pid : left) {
+    ::kill(pid, SIGKILL);
+    ::waitpid(pid, nullptr, 0);
+  }
+  return left;
 }
 
 }  // namespace ckpt::test
