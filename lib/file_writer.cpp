@@ -432,11 +432,17 @@ std::uint64_t write_image(int fd, bool direct, const std::filesystem::path& path
 
 }  // namespace detail
 
+namespace detail {
+void write_layout(const std::filesystem::path& file, Layout& layout, const WriteOptions& options) {
+  write_durably(file, options, [&](int fd, bool direct, const std::filesystem::path& temp) {
+    return stream(fd, layout, temp, direct);
+  });
+}
+}  // namespace detail
+
 void write_file(const std::filesystem::path& file, const c10::IValue& value, const WriteOptions& options) {
   detail::Layout layout = detail::plan_layout(value);
-  detail::write_durably(file, options, [&](int fd, bool direct, const std::filesystem::path& temp) {
-    return detail::stream(fd, layout, temp, direct);
-  });
+  detail::write_layout(file, layout, options);
 }
 
 }  // namespace ckpt

@@ -5,6 +5,8 @@
 
 #include <ckpt/format.hpp>
 
+#include "layout.hpp"
+
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -33,5 +35,9 @@ void write_durably(
 /// `records`; returns the file's size.
 std::uint64_t write_image(int fd, bool direct, const std::filesystem::path& path, std::byte* image,
                           std::vector<RecordInfo>& records, std::uint64_t cd_offset);
+
+/// write_file() of a layout made by plan_layout(): on return the file is
+/// durable and every record's crc32 is set (record offsets are the layout's).
+void write_layout(const std::filesystem::path& file, Layout& layout, const WriteOptions& options);
 
 }  // namespace ckpt::detail

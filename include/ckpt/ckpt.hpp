@@ -10,6 +10,9 @@
 #include <ckpt/checkpointer.hpp>
 #include <ckpt/commit.hpp>
 #include <ckpt/dcp/metadata.hpp>
+#include <ckpt/dcp/planner.hpp>
+#include <ckpt/dcp/state_dict_saver.hpp>
+#include <ckpt/dcp/storage.hpp>
 #include <ckpt/dist.hpp>
 #include <ckpt/error.hpp>
 #include <ckpt/format.hpp>

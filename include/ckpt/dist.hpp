@@ -45,6 +45,9 @@ struct ProcessGroupHandle {
   /// How many DistBarriers were made over this group (each keys its store
   /// entries by its number: ranks make them in the same order).
   std::atomic<std::int64_t> barriers_made{0};
+  /// How many DCP saves and loads ran over this group (each keys its step
+  /// marks in the store by its number: ranks run them in the same order).
+  std::atomic<std::int64_t> dcp_calls{0};
 };
 
 /// Creates the default group: a TCPStore (master on rank 0) and a Gloo group

@@ -1,0 +1,302 @@
+#include "dcp/dist_wrapper.hpp"
+
+#include <ckpt/error.hpp>
+
+#include "dcp/serialize.hpp"
+
+#include <torch/csrc/distributed/c10d/Types.hpp>
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+#include <exception>
+
+namespace ckpt::dcp::detail {
+
+namespace {
+
+constexpr char kOk = 0;
+constexpr char kFailed = 1;
+
+/// Thrown by wait(): a collective that did not complete.
+struct CollectiveFailure {
+  std::string cause;
+};
+
+std::string first_line(const std::string& text) {
+  return text.substr(0, text.find('\n'));
+}
+
+std::vector<std::uint8_t> bytes_of(const std::string& s) {
+  return {s.begin(), s.end()};
+}
+
+std::string string_of(const std::vector<std::uint8_t>& v) {
+  return {v.begin(), v.end()};
+}
+
+at::Tensor byte_tensor(const std::string& s, std::int64_t size) {
+  at::Tensor t = at::zeros({std::max<std::int64_t>(size, 1)}, at::kByte);
+  if (!s.empty()) std::memcpy(t.data_ptr(), s.data(), s.size());
+  return t;
+}
+
+std::string string_of(const at::Tensor& t, std::int64_t n) {
+  return std::string(static_cast<const char*>(t.data_ptr()), static_cast<std::size_t>(n));
+}
+
+/// `map`'s result, or this rank's failure: a status byte, then the body.
+std::string wrapped(std::int64_t rank, const std::function<std::string()>& map) {
+  try {
+    return kOk + map();
+  } catch (...) {
+    return kFailed +
+           encode(std::map<std::int64_t, RankFailure>{{rank, describe_failure(std::current_exception())}});
+  }
+}
+
+}  // namespace
+
+DistWrapper::DistWrapper(std::shared_ptr<dist::ProcessGroupHandle> group, bool use_dist,
+                         std::int64_t coordinator_rank, std::chrono::milliseconds timeout)
+    : group_(std::move(group)), use_dist_(use_dist), coordinator_(coordinator_rank), timeout_(timeout) {
+  if (!use_dist_) {
+    coordinator_ = 0;
+    return;
+  }
+  if (!group_ || !group_->group || !group_->store)
+    throw Error("a distributed save or load needs an initialized process group (or no_dist)");
+  rank_ = group_->group->getRank();
+  world_ = group_->group->getSize();
+  if (coordinator_ < 0 || coordinator_ >= world_)
+    throw Error(
+        fmt::format("coordinator rank {} is not a rank of the group (world size {})", coordinator_, world_));
+  call_ = group_->dcp_calls++;
+  // Marks of two calls ago: every rank has finished the call after it, so
+  // nobody reads them any more.
+  if (call_ >= 2) {
+    try {
+      for (int step = 0; step < 2; ++step)
+        group_->store->deleteKey(fmt::format("ckpt/dcp/{}/{}/done/{}", call_ - 2, step, rank_));
+    } catch (const std::exception&) {
+      // a store that fails now fails the first step, where it is reported
+    }
+  }
+}
+
+std::string DistWrapper::step_key(const std::string& what) const {
+  return fmt::format("ckpt/dcp/{}/{}/{}", call_, step_, what);
+}
+
+void DistWrapper::wait(const c10::intrusive_ptr<c10d::Work>& work) {
+  bool done = false;
+  std::string cause = "the collective did not complete";
+  try {
+    done = work->wait(timeout_);
+  } catch (const std::exception& e) {
+    cause = e.what();
+  }
+  if (!done) throw CollectiveFailure{cause};
+}
+
+std::vector<std::string> DistWrapper::gather(const std::string& mine) {
+  auto& g = *group_->group;
+  const bool root = is_coordinator();
+  // The lengths, to the coordinator.
+  std::vector<at::Tensor> in{
+      at::tensor(std::vector<std::int64_t>{static_cast<std::int64_t>(mine.size())}, at::kLong)};
+  std::vector<std::vector<at::Tensor>> out;
+  if (root) {
+    out.resize(1);
+    for (std::int64_t r = 0; r < world_; ++r) out[0].push_back(at::zeros({1}, at::kLong));
+  }
+  c10d::GatherOptions go;
+  go.rootRank = coordinator_;
+  wait(g.gather(out, in, go));
+  // The longest, to everyone (the buffers of a gather are all one size).
+  std::vector<std::int64_t> lengths;
+  std::int64_t longest = 1;
+  if (root)
+    for (const auto& t : out[0]) {
+      lengths.push_back(t.item<std::int64_t>());
+      longest = std::max(longest, lengths.back());
+    }
+  std::vector<at::Tensor> head{at::tensor(std::vector<std::int64_t>{longest}, at::kLong)};
+  c10d::BroadcastOptions bo;
+  bo.rootRank = coordinator_;
+  wait(g.broadcast(head, bo));
+  longest = head[0].item<std::int64_t>();
+  // The payloads.
+  std::vector<at::Tensor> data{byte_tensor(mine, longest)};
+  std::vector<std::vector<at::Tensor>> all;
+  if (root) {
+    all.resize(1);
+    for (std::int64_t r = 0; r < world_; ++r) all[0].push_back(at::zeros({longest}, at::kByte));
+  }
+  wait(g.gather(all, data, go));
+  std::vector<std::string> result;
+  if (root)
+    for (std::int64_t r = 0; r < world_; ++r)
+      result.push_back(string_of(all[0][static_cast<std::size_t>(r)], lengths[static_cast<std::size_t>(r)]));
+  return result;
+}
+
+std::string DistWrapper::scatter(const std::vector<std::string>& all) {
+  auto& g = *group_->group;
+  const bool root = is_coordinator();
+  std::int64_t longest = 1;
+  for (const auto& s : all) longest = std::max(longest, static_cast<std::int64_t>(s.size()));
+  // Each rank's length and the buffer size.
+  std::vector<at::Tensor> head{at::zeros({2}, at::kLong)};
+  std::vector<std::vector<at::Tensor>> heads;
+  if (root) {
+    heads.resize(1);
+    for (const auto& s : all)
+      heads[0].push_back(
+          at::tensor(std::vector<std::int64_t>{static_cast<std::int64_t>(s.size()), longest}, at::kLong));
+  }
+  c10d::ScatterOptions so;
+  so.rootRank = coordinator_;
+  wait(g.scatter(head, heads, so));
+  const auto length = head[0][0].item<std::int64_t>();
+  longest = head[0][1].item<std::int64_t>();
+  std::vector<at::Tensor> mine{at::zeros({longest}, at::kByte)};
+  std::vector<std::vector<at::Tensor>> data;
+  if (root) {
+    data.resize(1);
+    for (const auto& s : all) data[0].push_back(byte_tensor(s, longest));
+  }
+  wait(g.scatter(mine, data, so));
+  return string_of(mine[0], length);
+}
+
+std::string DistWrapper::broadcast(const std::string& value) {
+  auto& g = *group_->group;
+  c10d::BroadcastOptions bo;
+  bo.rootRank = coordinator_;
+  std::vector<at::Tensor> head{
+      at::tensor(std::vector<std::int64_t>{static_cast<std::int64_t>(value.size())}, at::kLong)};
+  wait(g.broadcast(head, bo));
+  const auto length = head[0].item<std::int64_t>();
+  std::vector<at::Tensor> data{byte_tensor(is_coordinator() ? value : std::string(), length)};
+  wait(g.broadcast(data, bo));
+  return string_of(data[0], length);
+}
+
+void DistWrapper::collective_failed(const std::string& step, const std::string& cause) {
+  auto& store = *group_->store;
+  std::map<std::int64_t, RankFailure> failures;
+  try {
+    const std::string verdict = step_key("verdict");
+    if (store.check({verdict})) {
+      failures = decode_failures(string_of(store.get(verdict)));
+    } else {
+      for (std::int64_t r = 0; r < world_; ++r)
+        if (!store.check({fmt::format("ckpt/dcp/{}/{}/done/{}", call_, step_, r)}))
+          failures[r] = {"Timeout",
+                         fmt::format("rank {} did not finish step '{}' within {} ms: it died or hangs", r,
+                                     step, timeout_.count())};
+      if (!failures.empty())  // the first verdict stands: every rank raises the same
+        failures = decode_failures(string_of(store.compareSet(verdict, {}, bytes_of(encode(failures)))));
+    }
+  } catch (const std::exception& e) {
+    failures.clear();
+    failures[0] = {"Timeout",
+                   fmt::format("the group's store (hosted by rank 0) is unreachable at step '{}': {}", step,
+                               first_line(e.what()))};
+  }
+  if (failures.empty())
+    throw CheckpointException(fmt::format("{} (the collective failed after every rank finished the step: {})",
+                                          step, first_line(cause)),
+                              {});
+  throw CheckpointException(step, std::move(failures));
+}
+
+std::string DistWrapper::run_step(
+    const std::string& step, const std::function<std::string()>& map,
+    const std::function<std::vector<std::string>(std::vector<std::string>)>& reduce, Out out) {
+  ++step_;
+  const std::string local = wrapped(rank_, map);
+  std::string mine;
+  if (!use_dist_) {
+    mine = local;
+    if (mine[0] == kOk) {
+      try {
+        mine = kOk + reduce({mine.substr(1)}).at(0);
+      } catch (...) {
+        mine = kFailed +
+               encode(std::map<std::int64_t, RankFailure>{{0, describe_failure(std::current_exception())}});
+      }
+    }
+  } else {
+    try {
+      group_->store->set(step_key(fmt::format("done/{}", rank_)), bytes_of("1"));
+    } catch (const std::exception& e) {
+      collective_failed(step, e.what());
+    }
+    try {
+      const auto all = gather(local);
+      std::vector<std::string> results;
+      if (is_coordinator()) {
+        std::map<std::int64_t, RankFailure> failures;
+        std::vector<std::string> bodies;
+        for (std::int64_t r = 0; r < world_; ++r) {
+          const auto& s = all[static_cast<std::size_t>(r)];
+          if (s.empty() || s[0] != kOk) {
+            for (auto& [rank, f] : decode_failures(s.empty() ? "[]" : s.substr(1))) failures[rank] = f;
+            if (s.empty()) failures[r] = {"Error", "an empty payload"};
+          }
+          bodies.push_back(s.empty() ? std::string() : s.substr(1));
+        }
+        if (failures.empty()) {
+          try {
+            results = reduce(std::move(bodies));
+            if (results.size() != static_cast<std::size_t>(out == Out::scatter ? world_ : 1))
+              throw Error(
+                  fmt::format("step '{}' gave {} results for {} ranks", step, results.size(), world_));
+            for (auto& r : results) r = kOk + r;
+          } catch (...) {
+            failures[rank_] = describe_failure(std::current_exception());
+          }
+        }
+        if (!failures.empty())
+          results.assign(out == Out::scatter ? static_cast<std::size_t>(world_) : 1,
+                         kFailed + encode(failures));
+      }
+      mine = out == Out::scatter ? scatter(results) : broadcast(results.empty() ? std::string() : results[0]);
+    } catch (const CollectiveFailure& f) {
+      collective_failed(step, f.cause);
+    }
+  }
+  if (mine.empty())
+    throw CheckpointException(step, {{rank_, {"Error", "an empty reply from the coordinator"}}});
+  if (mine[0] != kOk) throw CheckpointException(step, decode_failures(mine.substr(1)));
+  return mine.substr(1);
+}
+
+std::string DistWrapper::reduce_scatter(
+    const std::string& step, const std::function<std::string()>& map,
+    const std::function<std::vector<std::string>(std::vector<std::string>)>& reduce) {
+  return run_step(step, map, reduce, Out::scatter);
+}
+
+std::string DistWrapper::all_reduce(const std::string& step, const std::function<std::string()>& map,
+                                    const std::function<std::string(std::vector<std::string>)>& reduce) {
+  return run_step(
+      step, map,
+      [&](std::vector<std::string> all) { return std::vector<std::string>{reduce(std::move(all))}; },
+      Out::broadcast);
+}
+
+void DistWrapper::all_gather(const std::string& step, const std::function<void()>& map) {
+  run_step(
+      step,
+      [&] {
+        map();
+        return std::string();
+      },
+      [](std::vector<std::string>) { return std::vector<std::string>{std::string()}; }, Out::broadcast);
+}
+
+}  // namespace ckpt::dcp::detail

@@ -1,0 +1,385 @@
+// FileSystemWriter and FileSystemReader: one data file per rank, written with
+// ckpt's format (aligned, CRC-checked records, fsync), and `.metadata` last.
+#include <ckpt/dcp/storage.hpp>
+
+#include <ckpt/error.hpp>
+#include <ckpt/format.hpp>
+
+#include "dcp/serialize.hpp"
+#include "file_writer.hpp"
+#include "io.hpp"
+#include "layout.hpp"
+
+#include <ATen/core/Dict.h>
+#include <fmt/format.h>
+#include <zlib.h>
+
+#include <cerrno>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace ckpt::dcp {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+constexpr std::uint64_t kMaxMetadataBytes = std::uint64_t{1} << 32;
+
+std::int64_t volume(const std::vector<std::int64_t>& sizes) {
+  std::int64_t n = 1;
+  for (auto s : sizes) n *= s;
+  return n;
+}
+
+std::string fresh_token() {
+  std::random_device rd;
+  return fmt::format("{:08x}", static_cast<std::uint32_t>(rd()));
+}
+
+bool is_data_file(const std::string& name) {
+  return name.size() > 9 && name.rfind("__", 0) == 0 && name.ends_with(".distcp");
+}
+
+/// A CPU tensor that owns exactly its bytes (the record written is its storage).
+at::Tensor exact_cpu(at::Tensor t) {
+  t = t.detach();
+  if (!t.device().is_cpu()) t = t.to(c10::kCPU);
+  if (!t.is_contiguous() || t.storage_offset() != 0 ||
+      t.storage().nbytes() != static_cast<std::size_t>(t.numel()) * t.element_size())
+    t = t.contiguous().clone();
+  return t;
+}
+
+std::uint32_t crc_of(const void* p, std::size_t n) {
+  std::uint32_t crc = static_cast<std::uint32_t>(crc32_z(0, nullptr, 0));
+  return static_cast<std::uint32_t>(crc32_z(crc, static_cast<const Bytef*>(p), n));
+}
+
+}  // namespace
+
+// --- FileSystemWriter ------------------------------------------------------------
+
+FileSystemWriter::FileSystemWriter(fs::path path, FileSystemWriterOptions options)
+    : path_(std::move(path)), options_(options) {}
+
+void FileSystemWriter::reset(const std::optional<fs::path>& checkpoint_id) {
+  if (checkpoint_id) path_ = *checkpoint_id;
+}
+
+void FileSystemWriter::set_up_storage_writer(bool is_coordinator) {
+  is_coordinator_ = is_coordinator;
+  std::error_code ec;
+  fs::create_directories(path_, ec);
+  if (ec)
+    throw IoError(fmt::format("cannot create checkpoint directory {}: {}", path_.string(), ec.message()));
+}
+
+SavePlan FileSystemWriter::prepare_local_plan(SavePlan plan) {
+  return plan;
+}
+
+std::vector<SavePlan> FileSystemWriter::prepare_global_plan(std::vector<SavePlan> plans) {
+  // Over a checkpoint already there, write under a fresh token: that one stays
+  // whole until the new .metadata replaces it.
+  std::error_code ec;
+  const bool occupied = fs::exists(path_ / kMetadataFileName, ec);
+  const std::string token = occupied ? fresh_token() : "0";
+  for (std::size_t r = 0; r < plans.size(); ++r) plans[r].storage_data = fmt::format("__{}_{}", r, token);
+  return plans;
+}
+
+std::future<std::vector<WriteResult>> FileSystemWriter::write_data(const SavePlan& plan,
+                                                                   SavePlanner& planner) {
+  std::promise<std::vector<WriteResult>> done;
+  try {
+    std::vector<WriteResult> results;
+    if (!plan.items.empty()) {
+      if (plan.storage_data.empty() || plan.storage_data.find('/') != std::string::npos)
+        throw Error("the save plan names no data file (prepare_global_plan was not run on it)");
+      const std::string name = plan.storage_data + ".distcp";
+      c10::impl::GenericDict items(c10::StringType::get(), c10::AnyType::get());
+      std::vector<at::Tensor> tensors(plan.items.size());
+      for (std::size_t i = 0; i < plan.items.size(); ++i) {
+        const auto& item = plan.items[i];
+        c10::IValue data = planner.resolve_data(item);
+        if (item.type != WriteItemType::bytes) {
+          if (!data.isTensor())
+            throw Error(fmt::format("resolve_data gave no tensor for '{}'", detail::item_name(item.index)));
+          at::Tensor t = exact_cpu(data.toTensor());
+          if (item.tensor_data && (t.sizes().vec() != item.tensor_data->chunk.sizes ||
+                                   t.scalar_type() != item.tensor_data->properties.dtype))
+            throw Mismatch(
+                fmt::format("'{}' is not the chunk its plan describes", detail::item_name(item.index)));
+          tensors[i] = t;
+          data = t;
+        }
+        items.insert(detail::item_name(item.index), std::move(data));
+      }
+      ckpt::detail::Layout layout = ckpt::detail::plan_layout(items);
+      ckpt::detail::write_layout(path_ / name, layout,
+                                 WriteOptions{.direct_io = options_.direct_io, .fsync = options_.sync_files});
+      for (std::size_t i = 0; i < plan.items.size(); ++i) {
+        WriteResult r{plan.items[i].index, 0, StorageInfo{name, 0, 0, 0}};
+        if (tensors[i].defined() && tensors[i].numel() > 0) {
+          const auto& rec =
+              layout.records.at(layout.record_of_storage.at(tensors[i].storage().unsafeGetStorageImpl()));
+          r.storage_data = {name, rec.data_offset, rec.size, rec.crc32};
+          r.size_in_bytes = rec.size;
+        }
+        results.push_back(std::move(r));
+      }
+    }
+    done.set_value(std::move(results));
+  } catch (...) {
+    done.set_exception(std::current_exception());
+  }
+  return done.get_future();
+}
+
+void FileSystemWriter::finish(const Metadata& metadata,
+                              const std::vector<std::vector<WriteResult>>& results) {
+  CheckpointMetadata out{metadata, {}};
+  std::set<std::string> files;
+  for (const auto& rank_results : results)
+    for (const auto& r : rank_results) {
+      out.storage_data[r.index] = r.storage_data;
+      files.insert(r.storage_data.relative_path);
+    }
+  // Every chunk the metadata lists was written somewhere.
+  for (const auto& [fqn, sm] : metadata.state_dict_metadata) {
+    if (const auto* t = std::get_if<TensorStorageMetadata>(&sm)) {
+      for (const auto& c : t->chunks)
+        if (!out.storage_data.count(MetadataIndex{fqn, c.offsets, std::nullopt}))
+          throw Error(
+              fmt::format("no rank wrote the chunk of '{}' at [{}]", fqn, fmt::join(c.offsets, ", ")));
+    } else if (!out.storage_data.count(MetadataIndex{fqn, std::nullopt, std::nullopt})) {
+      throw Error(fmt::format("no rank wrote the value of '{}'", fqn));
+    }
+  }
+  const std::string text = detail::encode_checkpoint_metadata(out);
+  ckpt::detail::write_durably(path_ / kMetadataFileName,
+                              WriteOptions{.direct_io = false, .fsync = options_.sync_files},
+                              [&](int fd, bool, const fs::path& temp) {
+                                ckpt::detail::pwrite_full(fd, text.data(), text.size(), 0, temp);
+                                return static_cast<std::uint64_t>(text.size());
+                              });
+  // The checkpoint this one replaced: its data files are garbage now.
+  std::error_code ec;
+  for (const auto& entry : fs::directory_iterator(path_, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (is_data_file(name) && !files.count(name)) fs::remove(entry.path(), ec);
+  }
+}
+
+bool FileSystemWriter::validate_checkpoint_id(const fs::path& checkpoint_id) const {
+  std::error_code ec;
+  return !checkpoint_id.empty() && (!fs::exists(checkpoint_id, ec) || fs::is_directory(checkpoint_id, ec));
+}
+
+// --- FileSystemReader ------------------------------------------------------------
+
+CheckpointMetadata read_checkpoint_metadata(const fs::path& directory) {
+  const fs::path file = directory / kMetadataFileName;
+  ckpt::detail::Fd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd) {
+    if (errno == ENOENT)
+      throw NotFound(
+          fmt::format("{} holds no DCP checkpoint (no {})", directory.string(), kMetadataFileName));
+    ckpt::detail::throw_errno("open", file, errno);
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) ckpt::detail::throw_errno("stat", file, errno);
+  const auto size = static_cast<std::uint64_t>(st.st_size);
+  if (size > kMaxMetadataBytes)
+    throw CorruptCheckpoint(fmt::format("{}: {} bytes is too large", file.string(), size));
+  std::string text(size, '\0');
+  ckpt::detail::pread_full(fd.get(), text.data(), text.size(), 0, file);
+  return detail::decode_checkpoint_metadata(text, file.string());
+}
+
+FileSystemReader::FileSystemReader(fs::path path) : path_(std::move(path)) {}
+
+void FileSystemReader::reset(const std::optional<fs::path>& checkpoint_id) {
+  if (checkpoint_id) path_ = *checkpoint_id;
+}
+
+CheckpointMetadata FileSystemReader::read_metadata() {
+  auto md = read_checkpoint_metadata(path_);
+  std::error_code ec;
+  bytes_read_ += fs::file_size(path_ / kMetadataFileName, ec);
+  return md;
+}
+
+void FileSystemReader::set_up_storage_reader(const CheckpointMetadata& metadata, bool) {
+  metadata_ = metadata;
+}
+
+LoadPlan FileSystemReader::prepare_local_plan(LoadPlan plan) {
+  return plan;
+}
+
+std::vector<LoadPlan> FileSystemReader::prepare_global_plan(std::vector<LoadPlan> plans) {
+  return plans;
+}
+
+namespace {
+
+struct OpenFile {
+  ckpt::detail::Fd fd;
+  std::uint64_t size = 0;
+  std::unique_ptr<FileReader> archive;  // only when a value is read from it
+};
+
+/// The saved chunk a read item names, checked against its storage.
+const ChunkStorageMetadata& saved_chunk(const CheckpointMetadata& md, const MetadataIndex& index) {
+  const auto it = md.metadata.state_dict_metadata.find(index.fqn);
+  const auto* t =
+      it == md.metadata.state_dict_metadata.end() ? nullptr : std::get_if<TensorStorageMetadata>(&it->second);
+  if (!t || !index.offset) throw Error(fmt::format("no saved tensor '{}'", index.fqn));
+  if (index.index && *index.index >= 0 && static_cast<std::size_t>(*index.index) < t->chunks.size() &&
+      t->chunks[static_cast<std::size_t>(*index.index)].offsets == *index.offset)
+    return t->chunks[static_cast<std::size_t>(*index.index)];
+  for (const auto& c : t->chunks)
+    if (c.offsets == *index.offset) return c;
+  throw Error(fmt::format("no saved chunk of '{}' at [{}]", index.fqn, fmt::join(*index.offset, ", ")));
+}
+
+}  // namespace
+
+std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner& planner) {
+  std::promise<void> done;
+  try {
+    std::map<std::string, OpenFile> files;
+    const auto open = [&](const std::string& name) -> OpenFile& {
+      auto it = files.find(name);
+      if (it != files.end()) return it->second;
+      const fs::path file = path_ / name;
+      OpenFile f;
+      f.fd = ckpt::detail::Fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+      if (!f.fd) {
+        if (errno == ENOENT)
+          throw CorruptCheckpoint(fmt::format("{}: data file {} is missing", path_.string(), name));
+        ckpt::detail::throw_errno("open", file, errno);
+      }
+      struct stat st {};
+      if (::fstat(f.fd.get(), &st) != 0) ckpt::detail::throw_errno("stat", file, errno);
+      f.size = static_cast<std::uint64_t>(st.st_size);
+      return files.emplace(name, std::move(f)).first->second;
+    };
+    for (const auto& item : plan.items) {
+      const auto info_it = metadata_.storage_data.find(item.storage_index);
+      if (info_it == metadata_.storage_data.end())
+        throw CorruptCheckpoint(fmt::format("{}: the metadata says nowhere where '{}' is stored",
+                                            path_.string(), detail::item_name(item.storage_index)));
+      const StorageInfo& info = info_it->second;
+      OpenFile& file = open(info.relative_path);
+      const fs::path file_path = path_ / info.relative_path;
+
+      if (item.type == LoadItemType::bytes) {
+        std::uint64_t before = 0;  // a fresh reader's count includes its headers
+        if (file.archive)
+          before = file.archive->bytes_read();
+        else
+          file.archive = std::make_unique<FileReader>(file_path);
+        const Node* node = file.archive->root().find(detail::item_name(item.storage_index));
+        if (!node)
+          throw CorruptCheckpoint(fmt::format("{}: holds no value '{}'", file_path.string(),
+                                              detail::item_name(item.storage_index)));
+        c10::IValue value = file.archive->to_ivalue(*node);
+        bytes_read_ += file.archive->bytes_read() - before;
+        planner.load_value(item, std::move(value));
+        continue;
+      }
+
+      const auto& chunk = saved_chunk(metadata_, item.storage_index);
+      const auto& tmd =
+          std::get<TensorStorageMetadata>(metadata_.metadata.state_dict_metadata.at(item.storage_index.fqn));
+      const std::size_t elem = c10::elementSize(tmd.properties.dtype);
+      const auto dims = chunk.sizes.size();
+      const auto bad = [&](const std::string& why) {
+        return CorruptCheckpoint(fmt::format("{}: chunk '{}': {}", file_path.string(),
+                                             detail::item_name(item.storage_index), why));
+      };
+      if (info.length != static_cast<std::uint64_t>(volume(chunk.sizes)) * elem)
+        throw bad(
+            fmt::format("{} bytes stored for a chunk of {} bytes", info.length, volume(chunk.sizes) * elem));
+      if (info.offset > file.size || info.length > file.size - info.offset)
+        throw bad(fmt::format("bytes [{}, {}) lie past the end of the file ({} bytes): truncated",
+                              info.offset, info.offset + info.length, file.size));
+      if (item.storage_offsets.size() != dims || item.lengths.size() != dims)
+        throw Error(fmt::format("read item for '{}' has the wrong number of dims", item.storage_index.fqn));
+      for (std::size_t d = 0; d < dims; ++d)
+        if (item.storage_offsets[d] < 0 || item.lengths[d] < 0 ||
+            item.storage_offsets[d] + item.lengths[d] > chunk.sizes[d])
+          throw Error(fmt::format("read item for '{}' lies outside its saved chunk", item.storage_index.fqn));
+
+      at::Tensor dest = planner.resolve_tensor(item);
+      if (!dest.device().is_cpu() || dest.sizes().vec() != item.lengths ||
+          dest.scalar_type() != tmd.properties.dtype)
+        throw Mismatch(fmt::format("resolve_tensor for '{}' gave a {} {} tensor on {}, not {} {} on the CPU",
+                                   item.dest_index.fqn, c10::toString(dest.scalar_type()),
+                                   fmt::join(dest.sizes(), "x"), dest.device().str(),
+                                   c10::toString(tmd.properties.dtype), fmt::join(item.lengths, "x")));
+      at::Tensor target = dest.is_contiguous() ? dest : at::empty(dest.sizes(), dest.options());
+      auto* out = static_cast<char*>(target.data_ptr());
+
+      // The region is a set of runs, contiguous in the saved chunk: the dims
+      // after the last one not read whole are read whole.
+      std::ptrdiff_t k = static_cast<std::ptrdiff_t>(dims) - 1;
+      while (k >= 0 && item.storage_offsets[static_cast<std::size_t>(k)] == 0 &&
+             item.lengths[static_cast<std::size_t>(k)] == chunk.sizes[static_cast<std::size_t>(k)])
+        --k;
+      std::vector<std::int64_t> stride(dims, 1);
+      for (std::ptrdiff_t d = static_cast<std::ptrdiff_t>(dims) - 2; d >= 0; --d)
+        stride[static_cast<std::size_t>(d)] =
+            stride[static_cast<std::size_t>(d) + 1] * chunk.sizes[static_cast<std::size_t>(d) + 1];
+      const bool whole = k < 0;
+      const std::int64_t run_elems =
+          k < 0 ? volume(chunk.sizes)
+                : item.lengths[static_cast<std::size_t>(k)] * stride[static_cast<std::size_t>(k)];
+      std::int64_t runs = 1;
+      for (std::ptrdiff_t d = 0; d < k; ++d) runs *= item.lengths[static_cast<std::size_t>(d)];
+      std::vector<std::int64_t> at(static_cast<std::size_t>(std::max<std::ptrdiff_t>(k, 0)), 0);
+      const std::size_t run_bytes = static_cast<std::size_t>(run_elems) * elem;
+      for (std::int64_t n = 0; n < runs && run_bytes > 0; ++n) {
+        std::int64_t start =
+            k >= 0 ? item.storage_offsets[static_cast<std::size_t>(k)] * stride[static_cast<std::size_t>(k)]
+                   : 0;
+        for (std::ptrdiff_t d = 0; d < k; ++d)
+          start += (item.storage_offsets[static_cast<std::size_t>(d)] + at[static_cast<std::size_t>(d)]) *
+                   stride[static_cast<std::size_t>(d)];
+        ckpt::detail::pread_full(file.fd.get(), out, run_bytes,
+                                 info.offset + static_cast<std::uint64_t>(start) * elem, file_path);
+        bytes_read_ += run_bytes;
+        out += run_bytes;
+        for (std::ptrdiff_t d = k - 1; d >= 0; --d) {  // next index, last dim fastest
+          if (++at[static_cast<std::size_t>(d)] < item.lengths[static_cast<std::size_t>(d)]) break;
+          at[static_cast<std::size_t>(d)] = 0;
+        }
+      }
+      if (whole && info.length > 0 && crc_of(target.data_ptr(), info.length) != info.crc32)
+        throw bad("CRC-32 mismatch: the data is not what was saved");
+      if (!target.is_same(dest)) dest.copy_(target);
+      planner.commit_tensor(item, dest);
+    }
+    done.set_value();
+  } catch (...) {
+    done.set_exception(std::current_exception());
+  }
+  return done.get_future();
+}
+
+bool FileSystemReader::validate_checkpoint_id(const fs::path& checkpoint_id) const {
+  std::error_code ec;
+  return fs::is_regular_file(checkpoint_id / kMetadataFileName, ec);
+}
+
+}  // namespace ckpt::dcp

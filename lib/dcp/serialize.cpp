@@ -1,0 +1,381 @@
+#include "dcp/serialize.hpp"
+
+#include <ckpt/dcp/storage.hpp>
+
+#include <fmt/format.h>
+#include <boost/json.hpp>
+
+#include <array>
+#include <filesystem>
+#include <utility>
+
+namespace ckpt::dcp::detail {
+
+namespace json = boost::json;
+
+namespace {
+
+constexpr std::array<std::pair<c10::ScalarType, const char*>, 12> kDtypes{{
+    {c10::ScalarType::Float, "float32"},
+    {c10::ScalarType::Double, "float64"},
+    {c10::ScalarType::Half, "float16"},
+    {c10::ScalarType::BFloat16, "bfloat16"},
+    {c10::ScalarType::Byte, "uint8"},
+    {c10::ScalarType::Char, "int8"},
+    {c10::ScalarType::Short, "int16"},
+    {c10::ScalarType::Int, "int32"},
+    {c10::ScalarType::Long, "int64"},
+    {c10::ScalarType::Bool, "bool"},
+    {c10::ScalarType::ComplexFloat, "complex64"},
+    {c10::ScalarType::ComplexDouble, "complex128"},
+}};
+
+c10::ScalarType dtype_from(std::string_view name) {
+  for (const auto& [t, n] : kDtypes)
+    if (name == n) return t;
+  throw Error(fmt::format("unknown dtype '{}'", name));
+}
+
+// --- writing -------------------------------------------------------------------
+
+json::array ints(const std::vector<std::int64_t>& v) {
+  json::array a;
+  a.reserve(v.size());
+  for (auto x : v) a.push_back(x);
+  return a;
+}
+
+json::value to_json(const MetadataIndex& i) {
+  json::object o{{"fqn", i.fqn}};
+  if (i.offset) o["offset"] = ints(*i.offset);
+  if (i.index) o["index"] = *i.index;
+  return o;
+}
+
+json::value to_json(const ChunkStorageMetadata& c) {
+  return json::object{{"offsets", ints(c.offsets)}, {"sizes", ints(c.sizes)}};
+}
+
+json::value to_json(const StorageInfo& s) {
+  return json::object{
+      {"path", s.relative_path}, {"offset", s.offset}, {"length", s.length}, {"crc32", s.crc32}};
+}
+
+const char* write_type_name(WriteItemType t) {
+  switch (t) {
+    case WriteItemType::tensor: return "tensor";
+    case WriteItemType::shard: return "shard";
+    case WriteItemType::bytes: return "bytes";
+  }
+  return "?";
+}
+
+json::value to_json(const WriteItem& w) {
+  json::object o{{"index", to_json(w.index)}, {"type", write_type_name(w.type)}};
+  if (w.tensor_data)
+    o["tensor"] = json::object{{"chunk", to_json(w.tensor_data->chunk)},
+                               {"dtype", dtype_name(w.tensor_data->properties.dtype)},
+                               {"requires_grad", w.tensor_data->properties.requires_grad},
+                               {"size", ints(w.tensor_data->size)}};
+  return o;
+}
+
+json::value to_json(const ReadItem& r) {
+  return json::object{{"type", r.type == LoadItemType::tensor ? "tensor" : "bytes"},
+                      {"dest", to_json(r.dest_index)},
+                      {"dest_offsets", ints(r.dest_offsets)},
+                      {"storage", to_json(r.storage_index)},
+                      {"storage_offsets", ints(r.storage_offsets)},
+                      {"lengths", ints(r.lengths)}};
+}
+
+json::value to_json(const Metadata& md) {
+  json::object keys;
+  for (const auto& [fqn, sm] : md.state_dict_metadata) {
+    if (const auto* t = std::get_if<TensorStorageMetadata>(&sm)) {
+      json::array chunks;
+      for (const auto& c : t->chunks) chunks.push_back(to_json(c));
+      keys[fqn] = json::object{{"type", "tensor"},
+                               {"dtype", dtype_name(t->properties.dtype)},
+                               {"requires_grad", t->properties.requires_grad},
+                               {"size", ints(t->size)},
+                               {"chunks", std::move(chunks)}};
+    } else {
+      keys[fqn] = json::object{{"type", "bytes"}};
+    }
+  }
+  return keys;
+}
+
+// --- reading -------------------------------------------------------------------
+
+const json::object& obj(const json::value& v) {
+  return v.as_object();
+}
+
+std::vector<std::int64_t> ints_from(const json::value& v) {
+  std::vector<std::int64_t> out;
+  for (const auto& x : v.as_array()) out.push_back(x.to_number<std::int64_t>());
+  return out;
+}
+
+std::string str(const json::value& v) {
+  return std::string(v.as_string());
+}
+
+MetadataIndex index_from(const json::value& v) {
+  const auto& o = obj(v);
+  MetadataIndex i;
+  i.fqn = str(o.at("fqn"));
+  if (const auto* off = o.if_contains("offset")) i.offset = ints_from(*off);
+  if (const auto* idx = o.if_contains("index")) i.index = idx->to_number<std::int64_t>();
+  return i;
+}
+
+ChunkStorageMetadata chunk_from(const json::value& v) {
+  const auto& o = obj(v);
+  return {ints_from(o.at("offsets")), ints_from(o.at("sizes"))};
+}
+
+StorageInfo storage_from(const json::value& v) {
+  const auto& o = obj(v);
+  return {str(o.at("path")), o.at("offset").to_number<std::uint64_t>(),
+          o.at("length").to_number<std::uint64_t>(), o.at("crc32").to_number<std::uint32_t>()};
+}
+
+WriteItem write_item_from(const json::value& v) {
+  const auto& o = obj(v);
+  WriteItem w;
+  w.index = index_from(o.at("index"));
+  const auto type = str(o.at("type"));
+  if (type == "tensor")
+    w.type = WriteItemType::tensor;
+  else if (type == "shard")
+    w.type = WriteItemType::shard;
+  else if (type == "bytes")
+    w.type = WriteItemType::bytes;
+  else
+    throw Error(fmt::format("unknown write item type '{}'", type));
+  if (const auto* t = o.if_contains("tensor")) {
+    const auto& to = obj(*t);
+    w.tensor_data =
+        TensorWriteData{chunk_from(to.at("chunk")),
+                        {dtype_from(to.at("dtype").as_string()), to.at("requires_grad").as_bool()},
+                        ints_from(to.at("size"))};
+  }
+  return w;
+}
+
+ReadItem read_item_from(const json::value& v) {
+  const auto& o = obj(v);
+  ReadItem r;
+  const auto type = str(o.at("type"));
+  if (type == "tensor")
+    r.type = LoadItemType::tensor;
+  else if (type == "bytes")
+    r.type = LoadItemType::bytes;
+  else
+    throw Error(fmt::format("unknown read item type '{}'", type));
+  r.dest_index = index_from(o.at("dest"));
+  r.dest_offsets = ints_from(o.at("dest_offsets"));
+  r.storage_index = index_from(o.at("storage"));
+  r.storage_offsets = ints_from(o.at("storage_offsets"));
+  r.lengths = ints_from(o.at("lengths"));
+  return r;
+}
+
+Metadata metadata_from(const json::value& v) {
+  Metadata md;
+  for (const auto& [key, value] : obj(v)) {
+    const auto& o = obj(value);
+    const auto type = str(o.at("type"));
+    if (type == "bytes") {
+      md.state_dict_metadata.emplace(std::string(key), BytesStorageMetadata{});
+    } else if (type == "tensor") {
+      TensorStorageMetadata t;
+      t.properties = {dtype_from(o.at("dtype").as_string()), o.at("requires_grad").as_bool()};
+      t.size = ints_from(o.at("size"));
+      for (const auto& c : o.at("chunks").as_array()) t.chunks.push_back(chunk_from(c));
+      md.state_dict_metadata.emplace(std::string(key), std::move(t));
+    } else {
+      throw Error(fmt::format("key '{}' has unknown type '{}'", std::string_view(key), type));
+    }
+  }
+  return md;
+}
+
+template <class F>
+auto parse(std::string_view text, const char* what, F&& f) {
+  try {
+    return f(json::parse(text));
+  } catch (const std::exception& e) {
+    throw Error(fmt::format("malformed {}: {}", what, e.what()));
+  }
+}
+
+template <class Plan>
+json::object plan_json(const Plan& plan) {
+  json::array items;
+  items.reserve(plan.items.size());
+  for (const auto& i : plan.items) items.push_back(to_json(i));
+  return json::object{
+      {"items", std::move(items)}, {"storage_data", plan.storage_data}, {"planner_data", plan.planner_data}};
+}
+
+bool plain_name(const std::string& name) {
+  const std::filesystem::path p(name);
+  return !name.empty() && name != "." && name != ".." && !p.is_absolute() && !p.has_parent_path() &&
+         name.find('\0') == std::string::npos && name.find('/') == std::string::npos;
+}
+
+}  // namespace
+
+const char* dtype_name(c10::ScalarType dtype) {
+  for (const auto& [t, n] : kDtypes)
+    if (t == dtype) return n;
+  throw Unsupported(fmt::format("dtype {} cannot be saved by the DCP core", c10::toString(dtype)));
+}
+
+std::string item_name(const MetadataIndex& index) {
+  if (!index.offset) return index.fqn;
+  return fmt::format("{}@{}", index.fqn, fmt::join(*index.offset, ","));
+}
+
+std::string encode(const SavePlan& plan) {
+  return json::serialize(plan_json(plan));
+}
+
+std::string encode(const LoadPlan& plan) {
+  return json::serialize(plan_json(plan));
+}
+
+std::string encode(const std::vector<WriteResult>& results) {
+  json::array a;
+  a.reserve(results.size());
+  for (const auto& r : results)
+    a.push_back(json::object{
+        {"index", to_json(r.index)}, {"size", r.size_in_bytes}, {"storage", to_json(r.storage_data)}});
+  return json::serialize(a);
+}
+
+std::string encode(const Metadata& metadata) {
+  return json::serialize(to_json(metadata));
+}
+
+std::string encode(const std::map<std::int64_t, RankFailure>& failures) {
+  json::array a;
+  for (const auto& [rank, f] : failures)
+    a.push_back(json::object{{"rank", rank}, {"type", f.type}, {"message", f.message}});
+  return json::serialize(a);
+}
+
+SavePlan decode_save_plan(std::string_view text) {
+  return parse(text, "save plan", [](const json::value& v) {
+    SavePlan p;
+    for (const auto& i : v.at("items").as_array()) p.items.push_back(write_item_from(i));
+    p.storage_data = str(v.at("storage_data"));
+    p.planner_data = str(v.at("planner_data"));
+    return p;
+  });
+}
+
+LoadPlan decode_load_plan(std::string_view text) {
+  return parse(text, "load plan", [](const json::value& v) {
+    LoadPlan p;
+    for (const auto& i : v.at("items").as_array()) p.items.push_back(read_item_from(i));
+    p.storage_data = str(v.at("storage_data"));
+    p.planner_data = str(v.at("planner_data"));
+    return p;
+  });
+}
+
+std::vector<WriteResult> decode_write_results(std::string_view text) {
+  return parse(text, "write results", [](const json::value& v) {
+    std::vector<WriteResult> out;
+    for (const auto& r : v.as_array())
+      out.push_back({index_from(r.at("index")), r.at("size").to_number<std::uint64_t>(),
+                     storage_from(r.at("storage"))});
+    return out;
+  });
+}
+
+Metadata decode_metadata(std::string_view text) {
+  return parse(text, "metadata", [](const json::value& v) { return metadata_from(v); });
+}
+
+std::map<std::int64_t, RankFailure> decode_failures(std::string_view text) {
+  return parse(text, "failures", [](const json::value& v) {
+    std::map<std::int64_t, RankFailure> out;
+    for (const auto& f : v.as_array())
+      out[f.at("rank").to_number<std::int64_t>()] = {str(f.at("type")), str(f.at("message"))};
+    return out;
+  });
+}
+
+std::string encode_checkpoint_metadata(const CheckpointMetadata& metadata) {
+  json::array storage;
+  for (const auto& [index, info] : metadata.storage_data)
+    storage.push_back(json::object{{"index", to_json(index)}, {"storage", to_json(info)}});
+  json::object root{{"format", "ckpt-dcp"},
+                    {"version", kMetadataVersion},
+                    {"state_dict_metadata", to_json(metadata.metadata)},
+                    {"storage_data", std::move(storage)}};
+  return json::serialize(root) + "\n";
+}
+
+CheckpointMetadata decode_checkpoint_metadata(std::string_view text, const std::string& source) {
+  const auto bad = [&](const std::string& why) {
+    return CorruptCheckpoint(fmt::format("{}: {}", source, why));
+  };
+  json::value v;
+  try {
+    v = json::parse(text);
+  } catch (const std::exception& e) {
+    throw bad(fmt::format("not JSON ({})", e.what()));
+  }
+  CheckpointMetadata out;
+  try {
+    const auto& o = v.as_object();
+    const auto* format = o.if_contains("format");
+    if (!format || !format->is_string() || format->as_string() != "ckpt-dcp")
+      throw bad("not a ckpt DCP metadata file (no \"format\": \"ckpt-dcp\")");
+    const auto version = o.at("version").to_number<std::int64_t>();
+    if (version < 1 || version > kMetadataVersion)
+      throw bad(fmt::format("metadata version {} is not one this library reads (1 to {})", version,
+                            kMetadataVersion));
+    out.metadata = metadata_from(o.at("state_dict_metadata"));
+    for (const auto& e : o.at("storage_data").as_array())
+      out.storage_data.emplace(index_from(e.at("index")), storage_from(e.at("storage")));
+  } catch (const CorruptCheckpoint&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw bad(fmt::format("malformed ({})", e.what()));
+  }
+  // Every number checked before anything is sized or read from it.
+  for (const auto& [fqn, sm] : out.metadata.state_dict_metadata) {
+    const auto* t = std::get_if<TensorStorageMetadata>(&sm);
+    if (!t) continue;
+    const auto dims = t->size.size();
+    for (auto s : t->size)
+      if (s < 0) throw bad(fmt::format("key '{}' has a negative size", fqn));
+    for (const auto& c : t->chunks) {
+      if (c.offsets.size() != dims || c.sizes.size() != dims)
+        throw bad(fmt::format("a chunk of '{}' has {} dims, the tensor {}", fqn, c.sizes.size(), dims));
+      for (std::size_t d = 0; d < dims; ++d)
+        if (c.offsets[d] < 0 || c.sizes[d] < 0 || c.offsets[d] > t->size[d] ||
+            c.sizes[d] > t->size[d] - c.offsets[d])
+          throw bad(fmt::format("a chunk of '{}' lies outside the tensor", fqn));
+    }
+  }
+  for (const auto& [index, info] : out.storage_data) {
+    if (!plain_name(info.relative_path))
+      throw bad(
+          fmt::format("item '{}' names file '{}', which is not a plain name in the checkpoint directory",
+                      item_name(index), info.relative_path));
+    if (info.length > (std::uint64_t{1} << 62) || info.offset > (std::uint64_t{1} << 62))
+      throw bad(fmt::format("item '{}' has an impossible offset or length", item_name(index)));
+  }
+  return out;
+}
+
+}  // namespace ckpt::dcp::detail

@@ -1,0 +1,125 @@
+#include <ckpt/dcp/state_dict_saver.hpp>
+
+#include <ckpt/error.hpp>
+#include <ckpt/types.hpp>
+
+#include "dcp/dist_wrapper.hpp"
+#include "dcp/serialize.hpp"
+
+#include <fmt/format.h>
+
+#include <cstdlib>
+
+namespace ckpt::dcp {
+
+namespace {
+
+/// The group to use, or null for no_dist (resolving upstream's defaults).
+std::shared_ptr<dist::ProcessGroupHandle> resolve_group(std::shared_ptr<dist::ProcessGroupHandle> group,
+                                                        bool& no_dist, const char* what) {
+  if (no_dist) return nullptr;
+  if (!group) group = dist::default_process_group();
+  if (group) return group;
+  const char* world = std::getenv("WORLD_SIZE");
+  if (world && std::atoll(world) > 1)
+    throw Error(
+        fmt::format("{}: WORLD_SIZE is {} but no process group was initialized "
+                    "(ckpt::dist::init_process_group, or pass no_dist to {} alone)",
+                    what, world, what));
+  no_dist = true;
+  return nullptr;
+}
+
+std::chrono::milliseconds timeout_of(const std::shared_ptr<dist::ProcessGroupHandle>& group,
+                                     std::optional<std::chrono::milliseconds> timeout) {
+  if (timeout) return *timeout;
+  return group ? group->timeout : std::chrono::milliseconds(std::chrono::minutes(30));
+}
+
+}  // namespace
+
+Metadata save_state_dict(const DcpStateDict& state_dict, StorageWriter& storage, SavePlanner* planner,
+                         std::shared_ptr<dist::ProcessGroupHandle> group, std::int64_t coordinator_rank,
+                         bool no_dist, std::optional<std::chrono::milliseconds> timeout) {
+  group = resolve_group(std::move(group), no_dist, "save_state_dict");
+  DefaultSavePlanner default_planner;
+  if (!planner) planner = &default_planner;
+  detail::DistWrapper dist(group, !no_dist, coordinator_rank, timeout_of(group, timeout));
+
+  Metadata global_metadata;
+  const std::string central = dist.reduce_scatter(
+      "plan",
+      [&] {
+        planner->set_up_planner(state_dict, dist.is_coordinator());
+        storage.set_up_storage_writer(dist.is_coordinator());
+        SavePlan local = planner->create_local_plan();
+        local = storage.prepare_local_plan(std::move(local));
+        return detail::encode(local);
+      },
+      [&](std::vector<std::string> all) {
+        std::vector<SavePlan> plans;
+        plans.reserve(all.size());
+        for (const auto& s : all) plans.push_back(detail::decode_save_plan(s));
+        auto [global_plans, metadata] = planner->create_global_plan(std::move(plans));
+        global_plans = storage.prepare_global_plan(std::move(global_plans));
+        global_metadata = std::move(metadata);
+        std::vector<std::string> out;
+        out.reserve(global_plans.size());
+        for (const auto& p : global_plans) out.push_back(detail::encode(p));
+        return out;
+      });
+
+  const std::string metadata = dist.all_reduce(
+      "write",
+      [&] {
+        SavePlan plan = planner->finish_plan(detail::decode_save_plan(central));
+        return detail::encode(storage.write_data(plan, *planner).get());
+      },
+      [&](std::vector<std::string> all) {
+        std::vector<std::vector<WriteResult>> results;
+        results.reserve(all.size());
+        for (const auto& s : all) results.push_back(detail::decode_write_results(s));
+        storage.finish(global_metadata, results);
+        return detail::encode(global_metadata);
+      });
+  return detail::decode_metadata(metadata);
+}
+
+void load_state_dict(DcpStateDict& state_dict, StorageReader& storage, LoadPlanner* planner,
+                     std::shared_ptr<dist::ProcessGroupHandle> group, std::int64_t coordinator_rank,
+                     bool no_dist, std::optional<std::chrono::milliseconds> timeout) {
+  group = resolve_group(std::move(group), no_dist, "load_state_dict");
+  DefaultLoadPlanner default_planner;
+  if (!planner) planner = &default_planner;
+  detail::DistWrapper dist(group, !no_dist, coordinator_rank, timeout_of(group, timeout));
+
+  CheckpointMetadata metadata;  // the planner refers to it until the load ends
+  const std::string central = dist.reduce_scatter(
+      "plan",
+      [&] {
+        metadata = storage.read_metadata();
+        planner->set_up_planner(state_dict, metadata.metadata, dist.is_coordinator());
+        storage.set_up_storage_reader(metadata, dist.is_coordinator());
+        LoadPlan local = planner->create_local_plan();
+        local = storage.prepare_local_plan(std::move(local));
+        return detail::encode(local);
+      },
+      [&](std::vector<std::string> all) {
+        std::vector<LoadPlan> plans;
+        plans.reserve(all.size());
+        for (const auto& s : all) plans.push_back(detail::decode_load_plan(s));
+        plans = planner->create_global_plan(std::move(plans));
+        plans = storage.prepare_global_plan(std::move(plans));
+        std::vector<std::string> out;
+        out.reserve(plans.size());
+        for (const auto& p : plans) out.push_back(detail::encode(p));
+        return out;
+      });
+
+  dist.all_gather("read", [&] {
+    LoadPlan plan = planner->finish_plan(detail::decode_load_plan(central));
+    storage.read_data(plan, *planner).get();
+  });
+}
+
+}  // namespace ckpt::dcp

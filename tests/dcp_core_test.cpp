@@ -1,0 +1,445 @@
+// The DCP core in one process: the default planners (upstream's
+// test_planner.py cases: dedup of replicated items, index hints, read items
+// from chunk overlaps, plan validation), the wire encodings, and the
+// filesystem storage through save_state_dict / load_state_dict with no_dist —
+// round trips, torch.load of a data file, a save over an existing checkpoint
+// that fails before its commit, partial reads, and corrupt or hostile files.
+#include <ckpt/dcp/planner.hpp>
+#include <ckpt/dcp/state_dict_saver.hpp>
+#include <ckpt/dcp/storage.hpp>
+
+#define BOOST_TEST_MODULE dcp_core_test
+#include <boost/test/unit_test.hpp>
+
+#include <ckpt/error.hpp>
+
+#include "dcp/serialize.hpp"
+#include "support/test_support.hpp"
+
+#include <fmt/format.h>
+
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace dcp = ckpt::dcp;
+using ckpt::test::TempDir;
+using dcp::ChunkShardingSpec;
+using dcp::ChunkStorageMetadata;
+using dcp::DcpStateDict;
+using dcp::ShardedTensor;
+using dcp::TensorStorageMetadata;
+using Sizes = std::vector<std::int64_t>;
+
+namespace {
+
+bool mentions(const std::exception& e, const std::string& text) {
+  return std::string(e.what()).find(text) != std::string::npos;
+}
+
+/// A ShardedTensor of `world` row shards of a global value; this rank's shards.
+ShardedTensor sharded_of(const at::Tensor& global, std::int64_t world, std::int64_t rank,
+                         std::int64_t dim = 0) {
+  ChunkShardingSpec spec{dim, {}};
+  for (std::int64_t r = 0; r < world; ++r) spec.placements.push_back(fmt::format("rank:{}/cpu", r));
+  return ShardedTensor::create(
+      spec, global.sizes().vec(), {global.scalar_type(), false}, rank,
+      [&](const Sizes& sizes, c10::Device) { return at::zeros(sizes, global.options()); });
+}
+
+/// Fills `st`'s local shards with their slices of `global`.
+void fill(ShardedTensor& st, const at::Tensor& global) {
+  for (auto& s : st.local_shards()) {
+    at::Tensor v = global;
+    for (std::size_t d = 0; d < s.metadata.offsets.size(); ++d)
+      v = v.narrow(static_cast<std::int64_t>(d), s.metadata.offsets[d], s.metadata.sizes[d]);
+    s.tensor.copy_(v);
+  }
+}
+
+/// The SavePlan rank `rank` of `world` makes for a state dict of a 20×4
+/// sharded tensor, a replicated 3×3 tensor and a value.
+dcp::SavePlan local_plan(std::int64_t world, std::int64_t rank) {
+  static std::vector<DcpStateDict> keep;  // the planner refers to the state dict
+  keep.push_back({{"sharded", sharded_of(at::zeros({20, 4}), world, rank)},
+                  {"replicated", at::zeros({3, 3})},
+                  {"value", c10::IValue(std::string("hello"))}});
+  dcp::DefaultSavePlanner planner;
+  planner.set_up_planner(keep.back(), rank == 0);
+  return planner.create_local_plan();
+}
+
+std::string read_text(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+void write_text(const std::filesystem::path& p, const std::string& text) {
+  std::ofstream(p, std::ios::binary | std::ios::trunc) << text;
+}
+
+/// The CheckpointException of `f`, or a test failure.
+template <class F>
+ckpt::CheckpointException checkpoint_exception(F&& f) {
+  try {
+    f();
+  } catch (const ckpt::CheckpointException& e) {
+    return e;
+  }
+  BOOST_FAIL("no CheckpointException");
+  throw;
+}
+
+DcpStateDict sample(double base) {
+  return {{"w", at::arange(12, at::kFloat).reshape({3, 4}) + base},
+          {"step", c10::IValue(static_cast<std::int64_t>(base))},
+          {"d", at::arange(5, at::kDouble) * base}};
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(planner)
+
+BOOST_AUTO_TEST_CASE(local_plan_lists_tensors_shards_and_values) {
+  const auto plan = local_plan(4, 1);
+  BOOST_REQUIRE_EQUAL(plan.items.size(), 3u);
+  BOOST_TEST((plan.items[0].type == dcp::WriteItemType::shard));
+  BOOST_TEST(plan.items[0].index.fqn == "sharded");
+  BOOST_TEST(*plan.items[0].index.offset == (Sizes{5, 0}), boost::test_tools::per_element());
+  BOOST_TEST(plan.items[0].tensor_data->size == (Sizes{20, 4}), boost::test_tools::per_element());
+  BOOST_TEST(plan.items[0].tensor_storage_size() == 5u * 4u * 4u);
+  BOOST_TEST((plan.items[1].type == dcp::WriteItemType::tensor));
+  BOOST_TEST(*plan.items[1].index.offset == (Sizes{0, 0}), boost::test_tools::per_element());
+  BOOST_TEST((plan.items[2].type == dcp::WriteItemType::bytes));
+  BOOST_TEST(!plan.items[2].index.offset);
+}
+
+BOOST_AUTO_TEST_CASE(global_plan_writes_replicated_items_once) {
+  // upstream's test_dedup_plans: each rank keeps its shard; the replicated
+  // tensor and the value go to the ranks with the least planned so far.
+  std::vector<dcp::SavePlan> plans;
+  for (std::int64_t r = 0; r < 4; ++r) plans.push_back(local_plan(4, r));
+  dcp::DefaultSavePlanner planner;
+  const auto [global, md] = planner.create_global_plan(plans);
+  BOOST_REQUIRE_EQUAL(global.size(), 4u);
+  std::map<std::string, int> writers;
+  std::size_t total = 0;
+  for (const auto& p : global) {
+    total += p.items.size();
+    for (const auto& w : p.items) ++writers[w.index.fqn];
+  }
+  BOOST_TEST(writers["sharded"] == 4);
+  BOOST_TEST(writers["replicated"] == 1);
+  BOOST_TEST(writers["value"] == 1);
+  BOOST_TEST(total == 6u);
+  // Balanced, in the order items are first met (rank 0's shard, then the
+  // replicated tensor, then the value): rank 0 has its shard planned when the
+  // replicated tensor comes, so that goes to rank 1; the value to rank 2.
+  const auto has = [&](std::size_t rank, const std::string& fqn) {
+    for (const auto& w : global[rank].items)
+      if (w.index.fqn == fqn) return true;
+    return false;
+  };
+  BOOST_TEST(has(1, "replicated"));
+  BOOST_TEST(has(2, "value"));
+  // Metadata: four chunks, and each item's index hint is its chunk's position.
+  const auto& sharded = std::get<TensorStorageMetadata>(md.state_dict_metadata.at("sharded"));
+  BOOST_REQUIRE_EQUAL(sharded.chunks.size(), 4u);
+  for (std::size_t r = 0; r < 4; ++r)
+    for (const auto& w : global[r].items)
+      if (w.index.fqn == "sharded") {
+        BOOST_REQUIRE(w.index.index);
+        BOOST_TEST(sharded.chunks[static_cast<std::size_t>(*w.index.index)].offsets == *w.index.offset,
+                   boost::test_tools::per_element());
+      }
+  BOOST_TEST(std::holds_alternative<dcp::BytesStorageMetadata>(md.state_dict_metadata.at("value")));
+  // Without dedup every rank writes its copy.
+  dcp::DefaultSavePlanner no_dedup(false);
+  BOOST_CHECK_EXCEPTION(no_dedup.create_global_plan(plans), ckpt::Error,
+                        [](const ckpt::Error& e) { return mentions(e, "overlap"); });
+}
+
+BOOST_AUTO_TEST_CASE(plans_that_do_not_fit_together_are_refused) {
+  auto plans = std::vector<dcp::SavePlan>{local_plan(4, 0), local_plan(4, 1)};  // rows 10..20 missing
+  dcp::DefaultSavePlanner planner;
+  BOOST_CHECK_EXCEPTION(planner.create_global_plan(plans), ckpt::Error,
+                        [](const ckpt::Error& e) { return mentions(e, "Failed to validate global plan"); });
+  plans = {local_plan(2, 0), local_plan(2, 1)};
+  plans[1].items[0].tensor_data->size = {20, 5};
+  BOOST_CHECK_EXCEPTION(planner.create_global_plan(plans), ckpt::Error,
+                        [](const ckpt::Error& e) { return mentions(e, "'sharded'"); });
+  plans = {local_plan(2, 0), local_plan(2, 1)};
+  plans[1].items[0].tensor_data->chunk.sizes = {11, 4};  // rows 10..21: past the end
+  BOOST_CHECK_EXCEPTION(planner.create_global_plan(plans), ckpt::Error,
+                        [](const ckpt::Error& e) { return mentions(e, "out of bounds"); });
+}
+
+BOOST_AUTO_TEST_CASE(read_items_cover_the_overlaps) {
+  // Saved: rows [0, 5) and [5, 10) of 10×4. Local: rows [3, 8) → two items.
+  TensorStorageMetadata md{{at::kFloat, false}, {10, 4}, {{{0, 0}, {5, 4}}, {{5, 0}, {5, 4}}}};
+  const auto items = dcp::create_read_items_for_chunk_list("t", md, {{{3, 0}, {5, 4}}});
+  BOOST_REQUIRE_EQUAL(items.size(), 2u);
+  BOOST_TEST(items[0].storage_offsets == (Sizes{3, 0}), boost::test_tools::per_element());
+  BOOST_TEST(items[0].dest_offsets == (Sizes{0, 0}), boost::test_tools::per_element());
+  BOOST_TEST(items[0].lengths == (Sizes{2, 4}), boost::test_tools::per_element());
+  BOOST_TEST(items[1].storage_offsets == (Sizes{0, 0}), boost::test_tools::per_element());
+  BOOST_TEST(items[1].dest_offsets == (Sizes{2, 0}), boost::test_tools::per_element());
+  BOOST_TEST(items[1].lengths == (Sizes{3, 4}), boost::test_tools::per_element());
+  BOOST_TEST(*items[1].storage_index.index == 1);
+  // Column chunk [0, 10) × [1, 3): both saved chunks, two columns each.
+  const auto cols = dcp::create_read_items_for_chunk_list("t", md, {{{0, 1}, {10, 2}}});
+  BOOST_REQUIRE_EQUAL(cols.size(), 2u);
+  BOOST_TEST(cols[1].storage_offsets == (Sizes{0, 1}), boost::test_tools::per_element());
+  BOOST_TEST(cols[1].dest_offsets == (Sizes{5, 0}), boost::test_tools::per_element());
+  BOOST_TEST(cols[1].lengths == (Sizes{5, 2}), boost::test_tools::per_element());
+  // Touching is not overlapping.
+  BOOST_TEST(dcp::create_read_items_for_chunk_list("t", md, {{{5, 0}, {5, 4}}}).size() == 1u);
+}
+
+BOOST_AUTO_TEST_CASE(plans_and_metadata_survive_the_wire) {
+  std::vector<dcp::SavePlan> plans{local_plan(2, 0), local_plan(2, 1)};
+  dcp::DefaultSavePlanner planner;
+  auto [global, md] = planner.create_global_plan(plans);
+  global[1].storage_data = "__1_0";
+  const auto back = dcp::detail::decode_save_plan(dcp::detail::encode(global[1]));
+  BOOST_REQUIRE_EQUAL(back.items.size(), global[1].items.size());
+  for (std::size_t i = 0; i < back.items.size(); ++i) {
+    BOOST_TEST((back.items[i].index == global[1].items[i].index));
+    BOOST_TEST((back.items[i].index.index == global[1].items[i].index.index));
+    BOOST_TEST((back.items[i].type == global[1].items[i].type));
+    BOOST_TEST((back.items[i].tensor_data == global[1].items[i].tensor_data));
+  }
+  BOOST_TEST(back.storage_data == "__1_0");
+  const auto md_back = dcp::detail::decode_metadata(dcp::detail::encode(md));
+  BOOST_TEST((md_back.state_dict_metadata == md.state_dict_metadata));
+  const std::map<std::int64_t, ckpt::RankFailure> failures{
+      {2, {"std::invalid_argument", "rank fail 2\n\"x\""}}};
+  BOOST_TEST((dcp::detail::decode_failures(dcp::detail::encode(failures)) == failures));
+  BOOST_CHECK_THROW(dcp::detail::decode_save_plan("{\"items\": 3}"), ckpt::Error);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+BOOST_AUTO_TEST_SUITE(filesystem)
+
+BOOST_AUTO_TEST_CASE(round_trip_without_a_process_group) {
+  TempDir dir;
+  const at::Tensor global = at::randn({9, 5});
+  DcpStateDict saved = sample(1.0);
+  saved.push_back({"sharded", sharded_of(global, 1, 0)});
+  fill(std::get<ShardedTensor>(saved.back().second), global);
+  saved.push_back({"nested", c10::IValue(std::vector<std::int64_t>{1, 2, 3, 4})});
+  dcp::FileSystemWriter writer(dir.path());
+  const auto md = dcp::save_state_dict(saved, writer, nullptr, nullptr, 0, true);
+  BOOST_TEST(md.state_dict_metadata.size() == 5u);
+  BOOST_TEST(std::filesystem::exists(dir / ".metadata"));
+  BOOST_TEST(std::filesystem::exists(dir / "__0_0.distcp"));
+  const auto text = read_text(dir / ".metadata");
+  BOOST_TEST(text.find("\"format\":\"ckpt-dcp\"") != std::string::npos);
+  BOOST_TEST(text.find("\"version\":1") != std::string::npos);
+
+  DcpStateDict loaded = sample(0.0);
+  loaded.push_back({"sharded", sharded_of(at::zeros({9, 5}), 1, 0)});
+  loaded.push_back({"nested", c10::IValue()});
+  const at::Tensor w_before = std::get<at::Tensor>(loaded[0].second);
+  dcp::FileSystemReader reader(dir.path());
+  dcp::load_state_dict(loaded, reader, nullptr, nullptr, 0, true);
+  BOOST_TEST(
+      ckpt::test::identical(std::get<at::Tensor>(loaded[0].second), std::get<at::Tensor>(saved[0].second)));
+  // Tensors are filled in place: the caller's handle sees the values.
+  BOOST_TEST(ckpt::test::identical(w_before, std::get<at::Tensor>(saved[0].second)));
+  BOOST_TEST(std::get<c10::IValue>(loaded[1].second).toInt() == 1);
+  BOOST_TEST(
+      ckpt::test::identical(std::get<at::Tensor>(loaded[2].second), std::get<at::Tensor>(saved[2].second)));
+  BOOST_TEST(
+      ckpt::test::identical(std::get<ShardedTensor>(loaded[3].second).local_shards()[0].tensor, global));
+  const auto nested = std::get<c10::IValue>(loaded[4].second).toList();
+  BOOST_REQUIRE_EQUAL(nested.size(), 4u);
+  for (std::size_t i = 0; i < 4; ++i) BOOST_TEST(nested.get(i).toInt() == static_cast<std::int64_t>(i + 1));
+}
+
+BOOST_AUTO_TEST_CASE(a_data_file_is_a_torch_save_file) {
+  TempDir dir;
+  DcpStateDict saved = sample(2.0);
+  dcp::FileSystemWriter writer(dir.path());
+  dcp::save_state_dict(saved, writer, nullptr, nullptr, 0, true);
+  const auto r = ckpt::test::run(
+      ckpt::test::python() + " -c " +
+      ckpt::test::sh_quote(
+          "import sys, torch\n"
+          "d = torch.load(sys.argv[1])\n"
+          "assert torch.equal(d['w@0,0'], torch.arange(12, dtype=torch.float32).reshape(3, 4) + 2), d\n"
+          "assert d['step'] == 2, d\n"
+          "print('ok', sorted(d))\n") +
+      " " + ckpt::test::sh_quote((dir / "__0_0.distcp").string()));
+  BOOST_TEST(r.status == 0, ckpt::test::describe(r));
+  BOOST_TEST(r.output.find("ok") != std::string::npos, r.output);
+}
+
+BOOST_AUTO_TEST_CASE(a_save_that_fails_before_its_commit_leaves_the_last_checkpoint_whole) {
+  TempDir dir;
+  dcp::FileSystemWriter first(dir.path());
+  dcp::save_state_dict(sample(1.0), first, nullptr, nullptr, 0, true);
+
+  struct FailsAtFinish : dcp::FileSystemWriter {
+    using FileSystemWriter::FileSystemWriter;
+    void finish(const dcp::Metadata&, const std::vector<std::vector<dcp::WriteResult>>&) override {
+      throw ckpt::IoError("No space left on device (injected)");
+    }
+  } failing(dir.path());
+  const auto e =
+      checkpoint_exception([&] { dcp::save_state_dict(sample(7.0), failing, nullptr, nullptr, 0, true); });
+  BOOST_REQUIRE_EQUAL(e.failures().size(), 1u);
+  BOOST_TEST(e.failures().at(0).type == "IoError");
+  BOOST_TEST(e.failures().at(0).message.find("No space left") != std::string::npos);
+  // The new data went under a fresh token; the old checkpoint reads back as it was.
+  std::size_t data_files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir.path()))
+    data_files += entry.path().extension() == ".distcp";
+  BOOST_TEST(data_files == 2u);
+  DcpStateDict loaded = sample(0.0);
+  dcp::FileSystemReader reader(dir.path());
+  dcp::load_state_dict(loaded, reader, nullptr, nullptr, 0, true);
+  BOOST_TEST(std::get<c10::IValue>(loaded[1].second).toInt() == 1);
+  BOOST_TEST(ckpt::test::identical(std::get<at::Tensor>(loaded[0].second),
+                                   std::get<at::Tensor>(sample(1.0)[0].second)));
+
+  // The next save commits and removes every file the new metadata does not name.
+  dcp::FileSystemWriter third(dir.path());
+  dcp::save_state_dict(sample(3.0), third, nullptr, nullptr, 0, true);
+  data_files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir.path()))
+    data_files += entry.path().extension() == ".distcp";
+  BOOST_TEST(data_files == 1u);
+  dcp::FileSystemReader reader3(dir.path());
+  dcp::load_state_dict(loaded, reader3, nullptr, nullptr, 0, true);
+  BOOST_TEST(std::get<c10::IValue>(loaded[1].second).toInt() == 3);
+}
+
+BOOST_AUTO_TEST_CASE(a_partial_load_reads_only_what_it_asks_for) {
+  TempDir dir;
+  DcpStateDict saved{{"big", at::randn({256, 256})}, {"small", at::arange(10, at::kLong)}};
+  dcp::FileSystemWriter writer(dir.path());
+  dcp::save_state_dict(saved, writer, nullptr, nullptr, 0, true);
+  DcpStateDict loaded{{"small", at::zeros({10}, at::kLong)}, {"absent", at::zeros({1})}};
+  dcp::FileSystemReader strict_reader(dir.path());
+  const auto e =
+      checkpoint_exception([&] { dcp::load_state_dict(loaded, strict_reader, nullptr, nullptr, 0, true); });
+  BOOST_TEST(e.failures().at(0).type == "MissingKeys");
+  BOOST_TEST(e.failures().at(0).message.find("absent") != std::string::npos);
+
+  dcp::FileSystemReader reader(dir.path());
+  dcp::DefaultLoadPlanner partial(true);
+  dcp::load_state_dict(loaded, reader, &partial, nullptr, 0, true);
+  BOOST_TEST(ckpt::test::identical(std::get<at::Tensor>(loaded[0].second), at::arange(10, at::kLong)));
+  BOOST_TEST(std::get<at::Tensor>(loaded[1].second).item<float>() == 0.0f);
+  BOOST_TEST(reader.bytes_read() ==
+             std::filesystem::file_size(dir / ".metadata") + 10 * sizeof(std::int64_t));
+}
+
+BOOST_AUTO_TEST_CASE(wrong_shapes_and_dtypes_are_refused) {
+  TempDir dir;
+  dcp::FileSystemWriter writer(dir.path());
+  dcp::save_state_dict(sample(1.0), writer, nullptr, nullptr, 0, true);
+  DcpStateDict shape = sample(0.0);
+  shape[0].second = at::zeros({4, 3});
+  dcp::FileSystemReader reader(dir.path());
+  auto e = checkpoint_exception([&] { dcp::load_state_dict(shape, reader, nullptr, nullptr, 0, true); });
+  BOOST_TEST(e.failures().at(0).type == "Mismatch");
+  BOOST_TEST(e.failures().at(0).message.find(
+                 "Size mismatch between saved [3, 4] and current: [4, 3] for w") != std::string::npos);
+  DcpStateDict dtype = sample(0.0);
+  dtype[0].second = at::zeros({3, 4}, at::kDouble);
+  e = checkpoint_exception([&] { dcp::load_state_dict(dtype, reader, nullptr, nullptr, 0, true); });
+  BOOST_TEST(e.failures().at(0).type == "Mismatch");
+  BOOST_TEST(e.failures().at(0).message.find("dtype") != std::string::npos);
+  DcpStateDict kind = sample(0.0);
+  kind[1].second = at::zeros({1});
+  e = checkpoint_exception([&] { dcp::load_state_dict(kind, reader, nullptr, nullptr, 0, true); });
+  BOOST_TEST(e.failures().at(0).message.find("saved as a value") != std::string::npos);
+}
+
+BOOST_AUTO_TEST_CASE(corrupt_checkpoints_are_reported_and_never_followed) {
+  TempDir dir;
+  dcp::FileSystemWriter writer(dir.path());
+  dcp::save_state_dict(sample(1.0), writer, nullptr, nullptr, 0, true);
+  const auto md_text = read_text(dir / ".metadata");
+  const auto data = dir / "__0_0.distcp";
+  const auto load_error = [&] {
+    DcpStateDict sd = sample(0.0);
+    dcp::FileSystemReader reader(dir.path());
+    const auto e = checkpoint_exception([&] { dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true); });
+    BOOST_REQUIRE_EQUAL(e.failures().size(), 1u);
+    return e.failures().at(0);
+  };
+
+  // A flipped byte in a tensor's data: the chunk's CRC-32 says so.
+  const auto md = dcp::read_checkpoint_metadata(dir.path());
+  const auto& w = md.storage_data.at(dcp::MetadataIndex{"w", Sizes{0, 0}, std::nullopt});
+  ckpt::test::flip_byte(data, w.offset + 5);
+  auto f = load_error();
+  BOOST_TEST(f.type == "CorruptCheckpoint");
+  BOOST_TEST(f.message.find("CRC-32") != std::string::npos, f.message);
+  ckpt::test::flip_byte(data, w.offset + 5);
+
+  // A truncated data file.
+  const auto size = std::filesystem::file_size(data);
+  const auto whole = read_text(data);
+  std::filesystem::resize_file(data, w.offset + 8);
+  f = load_error();
+  BOOST_TEST(f.type == "CorruptCheckpoint");
+  BOOST_TEST(f.message.find("truncated") != std::string::npos, f.message);
+  write_text(data, whole);
+  BOOST_TEST(std::filesystem::file_size(data) == size);
+
+  // Metadata that points outside the directory, is newer, or is not JSON.
+  const auto replaced = [&](const std::string& from, const std::string& to) {
+    auto t = md_text;
+    for (auto at = t.find(from); at != std::string::npos; at = t.find(from, at + to.size()))
+      t.replace(at, from.size(), to);
+    return t;
+  };
+  write_text(dir / ".metadata", replaced("__0_0.distcp", "../__0_0.distcp"));
+  f = load_error();
+  BOOST_TEST(f.type == "CorruptCheckpoint");
+  BOOST_TEST(f.message.find("not a plain name") != std::string::npos, f.message);
+  write_text(dir / ".metadata", replaced("\"version\":1", "\"version\":99"));
+  f = load_error();
+  BOOST_TEST(f.message.find("version 99") != std::string::npos, f.message);
+  write_text(dir / ".metadata", md_text.substr(0, md_text.size() / 2));
+  f = load_error();
+  BOOST_TEST(f.type == "CorruptCheckpoint");
+  BOOST_TEST(f.message.find("not JSON") != std::string::npos, f.message);
+  write_text(dir / ".metadata", replaced("\"sizes\":[3,4]", "\"sizes\":[3,400000000000]"));
+  f = load_error();
+  BOOST_TEST(f.type == "CorruptCheckpoint");
+  BOOST_TEST(f.message.find("outside the tensor") != std::string::npos, f.message);
+
+  // No checkpoint at all.
+  std::filesystem::remove(dir / ".metadata");
+  f = load_error();
+  BOOST_TEST(f.type == "NotFound");
+  // Nothing was harmed: restore the metadata and everything loads again.
+  write_text(dir / ".metadata", md_text);
+  DcpStateDict sd = sample(0.0);
+  dcp::FileSystemReader reader(dir.path());
+  dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true);
+  BOOST_TEST(std::get<c10::IValue>(sd[1].second).toInt() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(without_a_group_several_ranks_is_an_error) {
+  TempDir dir;
+  ::setenv("WORLD_SIZE", "4", 1);
+  dcp::FileSystemWriter writer(dir.path());
+  BOOST_CHECK_EXCEPTION(dcp::save_state_dict(sample(1.0), writer), ckpt::Error,
+                        [](const ckpt::Error& e) { return mentions(e, "no process group"); });
+  ::unsetenv("WORLD_SIZE");
+  // With WORLD_SIZE unset, no group means this process alone.
+  dcp::save_state_dict(sample(1.0), writer);
+  BOOST_TEST(std::filesystem::exists(dir / ".metadata"));
+}
+
+BOOST_AUTO_TEST_SUITE_END()
