@@ -6,12 +6,19 @@
 //   1. wait for the previous save's write; if it failed and nobody has been
 //      told through a save yet, fail this save with its error (once);
 //   2. stop here if the save was cancelled;
-//   3. co_await staging (the stager's strand owns the arena);
+//   3. co_await staging (the stager's strand owns the arena), ordered after the
+//      work the caller had queued on its devices' current streams when it
+//      asked for the save (fences taken on its thread: this coroutine runs on
+//      the checkpointer's strand, whose current streams are not the caller's);
 //   4. hand the image to the writer child and complete with a PendingWrite:
 //      the caller may now change its tensors; the write goes on.
 #include <ckpt/async_checkpointer.hpp>
 
+#include "device_copy.hpp"
+
 #include <fmt/format.h>
+
+#include <c10/core/StreamGuard.h>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
@@ -23,6 +30,7 @@
 #include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 
+#include <list>
 #include <thread>
 
 namespace asio = boost::asio;
@@ -65,7 +73,8 @@ struct AsyncCheckpointer::Impl {
   };
 
   asio::awaitable<PendingWrite> save(std::filesystem::path path, StateDict state_dict, Kwargs kwargs,
-                                     std::shared_ptr<Cancel> cancel) {
+                                     std::shared_ptr<Cancel> cancel, detail::DeviceFences fences,
+                                     std::exception_ptr fence_error) {
     if (closed) throw Error(fmt::format("cannot save {}: the checkpointer is closed", path.string()));
     // 0.
     auto previous = last;
@@ -96,8 +105,17 @@ struct AsyncCheckpointer::Impl {
     if (cancel->cancelled || cs.cancelled() != asio::cancellation_type::none)
       throw boost::system::system_error(asio::error::operation_aborted,
                                         "save of " + path.string() + " cancelled");
-    // 3.
-    StagedCheckpoint staged = co_await stager->async_stage(state_dict, asio::use_awaitable);
+    // 3. The stager fences on this thread's current streams when it starts:
+    // while it starts, those are streams that wait for the caller's fences.
+    if (fence_error) std::rethrow_exception(fence_error);
+    StagedCheckpoint staged =
+        co_await asio::async_initiate<const asio::use_awaitable_t<>&, CheckpointStager::Signature>(
+            [&](auto handler) {
+              std::list<c10::StreamGuard> current;
+              for (const auto& stream : fences.waiting_streams()) current.emplace_back(stream);
+              stager->async_stage(state_dict, std::move(handler));
+            },
+            asio::use_awaitable);
     // 4.
     auto event = mine->written;
     release.handed = true;
@@ -128,6 +146,15 @@ AsyncCheckpointer::~AsyncCheckpointer() {
 
 void AsyncCheckpointer::do_save(std::filesystem::path path, StateDict state_dict, Kwargs kwargs,
                                 asio::any_completion_handler<SaveSignature> handler) {
+  // On the caller's thread: the work it has queued on its devices' streams is
+  // what staging must see (reported, if it fails, as the save's error).
+  detail::DeviceFences fences;
+  std::exception_ptr fence_error;
+  try {
+    fences = detail::DeviceFences(state_dict.to_ivalue());
+  } catch (...) {
+    fence_error = std::current_exception();
+  }
   auto cancel = std::make_shared<Impl::Cancel>();
   auto slot = asio::get_associated_cancellation_slot(handler);
   if (slot.is_connected())
@@ -144,7 +171,9 @@ void AsyncCheckpointer::do_save(std::filesystem::path path, StateDict state_dict
     std::move(handler)(e, std::move(w));
   };
   asio::co_spawn(
-      impl_->strand, impl_->save(std::move(path), std::move(state_dict), std::move(kwargs), cancel),
+      impl_->strand,
+      impl_->save(std::move(path), std::move(state_dict), std::move(kwargs), cancel, std::move(fences),
+                  fence_error),
       asio::bind_cancellation_slot(cancel->signal.slot(), asio::bind_executor(ex, std::move(complete))));
 }
 

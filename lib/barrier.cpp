@@ -3,6 +3,7 @@
 #include <ckpt/dist.hpp>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <map>
 #include <mutex>

@@ -1,6 +1,7 @@
 #include <ckpt/checkpointer.hpp>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 namespace ckpt {
 namespace {

@@ -39,15 +39,18 @@ void collect_devices(const c10::IValue& v, std::vector<c10::Device>& out) {
 using RegisterFn = int (*)(void*, std::size_t, unsigned int);
 using UnregisterFn = int (*)(void*);
 using ErrorStringFn = const char* (*)(int);
+using GetLastErrorFn = int (*)();
 
 struct CudaRuntime {
   RegisterFn reg = nullptr;
   UnregisterFn unreg = nullptr;
   ErrorStringFn error_string = nullptr;
+  GetLastErrorFn get_last_error = nullptr;
   CudaRuntime() {
     reg = reinterpret_cast<RegisterFn>(::dlsym(RTLD_DEFAULT, "cudaHostRegister"));
     unreg = reinterpret_cast<UnregisterFn>(::dlsym(RTLD_DEFAULT, "cudaHostUnregister"));
     error_string = reinterpret_cast<ErrorStringFn>(::dlsym(RTLD_DEFAULT, "cudaGetErrorString"));
+    get_last_error = reinterpret_cast<GetLastErrorFn>(::dlsym(RTLD_DEFAULT, "cudaGetLastError"));
   }
 };
 
@@ -79,6 +82,16 @@ DeviceFences::DeviceFences(const c10::IValue& value) {
 void DeviceFences::block(const c10::Stream& stream) const {
   for (const auto& [device, event] : fences_)
     if (device == stream.device()) event->block(stream);
+}
+
+std::vector<c10::Stream> DeviceFences::waiting_streams() const {
+  std::vector<c10::Stream> streams;
+  for (const auto& [device, event] : fences_) {
+    c10::impl::VirtualGuardImpl impl(device.type());
+    streams.push_back(impl.getStreamFromGlobalPool(device));
+    event->block(streams.back());
+  }
+  return streams;
 }
 
 bool has_device_records(const Layout& layout) {
@@ -124,13 +137,16 @@ bool host_register(void* p, std::size_t n, std::string& why) {
   const int rc = rt.reg(p, n, 0 /* cudaHostRegisterDefault */);
   if (rc != 0) {
     why = rt.error_string ? rt.error_string(rc) : fmt::format("cudaHostRegister error {}", rc);
+    // The runtime keeps the error as this thread's last error too: torch checks
+    // that after its kernel launches, and would report it there.
+    if (rt.get_last_error) rt.get_last_error();
     return false;
   }
   return true;
 }
 
 void host_unregister(void* p) {
-  if (const auto& rt = cuda_runtime(); rt.unreg) rt.unreg(p);
+  if (const auto& rt = cuda_runtime(); rt.unreg && rt.unreg(p) != 0 && rt.get_last_error) rt.get_last_error();
 }
 
 }  // namespace ckpt::detail

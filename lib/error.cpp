@@ -1,6 +1,7 @@
 #include <ckpt/error.hpp>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <c10/util/Exception.h>
 

@@ -5,6 +5,7 @@
 #include "zip.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <zlib.h>
 
 #include <ATen/ATen.h>
@@ -253,7 +254,7 @@ struct FileReader::Impl {
       throw Mismatch(fmt::format("{}: '{}' is {} [{}] in the checkpoint but the target is {} [{}]",
                                  path.string(), key, c10::toString(info.dtype), fmt::join(info.sizes, ", "),
                                  c10::toString(target.scalar_type()), fmt::join(target.sizes(), ", ")));
-    at::NoGradGuard no_grad;
+    c10::NoGradGuard no_grad;
     const auto numel = target.numel();
     auto it = storages.find(info.storage_key);
     if (it == storages.end() && target.device().is_cpu() && target.is_contiguous() && contiguous(info) &&

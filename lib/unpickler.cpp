@@ -4,6 +4,7 @@
 #include "zip.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <c10/core/ScalarType.h>
 

@@ -1,6 +1,6 @@
 """Python torch reference timings for bench_format (run with /usr/bin/python3).
 
-usage: torch_reference.py save PATH N_TENSORS NUMEL   -> best of three torch.save + fsync
+usage: torch_reference.py save PATH N_TENSORS NUMEL [DEVICE]   -> best of three torch.save + fsync
        torch_reference.py load PATH                   -> one torch.load in this fresh process
 Prints one number, in seconds.
 """
@@ -20,8 +20,8 @@ def best(fn, runs=3):
     return min(times)
 
 
-def save(path, n, numel):
-    sd = {f"t{i}": torch.full((numel,), float(i)) for i in range(n)}
+def save(path, n, numel, device="cpu"):
+    sd = {f"t{i}": torch.full((numel,), float(i), device=device) for i in range(n)}
 
     def once():
         with open(path, "wb") as f:
@@ -38,6 +38,6 @@ def load(path):
 
 if __name__ == "__main__":
     if sys.argv[1] == "save":
-        print(save(sys.argv[2], int(sys.argv[3]), int(sys.argv[4])))
+        print(save(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), *sys.argv[5:6]))
     else:
         print(load(sys.argv[2]))
