@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <thread>
 
 namespace ckpt::dcp::detail {
 
@@ -77,8 +78,10 @@ DistWrapper::DistWrapper(std::shared_ptr<dist::ProcessGroupHandle> group, bool u
   // nobody reads them any more.
   if (call_ >= 2) {
     try {
-      for (int step = 0; step < 2; ++step)
+      for (int step = 0; step < 2; ++step) {
         group_->store->deleteKey(fmt::format("ckpt/dcp/{}/{}/done/{}", call_ - 2, step, rank_));
+        if (rank_ == 0) group_->store->deleteKey(fmt::format("ckpt/dcp/{}/{}/decided", call_ - 2, step));
+      }
     } catch (const std::exception&) {
       // a store that fails now fails the first step, where it is reported
     }
@@ -185,20 +188,43 @@ std::string DistWrapper::broadcast(const std::string& value) {
 }
 
 void DistWrapper::collective_failed(const std::string& step, const std::string& cause) {
+  // A collective fails fast when a peer's connection closes, while healthy
+  // ranks may still be in their step: a rank is named only once the step's
+  // time is up and it still has not finished it. The coordinator, whose own
+  // part of the step (merging, finish) runs after everyone's mark, is named
+  // when it did not mark that part done either.
   auto& store = *group_->store;
+  const std::string verdict = step_key("verdict");
+  const std::string decided = step_key("decided");
+  const auto done_key = [&](std::int64_t r) { return step_key(fmt::format("done/{}", r)); };
+  std::vector<std::string> all_done;
+  for (std::int64_t r = 0; r < world_; ++r) all_done.push_back(done_key(r));
+  const auto deadline = step_start_ + timeout_;
   std::map<std::int64_t, RankFailure> failures;
   try {
-    const std::string verdict = step_key("verdict");
-    if (store.check({verdict})) {
-      failures = decode_failures(string_of(store.get(verdict)));
-    } else {
-      for (std::int64_t r = 0; r < world_; ++r)
-        if (!store.check({fmt::format("ckpt/dcp/{}/{}/done/{}", call_, step_, r)}))
-          failures[r] = {"Timeout",
-                         fmt::format("rank {} did not finish step '{}' within {} ms: it died or hangs", r,
-                                     step, timeout_.count())};
-      if (!failures.empty())  // the first verdict stands: every rank raises the same
-        failures = decode_failures(string_of(store.compareSet(verdict, {}, bytes_of(encode(failures)))));
+    for (;;) {
+      if (store.check({verdict})) {
+        failures = decode_failures(string_of(store.get(verdict)));
+        break;
+      }
+      if (store.check(all_done) && store.check({decided})) break;  // the transport failed, not a rank
+      if (std::chrono::steady_clock::now() >= deadline) {
+        for (std::int64_t r = 0; r < world_; ++r)
+          if (!store.check({done_key(r)}))
+            failures[r] = {"Timeout",
+                           fmt::format("rank {} did not finish step '{}' within {} ms: it died or hangs", r,
+                                       step, timeout_.count())};
+        if (failures.empty() && !store.check({decided}))
+          failures[coordinator_] = {
+              "Timeout",
+              fmt::format("the coordinator (rank {}) did not finish its part of step '{}' within {} ms: "
+                          "it died or hangs",
+                          coordinator_, step, timeout_.count())};
+        if (!failures.empty())  // the first verdict stands: every rank raises the same
+          failures = decode_failures(string_of(store.compareSet(verdict, {}, bytes_of(encode(failures)))));
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
   } catch (const std::exception& e) {
     failures.clear();
@@ -230,6 +256,7 @@ std::string DistWrapper::run_step(
       }
     }
   } else {
+    step_start_ = std::chrono::steady_clock::now();
     try {
       group_->store->set(step_key(fmt::format("done/{}", rank_)), bytes_of("1"));
     } catch (const std::exception& e) {
@@ -263,6 +290,11 @@ std::string DistWrapper::run_step(
         if (!failures.empty())
           results.assign(out == Out::scatter ? static_cast<std::size_t>(world_) : 1,
                          kFailed + encode(failures));
+        try {
+          group_->store->set(step_key("decided"), bytes_of("1"));
+        } catch (const std::exception&) {
+          // the scatter below fails too, and is reported
+        }
       }
       mine = out == Out::scatter ? scatter(results) : broadcast(results.empty() ? std::string() : results[0]);
     } catch (const CollectiveFailure& f) {

@@ -6,9 +6,12 @@
 // Payloads are byte strings moved by Gloo (lengths first, so every rank knows
 // the buffer sizes): per rank O(its own payload), at the coordinator O(sum).
 // Each rank marks in the group's store that it finished a step before it
-// enters the collective; when a collective fails (a rank died, or did not come
-// within the timeout) the ranks without a mark are named, and the first rank
-// to name them leaves that verdict in the store for the others.
+// enters the collective, and the coordinator marks its own part of the step
+// (merging, finish) done before it sends the outcome. When a collective fails
+// (a rank died, or did not come within the timeout), the ranks still without
+// a mark when the step's time is up are named (the coordinator when only its
+// part is missing), and the first rank to name them leaves that verdict in the
+// store for the others.
 #pragma once
 
 #include <ckpt/dist.hpp>
@@ -62,6 +65,7 @@ class DistWrapper {
   std::int64_t world_ = 1;
   std::int64_t call_ = 0;
   std::int64_t step_ = -1;
+  std::chrono::steady_clock::time_point step_start_{};  // when this rank finished its part of the step
 };
 
 }  // namespace ckpt::dcp::detail

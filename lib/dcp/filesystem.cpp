@@ -12,6 +12,7 @@
 
 #include <ATen/core/Dict.h>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <zlib.h>
 
 #include <cerrno>

@@ -3,6 +3,7 @@
 #include <ckpt/dcp/storage.hpp>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <boost/json.hpp>
 
 #include <array>

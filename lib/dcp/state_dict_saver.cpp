@@ -69,7 +69,7 @@ Metadata save_state_dict(const DcpStateDict& state_dict, StorageWriter& storage,
         return out;
       });
 
-  const std::string metadata = dist.all_reduce(
+  dist.all_reduce(
       "write",
       [&] {
         SavePlan plan = planner->finish_plan(detail::decode_save_plan(central));
@@ -80,9 +80,13 @@ Metadata save_state_dict(const DcpStateDict& state_dict, StorageWriter& storage,
         results.reserve(all.size());
         for (const auto& s : all) results.push_back(detail::decode_write_results(s));
         storage.finish(global_metadata, results);
-        return detail::encode(global_metadata);
+        return std::string();
       });
-  return detail::decode_metadata(metadata);
+  // The whole metadata stays on the coordinator: sending it to every rank
+  // would cost each O(world) bytes. The others compute the global layout of
+  // their own keys, which needs no communication.
+  if (dist.is_coordinator()) return global_metadata;
+  return create_default_local_metadata(state_dict);
 }
 
 void load_state_dict(DcpStateDict& state_dict, StorageReader& storage, LoadPlanner* planner,

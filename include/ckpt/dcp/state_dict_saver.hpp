@@ -37,8 +37,11 @@ namespace ckpt::dcp {
 /// `group` null: the default process group, and no_dist when there is none and
 /// WORLD_SIZE is unset or 1. `no_dist`: this process saves alone, as rank 0
 /// and coordinator. `timeout`: how long a rank waits for the others at each
-/// step (default: the group's). Returns the checkpoint's metadata, the same on
-/// every rank. Throws CheckpointException.
+/// step (default: the group's). Returns the checkpoint's metadata on the
+/// coordinator; on the other ranks, create_default_local_metadata(state_dict)
+/// (the global layout of the keys this rank saved: the same as the
+/// coordinator's when every rank saves the same keys, and free, where sending
+/// the whole would cost every rank O(world) bytes). Throws CheckpointException.
 Metadata save_state_dict(const DcpStateDict& state_dict, StorageWriter& storage,
                          SavePlanner* planner = nullptr,
                          std::shared_ptr<dist::ProcessGroupHandle> group = nullptr,

@@ -1,0 +1,819 @@
+// The DCP core's collective save and load on real rank processes: upstream's
+// test/distributed/checkpoint/test_checkpoint.py (TestDistributedFailure,
+// test names kept) ported, and beyond it dead and hung ranks, resharding and
+// partial loads. Each case runs `ckpt-launch -n N --timeout S dcp_worker
+// SCENARIO DIR` (tests/support/dcp_worker.cpp: a real c10d group over TCPStore
+// and Gloo, the real filesystem storage layers, upstream's faulty ones over
+// them), or the worker alone without a launcher or group, then checks
+//   - the launcher's exit status (0: every rank saw what it expected),
+//   - every rank's `[rank R] RESULT <label> <outcome>` lines, against this
+//     file's own copy of upstream's fault tables,
+//   - the files in DIR, read here independently of the worker: which
+//     checkpoints were committed (`.metadata`), the data files, the bytes of
+//     every chunk against the values that were saved.
+// Nothing waits on a clock: a rank that waits where it should not shows as a
+// launcher failure (--timeout) or as this test's own bound on the launcher.
+// This process is a child subreaper, so a rank left behind is found, named and
+// killed.
+#include <ckpt/dcp/metadata.hpp>
+
+#define BOOST_TEST_MODULE dcp_checkpoint_test
+#include <boost/test/unit_test.hpp>
+
+#include <ckpt/dcp/planner.hpp>
+#include <ckpt/dcp/state_dict_saver.hpp>
+#include <ckpt/dcp/storage.hpp>
+#include <ckpt/error.hpp>
+
+#include "support/test_support.hpp"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <spawn.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+namespace fs = std::filesystem;
+using ckpt::dcp::ChunkShardingSpec;
+using ckpt::dcp::DcpStateDict;
+using ckpt::dcp::ShardedTensor;
+using ckpt::dcp::TensorStorageMetadata;
+using ckpt::test::TempDir;
+using Sizes = std::vector<std::int64_t>;
+
+namespace {
+
+constexpr int kRanks = 4;
+/// The group timeout the dead and hung rank scenarios run with: what every
+/// other rank waits for the missing one at a step.
+constexpr int kShortTimeout = 10;
+/// Slack of this test's bound on the launcher beyond the launcher's own
+/// --timeout (its 5 s grace to stop ranks, and more). Hang guards, not
+/// measurements: a scenario takes seconds.
+constexpr int kSlack = 30;
+
+fs::path bin_dir() {
+  return fs::canonical("/proc/self/exe").parent_path();
+}
+
+/// Ranks left behind are re-parented here, not to init.
+struct ChildSubreaper {
+  ChildSubreaper() { ckpt::test::become_child_subreaper(); }
+};
+
+struct Run {
+  int status = -1;     ///< the exit status, or 128 + signal
+  std::string output;  ///< stdout and stderr together
+  bool hung = false;   ///< killed by this test past its bound
+  std::vector<pid_t> left_behind;
+  /// rank → label → outcome, from `[rank R] RESULT <label> <outcome>` (a
+  /// worker run alone prints `RESULT ...`: rank 0).
+  std::map<int, std::map<std::string, std::string>> results;
+  std::vector<std::string> unexpected;  ///< `UNEXPECTED <label>` lines
+
+  /// The outcome rank `rank` reported for `label` ("(none)" when it did not).
+  std::string at(int rank, const std::string& label) const {
+    const auto r = results.find(rank);
+    if (r == results.end()) return "(none)";
+    const auto l = r->second.find(label);
+    return l == r->second.end() ? "(none)" : l->second;
+  }
+};
+
+bool starts_with(const std::string& text, const std::string& prefix) {
+  return text.compare(0, prefix.size(), prefix) == 0;
+}
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
+}
+
+void parse_results(Run& run) {
+  std::istringstream in(run.output);
+  for (std::string line; std::getline(in, line);) {
+    int rank = 0, used = 0;
+    if (std::sscanf(line.c_str(), "[rank %d] %n", &rank, &used) != 1 || used == 0) {
+      rank = 0;
+      used = 0;
+    }
+    std::string rest = line.substr(static_cast<std::size_t>(used));
+    if (starts_with(rest, "UNEXPECTED ")) {
+      run.unexpected.push_back(line);
+      continue;
+    }
+    if (!starts_with(rest, "RESULT ")) continue;
+    rest = rest.substr(7);
+    const auto space = rest.find(' ');
+    run.results[rank][rest.substr(0, space)] = space == std::string::npos ? "" : rest.substr(space + 1);
+  }
+}
+
+/// Runs `args` to its end (at most `bound`, then SIGKILL), capturing stdout
+/// and stderr. `alone`: without the launcher's variables in its environment.
+Run run_bounded(std::vector<std::string> args, std::chrono::seconds bound, bool alone = false) {
+  Run run;
+  int out[2];
+  BOOST_REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::vector<char*> envp;
+  for (char** e = environ; *e; ++e) {
+    const std::string var(*e);
+    const auto name = var.substr(0, var.find('='));
+    if (alone &&
+        (name == "RANK" || name == "WORLD_SIZE" || name == "LOCAL_RANK" || name == "LOCAL_WORLD_SIZE" ||
+         name == "GROUP_RANK" || name == "MASTER_ADDR" || name == "MASTER_PORT"))
+      continue;
+    envp.push_back(*e);
+  }
+  envp.push_back(nullptr);
+  posix_spawn_file_actions_t actions;
+  ::posix_spawn_file_actions_init(&actions);
+  ::posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
+  ::posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
+  ::posix_spawn_file_actions_adddup2(&actions, out[1], STDERR_FILENO);
+  pid_t pid = -1;
+  const int rc = ::posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), envp.data());
+  ::posix_spawn_file_actions_destroy(&actions);
+  ::close(out[1]);
+  BOOST_REQUIRE_MESSAGE(rc == 0, "cannot start " << args[0] << ": " << std::strerror(rc));
+  // Through syscall(): glibc 2.36's <sys/pidfd.h> lacks C linkage for C++.
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  BOOST_REQUIRE_MESSAGE(pidfd >= 0, "pidfd_open: " << std::strerror(errno));
+
+  const auto deadline = std::chrono::steady_clock::now() + bound;
+  int out_fd = out[0];
+  bool exited = false;
+  const auto reap = [&] {
+    int st = 0;
+    while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {
+    }
+    run.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+    exited = true;
+  };
+  while (!exited || out_fd >= 0) {
+    std::vector<pollfd> fds;
+    if (out_fd >= 0) fds.push_back({out_fd, POLLIN, 0});
+    if (!exited) fds.push_back({pidfd, POLLIN, 0});
+    const auto left =
+        std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
+    if (left <= 0) {
+      run.hung = true;
+      if (!exited) {
+        ::kill(pid, SIGKILL);
+        reap();
+      }
+      break;
+    }
+    if (::poll(fds.data(), fds.size(), static_cast<int>(left)) < 0 && errno != EINTR) break;
+    for (const auto& p : fds) {
+      if (!p.revents) continue;
+      if (p.fd == pidfd) {
+        reap();
+        continue;
+      }
+      char buf[65536];
+      const ssize_t n = ::read(p.fd, buf, sizeof buf);
+      if (n > 0) {
+        run.output.append(buf, static_cast<std::size_t>(n));
+      } else if (n == 0 || errno != EINTR) {
+        ::close(out_fd);
+        out_fd = -1;
+      }
+    }
+  }
+  if (out_fd >= 0) ::close(out_fd);
+  ::close(pidfd);
+  run.left_behind = ckpt::test::kill_leftover_children();
+  parse_results(run);
+  BOOST_TEST_MESSAGE(args[0] << " exited " << run.status << "; output:\n" << run.output);
+  return run;
+}
+
+/// Runs the worker's `scenario` on `ranks` ranks through ckpt-launch (its
+/// --timeout `launcher_timeout`), to its end. `group_timeout`: the worker's
+/// process group timeout, when not its default.
+Run launch(int ranks, const std::string& scenario, const fs::path& dir, int launcher_timeout,
+           std::optional<int> group_timeout = std::nullopt) {
+  std::vector<std::string> args{(bin_dir() / "ckpt-launch").string(),
+                                "-n",
+                                std::to_string(ranks),
+                                "--timeout",
+                                std::to_string(launcher_timeout),
+                                (bin_dir() / "dcp_worker").string(),
+                                scenario,
+                                dir.string()};
+  if (group_timeout) args.push_back(std::to_string(*group_timeout));
+  return run_bounded(std::move(args), std::chrono::seconds(launcher_timeout + kSlack));
+}
+
+/// Runs the worker's `scenario` alone: no launcher, no process group.
+Run run_alone(const std::string& scenario, const fs::path& dir) {
+  return run_bounded({(bin_dir() / "dcp_worker").string(), scenario, dir.string()}, std::chrono::seconds(120),
+                     true);
+}
+
+/// It ran to its end, left nothing behind, and exited 0: every rank saw what
+/// it expected, and reported something.
+void check_every_rank_as_expected(const Run& run, int ranks) {
+  BOOST_REQUIRE_MESSAGE(!run.hung, "the run did not finish within its bound:\n" << run.output);
+  BOOST_CHECK_MESSAGE(run.left_behind.empty(), run.left_behind.size() << " processes were left behind");
+  BOOST_CHECK_MESSAGE(run.status == 0, "exited " << run.status << ":\n" << run.output);
+  BOOST_CHECK_MESSAGE(run.unexpected.empty(),
+                      "unexpected: " << fmt::format("{}", fmt::join(run.unexpected, "; ")));
+  BOOST_CHECK_EQUAL(run.results.size(), static_cast<std::size_t>(ranks));
+}
+
+/// A run shared by the cases that check parts of it, run by the first of them.
+struct SharedRun {
+  TempDir dir;
+  Run run;
+};
+
+// --- upstream's fault tables (TestDistributedFailure), this test's own copy ----------
+
+/// One call of upstream's _test_save / _test_load: the coordinator, the fail
+/// key (empty: no fault) and the ranks it fails on.
+struct Case {
+  std::int64_t coordinator = 0;
+  std::string key;
+  std::vector<std::int64_t> ranks;
+  bool ignore_exception_type = false;
+};
+
+const std::vector<Case> kSaveCases{
+    {0, "fail_set_up_storage_writer", {0}}, {0, "fail_finish", {0}},     {0, "fail_prepare_global_plan", {0}},
+    {0, "fail_prepare_local_plan", {0}},    {0, "fail_write_data", {2}}, {0, "fail_write_data_async", {3}},
+    {1, "fail_set_up_storage_writer", {1}}, {1, "fail_finish", {1}},
+};
+const std::vector<Case> kSaveNoDistCases{
+    {0, "fail_set_up_storage_writer", {0}}, {0, "fail_finish", {0}},     {0, "fail_prepare_global_plan", {0}},
+    {0, "fail_prepare_local_plan", {0}},    {0, "fail_write_data", {0}}, {0, "fail_write_data_async", {0}},
+};
+const std::vector<Case> kLoadCases{
+    {0, "", {}},
+    {0, "fail_set_up_storage_reader", {0}},
+    {0, "fail_prepare_global_plan", {0}},
+    {0, "fail_read_metadata", {0}, true},
+    {0, "fail_prepare_local_plan", {1}},
+    {0, "fail_read_data", {3}},
+    {0, "fail_read_data_async", {1}},
+    {3, "fail_set_up_storage_reader", {0}},
+    {1, "fail_read_metadata", {3}, true},
+    {2, "fail_read_data", {0}},
+    {3, "fail_read_data_async", {2}},
+    {1, "fail_prepare_global_plan", {1}},
+};
+const std::vector<Case> kLoadNoDistCases{
+    {0, "", {}},
+    {0, "fail_set_up_storage_reader", {0}},
+    {0, "fail_read_metadata", {0}, true},
+    {0, "fail_prepare_local_plan", {0}},
+    {0, "fail_prepare_global_plan", {0}},
+    {0, "fail_read_data", {0}},
+    {0, "fail_read_data_async", {0}},
+};
+
+/// The worker's label of a case, also the directory a save case wrote to.
+std::string label_of(const std::string& table, const Case& c) {
+  return fmt::format("{}/c{}/{}", table, c.coordinator, c.key.empty() ? "none" : c.key);
+}
+
+/// Upstream's _test_dist_failure, on one rank's outcome line: no fault, no
+/// exception; else a CheckpointException whose failures are exactly the bad
+/// ranks, each a ValueError (std::invalid_argument) with the faulty layer's
+/// text, unless the type is ignored.
+void check_outcome(const Case& c, const std::string& outcome) {
+  if (c.ranks.empty()) {
+    BOOST_CHECK_EQUAL(outcome, "ok");
+    return;
+  }
+  const std::string ranks = fmt::format("CheckpointException ranks=[{}] ", fmt::join(c.ranks, ","));
+  if (c.ignore_exception_type) {
+    BOOST_CHECK_MESSAGE(starts_with(outcome, ranks), outcome);
+    return;
+  }
+  const bool async = c.key.size() > 6 && c.key.substr(c.key.size() - 6) == "_async";
+  std::vector<std::string> failures;
+  for (auto r : c.ranks)
+    failures.push_back(
+        fmt::format("{}:std::invalid_argument={}rank fail {} for {}", r, async ? "async " : "", r, c.key));
+  BOOST_CHECK_EQUAL(outcome, ranks + fmt::format("failures={{{}}}", fmt::join(failures, ";")));
+}
+
+/// Every case of `table` on every rank of `ranks`; for a save, the case's
+/// directory under `dir` holds a checkpoint exactly when no rank failed.
+void check_table(const Run& run, const fs::path& dir, const std::string& table,
+                 const std::vector<Case>& cases, const std::vector<int>& ranks, bool save) {
+  for (const auto& c : cases) {
+    const auto label = label_of(table, c);
+    BOOST_TEST_CONTEXT(label) {
+      for (int r : ranks) {
+        BOOST_TEST_CONTEXT("rank " << r) {
+          check_outcome(c, run.at(r, label));
+          if (save) BOOST_CHECK_EQUAL(run.at(r, label + "/committed"), c.ranks.empty() ? "yes" : "no");
+          if (!save && c.ranks.empty()) BOOST_CHECK_EQUAL(run.at(r, label + "/values"), "as-saved");
+        }
+      }
+      if (save) BOOST_CHECK(fs::exists(dir / label / ckpt::dcp::kMetadataFileName) == c.ranks.empty());
+    }
+  }
+}
+
+/// The 4-rank run of every fault case (one process group).
+const SharedRun& faults_run() {
+  static std::unique_ptr<SharedRun> shared;
+  if (!shared) {
+    shared = std::make_unique<SharedRun>();
+    shared->run = launch(kRanks, "faults", shared->dir.path(), 240);
+  }
+  check_every_rank_as_expected(shared->run, kRanks);
+  return *shared;
+}
+
+/// The worker alone, without a process group: the no-dist tables.
+const SharedRun& faults_alone_run() {
+  static std::unique_ptr<SharedRun> shared;
+  if (!shared) {
+    shared = std::make_unique<SharedRun>();
+    shared->run = run_alone("faults_alone", shared->dir.path());
+  }
+  check_every_rank_as_expected(shared->run, 1);
+  return *shared;
+}
+
+std::vector<int> all_ranks() {
+  return {0, 1, 2, 3};
+}
+
+/// The data files (`__<rank>_<token>.distcp`) of a checkpoint directory.
+std::set<std::string> data_files(const fs::path& dir) {
+  std::set<std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    const auto name = e.path().filename().string();
+    if (name.size() > 7 && name.substr(name.size() - 7) == ".distcp") out.insert(name);
+  }
+  return out;
+}
+
+// --- resharding ---------------------------------------------------------------------
+
+// The worker's deterministic global values (the same expressions).
+at::Tensor rows_value() {
+  return at::arange(120, at::kFloat).reshape({20, 6});
+}
+at::Tensor uneven_value() {
+  return at::arange(30, at::kDouble).reshape({10, 3}).sub_(7).mul_(0.25);
+}
+at::Tensor reshard_replicated_value() {
+  return at::arange(35, at::kFloat).reshape({7, 5}).mul_(1.5);
+}
+std::map<std::string, at::Tensor> reshard_globals() {
+  return {{"rows", rows_value()}, {"uneven", uneven_value()}, {"replicated", reshard_replicated_value()}};
+}
+
+at::Tensor slice_of(const at::Tensor& global, const Sizes& offsets, const Sizes& sizes) {
+  at::Tensor t = global;
+  for (std::size_t d = 0; d < offsets.size(); ++d)
+    t = t.narrow(static_cast<std::int64_t>(d), offsets[d], sizes[d]);
+  return t;
+}
+
+/// CRC-32 (IEEE, as zip's).
+std::uint32_t crc32_of(const std::string& bytes) {
+  static const auto table = [] {
+    std::array<std::uint32_t, 256> t{};
+    for (std::uint32_t i = 0; i < 256; ++i) {
+      std::uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  std::uint32_t c = 0xFFFFFFFFu;
+  for (unsigned char b : bytes) c = table[(c ^ b) & 0xFF] ^ (c >> 8);
+  return c ^ 0xFFFFFFFFu;
+}
+
+std::string read_range(const fs::path& file, std::uint64_t offset, std::uint64_t length) {
+  std::ifstream in(file, std::ios::binary);
+  in.seekg(static_cast<std::streamoff>(offset));
+  std::string bytes(length, '\0');
+  in.read(bytes.data(), static_cast<std::streamsize>(length));
+  BOOST_CHECK_MESSAGE(in.good(), "cannot read " << length << " bytes at " << offset << " of " << file);
+  return bytes;
+}
+
+/// The saved bytes of `fqn` in `dir`, read straight from the data files
+/// through the metadata's storage data: every chunk where the metadata says,
+/// with its CRC-32, holding its slice of `global`.
+void check_chunks_on_disk(const fs::path& dir, const ckpt::dcp::CheckpointMetadata& cm,
+                          const std::string& fqn, const at::Tensor& global) {
+  const auto& md = std::get<TensorStorageMetadata>(cm.metadata.state_dict_metadata.at(fqn));
+  for (const auto& chunk : md.chunks) {
+    BOOST_TEST_CONTEXT(fqn << " chunk at " << fmt::format("{}", fmt::join(chunk.offsets, ","))) {
+      const ckpt::dcp::StorageInfo* info = nullptr;
+      for (const auto& [index, si] : cm.storage_data)
+        if (index.fqn == fqn && index.offset == chunk.offsets) info = &si;
+      BOOST_REQUIRE_MESSAGE(info, "no storage data");
+      const auto expected = slice_of(global, chunk.offsets, chunk.sizes).contiguous();
+      BOOST_REQUIRE_EQUAL(info->length, expected.nbytes());
+      const auto bytes = read_range(dir / info->relative_path, info->offset, info->length);
+      BOOST_CHECK_EQUAL(info->crc32, crc32_of(bytes));
+      BOOST_CHECK_MESSAGE(std::memcmp(bytes.data(), expected.data_ptr(), bytes.size()) == 0,
+                          "the bytes on disk are not the saved values");
+    }
+  }
+}
+
+/// The saved chunks of `md` that overlap the chunk at `offsets` of `sizes`,
+/// in bytes: per saved chunk, the product over dims of min(end) − max(start)
+/// (none when any is ≤ 0). Independent of the library's planner.
+std::uint64_t overlap_bytes(const TensorStorageMetadata& md, const Sizes& offsets, const Sizes& sizes) {
+  std::uint64_t elements = 0;
+  for (const auto& chunk : md.chunks) {
+    std::uint64_t n = 1;
+    for (std::size_t d = 0; d < offsets.size(); ++d) {
+      const auto lo = std::max(chunk.offsets[d], offsets[d]);
+      const auto hi = std::min(chunk.offsets[d] + chunk.sizes[d], offsets[d] + sizes[d]);
+      n *= hi > lo ? static_cast<std::uint64_t>(hi - lo) : 0;
+    }
+    elements += n;
+  }
+  return elements * c10::elementSize(md.properties.dtype);
+}
+
+/// The 4-rank save that the resharding loads read.
+const SharedRun& reshard_checkpoint() {
+  static std::unique_ptr<SharedRun> shared;
+  if (!shared) {
+    shared = std::make_unique<SharedRun>();
+    shared->run = launch(kRanks, "reshard_save", shared->dir.path(), 120);
+  }
+  check_every_rank_as_expected(shared->run, kRanks);
+  for (int r = 0; r < kRanks; ++r) BOOST_CHECK_EQUAL(shared->run.at(r, "reshard_save"), "ok");
+  BOOST_REQUIRE(fs::exists(shared->dir / "reshard" / ckpt::dcp::kMetadataFileName));
+  return *shared;
+}
+
+/// A load of the resharded checkpoint on `ranks` ranks, each with its own
+/// sharding (by rows, then by columns).
+void check_reshard_load(int ranks) {
+  const auto& saved = reshard_checkpoint();
+  const auto run = launch(ranks, "reshard_load", saved.dir.path(), 120);
+  check_every_rank_as_expected(run, ranks);
+  for (int r = 0; r < ranks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      for (const std::string label : {"by_rows", "by_columns"}) {
+        BOOST_CHECK_EQUAL(run.at(r, label), "ok");
+        BOOST_CHECK_EQUAL(run.at(r, label + "/values"), "as-saved");
+        // "got=N expected=M", M computed by the worker from the metadata's
+        // chunks and its shards, independently of the library's planner.
+        const auto bytes = run.at(r, label + "/bytes_read");
+        unsigned long long got = 0, expected = 0;
+        BOOST_CHECK_MESSAGE(std::sscanf(bytes.c_str(), "got=%llu expected=%llu", &got, &expected) == 2,
+                            bytes);
+        BOOST_CHECK_EQUAL(got, expected);
+      }
+    }
+  }
+}
+
+// --- dead and hung ranks -----------------------------------------------------------
+
+/// The worker's scenario: `victim` dies (or hangs) in a storage call of a save
+/// (or a load); every other rank names it, alone, as a Timeout; nothing is
+/// committed. `slow`: a healthy rank still in that call when the victim died.
+void check_missing_rank(const std::string& scenario, int victim, const std::string& call, bool dies,
+                        bool load, int slow = -1) {
+  TempDir dir;
+  const auto run = launch(kRanks, scenario, dir.path(), 120, kShortTimeout);
+  check_every_rank_as_expected(run, kRanks);
+  const auto ckpt_dir = dir / "ckpt";
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      if (load) BOOST_CHECK_EQUAL(run.at(r, "save"), "ok");
+      if (r == victim) {
+        BOOST_CHECK_EQUAL(run.at(r, "victim"), (dies ? "dies in " : "hangs in ") + call);
+        // Let go once the others gave up, it came late: its call fails too.
+        if (!dies)
+          BOOST_CHECK_MESSAGE(starts_with(run.at(r, "late"), "CheckpointException "), run.at(r, "late"));
+        continue;
+      }
+      if (r == slow) BOOST_CHECK_EQUAL(run.at(r, "slow"), "went on after the victim died");
+      const auto outcome = run.at(r, "outcome");
+      BOOST_CHECK_MESSAGE(
+          starts_with(outcome,
+                      fmt::format("CheckpointException ranks=[{}] failures={{{}:Timeout=", victim, victim)),
+          outcome);
+      if (!load) BOOST_CHECK_EQUAL(run.at(r, "committed"), "no");
+    }
+  }
+  if (load) {
+    BOOST_CHECK(fs::exists(ckpt_dir / ckpt::dcp::kMetadataFileName));  // the checkpoint it loaded stays
+  } else {
+    BOOST_CHECK(!fs::exists(ckpt_dir / ckpt::dcp::kMetadataFileName));
+  }
+  if (dies && call == "write_data") {
+    // It left before writing: no data file of its own.
+    for (const auto& name : fs::exists(ckpt_dir) ? data_files(ckpt_dir) : std::set<std::string>{})
+      BOOST_CHECK_MESSAGE(!starts_with(name, fmt::format("__{}_", victim)), name);
+  }
+}
+
+/// The checkpoint of the missing_key scenario: a strict and a partial load.
+const SharedRun& missing_key_run() {
+  static std::unique_ptr<SharedRun> shared;
+  if (!shared) {
+    shared = std::make_unique<SharedRun>();
+    shared->run = launch(kRanks, "missing_key", shared->dir.path(), 120);
+  }
+  check_every_rank_as_expected(shared->run, kRanks);
+  for (int r = 0; r < kRanks; ++r) BOOST_CHECK_EQUAL(shared->run.at(r, "save"), "ok");
+  return *shared;
+}
+
+}  // namespace
+
+BOOST_TEST_GLOBAL_FIXTURE(ChildSubreaper);
+
+// =====================================================================================
+BOOST_AUTO_TEST_SUITE(TestDistributedFailure)
+
+// Upstream saves through a writer that does nothing; here the faulty writer
+// without faults delegates to the real FileSystemWriter: the checkpoint is
+// committed, with every rank's data file and every key.
+BOOST_AUTO_TEST_CASE(test_dummy_writer_works) {
+  const auto& shared = faults_run();
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      BOOST_CHECK_EQUAL(shared.run.at(r, "test_dummy_writer_works"), "ok");
+      BOOST_CHECK_EQUAL(shared.run.at(r, "test_dummy_writer_works/committed"), "yes");
+    }
+  }
+  const auto dir = shared.dir / "dummy";
+  BOOST_REQUIRE(fs::exists(dir / ckpt::dcp::kMetadataFileName));
+  const auto cm = ckpt::dcp::read_checkpoint_metadata(dir);
+  const auto& keys = cm.metadata.state_dict_metadata;
+  BOOST_CHECK_EQUAL(keys.size(), 3u);
+  BOOST_REQUIRE(keys.count("sharded") && keys.count("replicated") && keys.count("bytes"));
+  BOOST_CHECK(std::holds_alternative<ckpt::dcp::BytesStorageMetadata>(keys.at("bytes")));
+  BOOST_CHECK_EQUAL(std::get<TensorStorageMetadata>(keys.at("sharded")).chunks.size(), 4u);
+  BOOST_CHECK_EQUAL(std::get<TensorStorageMetadata>(keys.at("replicated")).chunks.size(), 1u);
+  check_chunks_on_disk(dir, cm, "sharded", at::arange(400, at::kFloat).reshape({20, 20}).div_(8));
+  check_chunks_on_disk(dir, cm, "replicated",
+                       at::arange(100, at::kFloat).reshape({10, 10}).mul_(0.5).sub_(3));
+  BOOST_CHECK_EQUAL(data_files(dir).size(), static_cast<std::size_t>(kRanks));  // every rank has a shard
+}
+
+// Upstream loads through a reader that reads nothing; here the values saved
+// come back on every rank (sharded, replicated and the bytes [1, 2, 3, 4]).
+BOOST_AUTO_TEST_CASE(test_dummy_reader_works) {
+  const auto& shared = faults_run();
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      BOOST_CHECK_EQUAL(shared.run.at(r, "test_dummy_reader_works"), "ok");
+      BOOST_CHECK_EQUAL(shared.run.at(r, "test_dummy_reader_works/values"), "as-saved");
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(test_save_error_handling) {
+  const auto& shared = faults_run();
+  check_table(shared.run, shared.dir.path(), "test_save_error_handling", kSaveCases, all_ranks(), true);
+}
+
+// Upstream runs it without a process group: here both the worker alone (no
+// group) and rank 0 of the 4-rank job with no_dist = true (the group left
+// aside; the other ranks wait).
+BOOST_AUTO_TEST_CASE(test_save_error_handling_no_dist) {
+  const auto& alone = faults_alone_run();
+  BOOST_TEST_CONTEXT("alone") {
+    check_table(alone.run, alone.dir.path(), "test_save_error_handling_no_dist", kSaveNoDistCases, {0}, true);
+  }
+  const auto& shared = faults_run();
+  BOOST_TEST_CONTEXT("rank 0 of 4") {
+    check_table(shared.run, shared.dir.path(), "test_save_error_handling_no_dist", kSaveNoDistCases, {0},
+                true);
+  }
+}
+
+BOOST_AUTO_TEST_CASE(test_load_error_handling) {
+  const auto& shared = faults_run();
+  check_table(shared.run, shared.dir.path(), "test_load_error_handling", kLoadCases, all_ranks(), false);
+}
+
+BOOST_AUTO_TEST_CASE(test_load_error_handling_no_dist) {
+  const auto& alone = faults_alone_run();
+  BOOST_TEST_CONTEXT("alone") {
+    check_table(alone.run, alone.dir.path(), "test_load_error_handling_no_dist", kLoadNoDistCases, {0},
+                false);
+  }
+  const auto& shared = faults_run();
+  BOOST_TEST_CONTEXT("rank 0 of 4") {
+    check_table(shared.run, shared.dir.path(), "test_load_error_handling_no_dist", kLoadNoDistCases, {0},
+                false);
+  }
+}
+
+// Beyond upstream: no group and no_dist left false (WORLD_SIZE unset): the
+// save and the load run alone all the same.
+BOOST_AUTO_TEST_CASE(save_and_load_without_a_group_need_no_no_dist) {
+  const auto& alone = faults_alone_run();
+  BOOST_CHECK_EQUAL(alone.run.at(0, "implicit_no_dist/save"), "ok");
+  BOOST_CHECK_EQUAL(alone.run.at(0, "implicit_no_dist/load"), "ok");
+  BOOST_CHECK_EQUAL(alone.run.at(0, "implicit_no_dist/values"), "as-saved");
+  BOOST_CHECK(fs::exists(alone.dir / "implicit_no_dist" / ckpt::dcp::kMetadataFileName));
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// =====================================================================================
+// A rank that dies or hangs: every other rank raises, within the (short)
+// timeout, a CheckpointException naming it as a Timeout. One scenario per
+// launch (the group is out of step afterwards). Rank 0 hosts the TCPStore, so
+// the victim is never rank 0; a victim that is the coordinator is named too.
+BOOST_AUTO_TEST_SUITE(missing_rank)
+
+// Rank 1 is still writing when rank 3 dies (it goes on once rank 3's process
+// is gone): it is not named, though the others may learn of the death at once.
+BOOST_AUTO_TEST_CASE(rank_that_dies_in_write_data_is_named_by_every_other_rank) {
+  check_missing_rank("rank_dies_in_write_data", 3, "write_data", true, false, 1);
+}
+
+BOOST_AUTO_TEST_CASE(coordinator_that_dies_in_write_data_is_named_by_every_other_rank) {
+  check_missing_rank("coordinator_dies_in_write_data", 2, "write_data", true, false, 1);
+}
+
+BOOST_AUTO_TEST_CASE(coordinator_that_dies_in_finish_is_named_by_every_other_rank) {
+  check_missing_rank("coordinator_dies_in_finish", 1, "finish", true, false);
+}
+
+BOOST_AUTO_TEST_CASE(rank_that_hangs_in_read_data_is_named_by_every_other_rank) {
+  check_missing_rank("rank_hangs_in_read_data", 3, "read_data", false, true);
+}
+
+BOOST_AUTO_TEST_CASE(rank_that_hangs_in_set_up_storage_writer_is_named_by_every_other_rank) {
+  check_missing_rank("rank_hangs_in_set_up_storage_writer", 2, "set_up_storage_writer", false, false);
+}
+
+BOOST_AUTO_TEST_CASE(coordinator_that_hangs_in_prepare_local_plan_is_named_by_every_other_rank) {
+  check_missing_rank("coordinator_hangs_in_prepare_local_plan", 1, "prepare_local_plan", false, false);
+}
+
+// The coordinator's own step of a collective (here prepare_global_plan, which
+// only it runs): every rank finished the step's local part, yet the
+// coordinator never answers.
+BOOST_AUTO_TEST_CASE(coordinator_that_hangs_in_prepare_global_plan_is_named_by_every_other_rank) {
+  check_missing_rank("coordinator_hangs_in_prepare_global_plan", 2, "prepare_global_plan", false, true);
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// =====================================================================================
+// A checkpoint saved by 4 ranks (rows: 20×6 float, uneven: 10×3 double in
+// shards of 3, 3, 3, 1 rows, replicated: 7×5 float) loads on 2, 3 and 1
+// ranks with other shardings; each rank reads exactly the metadata and the
+// bytes of the saved chunks that overlap its own.
+BOOST_AUTO_TEST_SUITE(resharding)
+
+BOOST_AUTO_TEST_CASE(save_on_4_ranks_writes_a_data_file_per_rank_and_the_metadata) {
+  const auto& shared = reshard_checkpoint();
+  const auto dir = shared.dir / "reshard";
+  std::set<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.insert(e.path().filename().string());
+  BOOST_CHECK((names == std::set<std::string>{"__0_0.distcp", "__1_0.distcp", "__2_0.distcp", "__3_0.distcp",
+                                              ckpt::dcp::kMetadataFileName}));
+  const auto cm = ckpt::dcp::read_checkpoint_metadata(dir);
+  const auto& keys = cm.metadata.state_dict_metadata;
+  BOOST_CHECK_EQUAL(keys.size(), 3u);
+  BOOST_REQUIRE(keys.count("rows") && keys.count("uneven") && keys.count("replicated"));
+  const auto& rows = std::get<TensorStorageMetadata>(keys.at("rows"));
+  BOOST_CHECK(rows.properties.dtype == at::kFloat);
+  BOOST_CHECK(rows.size == (Sizes{20, 6}));
+  BOOST_REQUIRE_EQUAL(rows.chunks.size(), 4u);
+  const auto& uneven = std::get<TensorStorageMetadata>(keys.at("uneven"));
+  BOOST_CHECK(uneven.properties.dtype == at::kDouble);
+  BOOST_CHECK(uneven.size == (Sizes{10, 3}));
+  BOOST_REQUIRE_EQUAL(uneven.chunks.size(), 4u);
+  std::set<std::pair<Sizes, Sizes>> rows_chunks, uneven_chunks;
+  for (const auto& c : rows.chunks) rows_chunks.insert({c.offsets, c.sizes});
+  for (const auto& c : uneven.chunks) uneven_chunks.insert({c.offsets, c.sizes});
+  BOOST_CHECK((rows_chunks == std::set<std::pair<Sizes, Sizes>>{
+                                  {{0, 0}, {5, 6}}, {{5, 0}, {5, 6}}, {{10, 0}, {5, 6}}, {{15, 0}, {5, 6}}}));
+  BOOST_CHECK((uneven_chunks == std::set<std::pair<Sizes, Sizes>>{
+                                    {{0, 0}, {3, 3}}, {{3, 0}, {3, 3}}, {{6, 0}, {3, 3}}, {{9, 0}, {1, 3}}}));
+  // Replicated on every rank, written once.
+  const auto& replicated = std::get<TensorStorageMetadata>(keys.at("replicated"));
+  BOOST_REQUIRE_EQUAL(replicated.chunks.size(), 1u);
+  BOOST_CHECK((replicated.chunks[0] == ckpt::dcp::ChunkStorageMetadata{{0, 0}, {7, 5}}));
+  for (const auto& [fqn, global] : reshard_globals()) check_chunks_on_disk(dir, cm, fqn, global);
+  // Each file names a real data file of this directory.
+  for (const auto& [index, info] : cm.storage_data)
+    BOOST_CHECK_MESSAGE(names.count(info.relative_path), index.fqn);
+}
+
+BOOST_AUTO_TEST_CASE(load_on_2_ranks) {
+  check_reshard_load(2);
+}
+
+BOOST_AUTO_TEST_CASE(load_on_3_ranks) {
+  check_reshard_load(3);
+}
+
+// One process, no group (no_dist): plain tensors of the global sizes, then a
+// sharded tensor of which this process (rank 0) holds the first columns.
+BOOST_AUTO_TEST_CASE(load_without_a_process_group) {
+  const auto& shared = reshard_checkpoint();
+  const auto dir = shared.dir / "reshard";
+  const auto cm = ckpt::dcp::read_checkpoint_metadata(dir);
+  const auto metadata_size = fs::file_size(dir / ckpt::dcp::kMetadataFileName);
+  const auto md = [&](const std::string& fqn) -> const TensorStorageMetadata& {
+    return std::get<TensorStorageMetadata>(cm.metadata.state_dict_metadata.at(fqn));
+  };
+  {
+    DcpStateDict sd{{"rows", at::zeros({20, 6}, at::kFloat)},
+                    {"uneven", at::zeros({10, 3}, at::kDouble)},
+                    {"replicated", at::zeros({7, 5}, at::kFloat)}};
+    ckpt::dcp::FileSystemReader reader(dir);
+    BOOST_REQUIRE_NO_THROW(ckpt::dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true));
+    std::uint64_t expected = metadata_size;
+    for (const auto& [fqn, value] : sd) {
+      const auto& t = std::get<at::Tensor>(value);
+      BOOST_CHECK_MESSAGE(ckpt::test::identical(t, reshard_globals().at(fqn)), fqn);
+      expected += overlap_bytes(md(fqn), Sizes(static_cast<std::size_t>(t.dim()), 0), t.sizes().vec());
+    }
+    BOOST_CHECK_EQUAL(reader.bytes_read(), expected);
+  }
+  {
+    const ChunkShardingSpec by_columns{1, {"rank:0/cpu", "rank:1/cpu"}};
+    DcpStateDict sd{{"rows", ShardedTensor::zeros(by_columns, {20, 6}, 0, at::kFloat)}};
+    ckpt::dcp::FileSystemReader reader(dir);
+    BOOST_REQUIRE_NO_THROW(ckpt::dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true));
+    const auto& st = std::get<ShardedTensor>(sd[0].second);
+    BOOST_REQUIRE_EQUAL(st.local_shards().size(), 1u);
+    const auto& shard = st.local_shards()[0];
+    BOOST_CHECK((shard.metadata.offsets == Sizes{0, 0}) && (shard.metadata.sizes == Sizes{20, 3}));
+    BOOST_CHECK(ckpt::test::identical(shard.tensor, rows_value().narrow(1, 0, 3)));
+    BOOST_CHECK_EQUAL(reader.bytes_read(), metadata_size + overlap_bytes(md("rows"), shard.metadata.offsets,
+                                                                         shard.metadata.sizes));
+  }
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// =====================================================================================
+// A checkpoint of "a" loaded into a state dict that also has "b" (a tensor)
+// and "c" (a sharded tensor), on 4 ranks.
+BOOST_AUTO_TEST_SUITE(partial_load)
+
+BOOST_AUTO_TEST_CASE(strict_load_of_keys_the_checkpoint_lacks_fails_on_every_rank) {
+  const auto& shared = missing_key_run();
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      const auto outcome = shared.run.at(r, "strict");
+      BOOST_CHECK_MESSAGE(
+          starts_with(outcome, "CheckpointException ranks=[0,1,2,3] failures={0:MissingKeys="), outcome);
+      for (int f = 1; f < kRanks; ++f)
+        BOOST_CHECK_MESSAGE(contains(outcome, fmt::format(";{}:MissingKeys=", f)), outcome);
+    }
+  }
+}
+
+BOOST_AUTO_TEST_CASE(allow_partial_load_leaves_the_keys_the_checkpoint_lacks_untouched) {
+  const auto& shared = missing_key_run();
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      BOOST_CHECK_EQUAL(shared.run.at(r, "partial"), "ok");
+      BOOST_CHECK_EQUAL(shared.run.at(r, "partial/values"), "as-saved");
+    }
+  }
+}
+
+BOOST_AUTO_TEST_SUITE_END()

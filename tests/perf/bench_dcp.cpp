@@ -1,0 +1,217 @@
+// The DCP core's coordination costs, and how they grow with the ranks.
+//
+// usage: bench_dcp [DIR]   (default DIR $TMPDIR or /tmp)
+//
+// Run without RANK it is the driver and prints two tables.
+//   1. 1, 2, 4, 8 and 16 local ranks (under ckpt-launch, found beside it) save
+//      and load a small model state through save_state_dict/load_state_dict:
+//      64 keys sharded over the ranks (16 KiB per rank each), 8 replicated
+//      keys and one value. Reported: this rank's local plan and the
+//      checkpoint's metadata in bytes, the time of a save and of a load, and
+//      those times as multiples of a bare Gloo barrier measured in the same
+//      run (the reference).
+//   2. In this process, the coordinator's share for 16 to 10,000 ranks: the
+//      local plans of N ranks are made and encoded, then decoded, merged and
+//      validated (create_global_plan) and the global plans and metadata
+//      encoded, as the coordinator does. Reported: bytes gathered, metadata
+//      bytes, and microseconds and bytes per rank (flat means O(N)).
+// Each measured section of table 1 starts and ends at a Gloo barrier; rank 0
+// reports the slowest rank's time.
+#include <ckpt/ckpt.hpp>
+
+#include "dcp/serialize.hpp"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace fs = std::filesystem;
+namespace dcp = ckpt::dcp;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr int kShardedKeys = 64;
+constexpr int kReplicatedKeys = 8;
+constexpr std::int64_t kRowsPerRank = 16;
+constexpr std::int64_t kCols = 256;  // 16 rows × 256 floats = 16 KiB per rank and key
+
+std::string capture(const std::string& cmd) {
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) throw std::runtime_error("cannot run " + cmd);
+  char buf[4096];
+  std::string out;
+  while (std::fgets(buf, sizeof buf, p)) out += buf;
+  if (::pclose(p) != 0) throw std::runtime_error("failed: " + cmd + "\n" + out);
+  return out;
+}
+
+std::vector<double> result_of(const std::string& output) {
+  const auto at = output.find("[rank 0] RESULT");
+  if (at == std::string::npos) throw std::runtime_error("no result in:\n" + output);
+  std::vector<double> out;
+  std::size_t pos = at + std::string("[rank 0] RESULT").size();
+  const auto end = output.find('\n', pos);
+  while (pos < end) {
+    std::size_t used = 0;
+    out.push_back(std::stod(output.substr(pos, end - pos), &used));
+    pos += used;
+    while (pos < end && output[pos] == ' ') ++pos;
+  }
+  return out;
+}
+
+double timed(c10d::ProcessGroup& group, const std::function<void()>& fn) {
+  group.barrier()->wait();
+  const auto start = Clock::now();
+  fn();
+  double mine = std::chrono::duration<double>(Clock::now() - start).count();
+  std::vector<at::Tensor> t{at::full({1}, mine, at::kDouble)};
+  c10d::AllreduceOptions max;
+  max.reduceOp = c10d::ReduceOp::MAX;
+  group.allreduce(t, max)->wait();
+  return t[0].item<double>();
+}
+
+dcp::DcpStateDict model_state(std::int64_t world, std::int64_t rank) {
+  dcp::ChunkShardingSpec spec{0, {}};
+  for (std::int64_t r = 0; r < world; ++r) spec.placements.push_back(fmt::format("rank:{}/cpu", r));
+  dcp::DcpStateDict sd;
+  for (int k = 0; k < kShardedKeys; ++k)
+    sd.push_back({fmt::format("model.layers.{}.weight", k),
+                  dcp::ShardedTensor::full(spec, {kRowsPerRank * world, kCols}, rank, k)});
+  for (int k = 0; k < kReplicatedKeys; ++k)
+    sd.push_back({fmt::format("model.norm.{}.bias", k), at::full({256}, float(k))});
+  sd.push_back({"step", c10::IValue(static_cast<std::int64_t>(1000))});
+  return sd;
+}
+
+int rank_main(const fs::path& dir) {
+  auto pg = ckpt::dist::init_process_group();
+  auto& group = *pg->group;
+  const auto rank = pg->rank_info.global_rank;
+  const auto world = pg->rank_info.global_world_size;
+  auto sd = model_state(world, rank);
+  dcp::DefaultSavePlanner planner;
+  planner.set_up_planner(sd, rank == 0);
+  const auto plan_bytes = dcp::detail::encode(planner.create_local_plan()).size();
+
+  constexpr int kRounds = 10;
+  const double bare = timed(group, [&] {
+    for (int i = 0; i < kRounds; ++i) group.barrier()->wait();
+  });
+  const double save = timed(group, [&] {
+    for (int i = 0; i < kRounds; ++i) {
+      dcp::FileSystemWriter writer(dir / fmt::format("ckpt_{}", i), {.sync_files = false});
+      dcp::save_state_dict(sd, writer, nullptr, pg);
+    }
+  });
+  const double load = timed(group, [&] {
+    for (int i = 0; i < kRounds; ++i) {
+      dcp::FileSystemReader reader(dir / fmt::format("ckpt_{}", i));
+      dcp::load_state_dict(sd, reader, nullptr, pg);
+    }
+  });
+  const auto metadata_bytes = fs::file_size(dir / "ckpt_0" / dcp::kMetadataFileName);
+  if (rank == 0)
+    std::printf("RESULT %zu %ju %.6f %.6f %.6f\n", plan_bytes, static_cast<std::uintmax_t>(metadata_bytes),
+                save / kRounds, load / kRounds, bare / kRounds);
+  group.barrier()->wait();
+  return 0;
+}
+
+/// The coordinator's share of a save of N ranks, in this process.
+void coordinator_model() {
+  fmt::print("\nthe coordinator's share of a save, N ranks made in this process\n\n");
+  fmt::print("{:>6} {:>14} {:>14} {:>12} {:>14} {:>16}\n", "ranks", "gathered B", "metadata B", "coord ms",
+             "us per rank", "metadata B/rank");
+  for (std::int64_t n : {16, 128, 1000, 10000}) {
+    std::vector<std::string> gathered;
+    gathered.reserve(static_cast<std::size_t>(n));
+    for (std::int64_t r = 0; r < n; ++r) {
+      // A local plan as rank r makes it (its shards, the replicated keys, the value).
+      dcp::SavePlan plan;
+      for (int k = 0; k < kShardedKeys; ++k) {
+        dcp::WriteItem w;
+        w.index = {fmt::format("model.layers.{}.weight", k), std::vector<std::int64_t>{kRowsPerRank * r, 0},
+                   std::nullopt};
+        w.type = dcp::WriteItemType::shard;
+        w.tensor_data = dcp::TensorWriteData{
+            {{kRowsPerRank * r, 0}, {kRowsPerRank, kCols}}, {at::kFloat, false}, {kRowsPerRank * n, kCols}};
+        plan.items.push_back(std::move(w));
+      }
+      for (int k = 0; k < kReplicatedKeys; ++k) {
+        dcp::WriteItem w;
+        w.index = {fmt::format("model.norm.{}.bias", k), std::vector<std::int64_t>{0}, std::nullopt};
+        w.tensor_data = dcp::TensorWriteData{{{0}, {256}}, {at::kFloat, false}, {256}};
+        plan.items.push_back(std::move(w));
+      }
+      dcp::WriteItem value;
+      value.index = {"step", std::nullopt, std::nullopt};
+      value.type = dcp::WriteItemType::bytes;
+      plan.items.push_back(std::move(value));
+      gathered.push_back(dcp::detail::encode(plan));
+    }
+    std::size_t gathered_bytes = 0;
+    for (const auto& g : gathered) gathered_bytes += g.size();
+    const auto start = Clock::now();
+    std::vector<dcp::SavePlan> plans;
+    plans.reserve(gathered.size());
+    for (const auto& g : gathered) plans.push_back(dcp::detail::decode_save_plan(g));
+    dcp::DefaultSavePlanner planner;
+    auto [global, md] = planner.create_global_plan(std::move(plans));
+    std::size_t scattered = 0;
+    for (std::size_t r = 0; r < global.size(); ++r) {
+      global[r].storage_data = fmt::format("__{}_0", r);
+      scattered += dcp::detail::encode(global[r]).size();
+    }
+    dcp::CheckpointMetadata cm{md, {}};
+    for (const auto& p : global)
+      for (const auto& w : p.items) cm.storage_data[w.index] = {p.storage_data + ".distcp", 4096, 65536, 0};
+    const auto metadata = dcp::detail::encode_checkpoint_metadata(cm);
+    const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    fmt::print("{:>6} {:>14} {:>14} {:>12.1f} {:>14.1f} {:>16.0f}\n", n, gathered_bytes, metadata.size(), ms,
+               ms * 1e3 / static_cast<double>(n),
+               static_cast<double>(metadata.size()) / static_cast<double>(n));
+    (void)scattered;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  if (std::getenv("RANK") && argc >= 2) return rank_main(argv[1]);
+
+  const char* tmp = std::getenv("TMPDIR");
+  const fs::path root = fs::path(argc > 1 ? argv[1] : (tmp && *tmp ? tmp : "/tmp")) / "ckpt-bench-dcp";
+  const fs::path self = fs::canonical("/proc/self/exe");
+  const fs::path launcher = self.parent_path() / "ckpt-launch";
+
+  fmt::print(
+      "save_state_dict / load_state_dict of {} sharded keys ({} KiB per rank each), {} replicated keys\n"
+      "and a value; 10 rounds; reference: a bare Gloo barrier in the same run\n\n",
+      kShardedKeys, kRowsPerRank * kCols * 4 / 1024, kReplicatedKeys);
+  fmt::print("{:>5} {:>12} {:>12} {:>10} {:>10} {:>11} {:>14} {:>14}\n", "ranks", "local plan B",
+             "metadata B", "save ms", "load ms", "barrier ms", "save/barrier", "load/barrier");
+  for (int n : {1, 2, 4, 8, 16}) {
+    fs::remove_all(root);
+    fs::create_directories(root);
+    const auto r = result_of(capture(fmt::format("'{}' -n {} --timeout 600 '{}' '{}' 2>&1", launcher.string(),
+                                                 n, self.string(), root.string())));
+    fmt::print("{:>5} {:>12.0f} {:>12.0f} {:>10.2f} {:>10.2f} {:>11.3f} {:>14.1f} {:>14.1f}\n", n, r[0], r[1],
+               r[2] * 1e3, r[3] * 1e3, r[4] * 1e3, r[2] / r[4], r[3] / r[4]);
+  }
+  fs::remove_all(root);
+  coordinator_model();
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "bench_dcp: %s\n", e.what());
+  return 1;
+}

@@ -1,0 +1,847 @@
+// One rank of a DCP job, for tests/dcp_checkpoint_test.cpp: upstream's
+// test/distributed/checkpoint/test_checkpoint.py (TestDistributedFailure) on
+// real rank processes, a real c10d group (TCPStore + Gloo) and the real
+// filesystem storage layers.
+//
+//   ckpt-launch -n N --timeout S dcp_worker SCENARIO DIR [GROUP_TIMEOUT_S]   (a rank)
+//   dcp_worker SCENARIO DIR                     (the *_alone scenarios: no launcher,
+//                                                no process group, one process)
+//
+// What a rank does, in order:
+//   1. joins the default process group (RANK, WORLD_SIZE, MASTER_ADDR,
+//      MASTER_PORT from the launcher), every collective bounded by
+//      GROUP_TIMEOUT_S (default kBound; the dead and hung rank scenarios pass
+//      a short one, which save_state_dict / load_state_dict take as theirs);
+//   2. runs SCENARIO (see `scenarios` in main), printing one line per
+//      observation: `RESULT <label> <outcome>`, where <outcome> is `ok`,
+//      `CheckpointException ranks=[R,...] failures={R:<type>=<message>;...}`
+//      or `<type> msg=<message>` (messages on one line), or another fact
+//      (`as-saved`, `no`, `got=N expected=N`); a line `UNEXPECTED <label>`
+//      follows each observation that is not what this rank expected, and a
+//      line `DETAIL <text>` precedes each CheckpointException's (its what());
+//   3. meets the other ranks through the group's store (rank 0, which hosts
+//      the store, leaves last);
+//   4. exits 0 when every observation was the expected one (else 1, and the
+//      launcher reports it).
+// The test checks the same lines again, against its own copy of the tables.
+//
+// The storage layers of the fault scenarios are upstream's FaultyStorageWriter
+// and FaultyStorageReader, except that they delegate every call to a real
+// FileSystemWriter / FileSystemReader: a fault is injected before the real
+// call (so a failing finish never commits), a case without faults really saves
+// and loads. The dead and hung rank scenarios use the same layers with an
+// interceptor that, on one rank at one call, leaves the process (_Exit(0)
+// without finishing: exiting 0 lets the launcher keep the other ranks) or
+// blocks until the other ranks have timed out; where a rank dies, another
+// (healthy) rank may be held in the same call until the victim's process is
+// gone (a pidfd, no clock), so that it is still working when the others learn
+// of the death.
+// Every wait of this program is bounded (kBound, or the group's timeout).
+#include <ckpt/dcp/metadata.hpp>
+#include <ckpt/dcp/planner.hpp>
+#include <ckpt/dcp/state_dict_saver.hpp>
+#include <ckpt/dcp/storage.hpp>
+#include <ckpt/dist.hpp>
+#include <ckpt/error.hpp>
+
+#include <ATen/ATen.h>
+#include <ATen/core/ivalue.h>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <filesystem>
+#include <functional>
+#include <future>
+#include <map>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <poll.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using ckpt::dcp::ChunkShardingSpec;
+using ckpt::dcp::DcpStateDict;
+using ckpt::dcp::ShardedTensor;
+using ckpt::dcp::TensorStorageMetadata;
+using Sizes = std::vector<std::int64_t>;
+
+namespace {
+
+/// The bound on every wait of this program that is not a DCP call: only keeps
+/// a broken library from hanging a rank (the launcher's --timeout is longer).
+constexpr auto kBound = std::chrono::seconds(60);
+
+// --- values every rank can compute -----------------------------------------------
+
+/// The deterministic global values (exact in binary: every check is bitwise).
+at::Tensor sharded_value() {
+  return at::arange(400, at::kFloat).reshape({20, 20}).div_(8);
+}
+at::Tensor replicated_value() {
+  return at::arange(100, at::kFloat).reshape({10, 10}).mul_(0.5).sub_(3);
+}
+at::Tensor rows_value() {
+  return at::arange(120, at::kFloat).reshape({20, 6});
+}
+at::Tensor uneven_value() {
+  return at::arange(30, at::kDouble).reshape({10, 3}).sub_(7).mul_(0.25);
+}
+at::Tensor reshard_replicated_value() {
+  return at::arange(35, at::kFloat).reshape({7, 5}).mul_(1.5);
+}
+
+/// The part of `global` at `offsets` of `sizes`.
+at::Tensor slice_of(const at::Tensor& global, const Sizes& offsets, const Sizes& sizes) {
+  at::Tensor t = global;
+  for (std::size_t d = 0; d < offsets.size(); ++d)
+    t = t.narrow(static_cast<std::int64_t>(d), offsets[d], sizes[d]);
+  return t;
+}
+
+/// Upstream's get_spec(): dim `dim`, placements rank:0/cpu .. rank:N-1/cpu.
+ChunkShardingSpec spec_over(std::int64_t ranks, std::int64_t dim = 0) {
+  ChunkShardingSpec spec;
+  spec.dim = dim;
+  for (std::int64_t r = 0; r < ranks; ++r) spec.placements.push_back(fmt::format("rank:{}/cpu", r));
+  return spec;
+}
+
+/// `global` sharded by `spec`: this rank's shards hold their part of it.
+ShardedTensor sharded_from(const at::Tensor& global, const ChunkShardingSpec& spec, std::int64_t rank) {
+  auto st = ShardedTensor::zeros(spec, global.sizes().vec(), rank, global.scalar_type());
+  for (auto& s : st.local_shards()) s.tensor.copy_(slice_of(global, s.metadata.offsets, s.metadata.sizes));
+  return st;
+}
+
+c10::IValue int_list(const std::vector<std::int64_t>& values) {
+  c10::impl::GenericList list(c10::IntType::get());
+  for (auto v : values) list.push_back(v);
+  return list;
+}
+
+/// Upstream's "bytes": [1, 2, 3, 4].
+c10::IValue bytes_value() {
+  return int_list({1, 2, 3, 4});
+}
+
+bool is_bytes_value(const c10::IValue& v) {
+  if (!v.isList()) return false;
+  const auto list = v.toListRef();
+  if (list.size() != 4) return false;
+  for (std::size_t i = 0; i < 4; ++i)
+    if (!list[i].isInt() || list[i].toInt() != static_cast<std::int64_t>(i) + 1) return false;
+  return true;
+}
+
+/// Same dtype, same sizes, every element equal.
+bool identical(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == b.scalar_type() && a.sizes() == b.sizes() && (a.numel() == 0 || at::equal(a, b));
+}
+
+const c10::IValue* ivalue_at(const DcpStateDict& sd, const std::string& fqn) {
+  for (const auto& [k, v] : sd)
+    if (k == fqn) return std::get_if<c10::IValue>(&v);
+  return nullptr;
+}
+
+/// Whether every tensor and local shard of `sd` holds its part of its global
+/// value in `globals` (every other value of `sd` is left to the caller);
+/// "as-saved", or what differs.
+std::string compare_with(const DcpStateDict& sd, const std::map<std::string, at::Tensor>& globals) {
+  std::string wrong;
+  for (const auto& [fqn, value] : sd) {
+    if (std::holds_alternative<c10::IValue>(value)) continue;
+    const auto global = globals.find(fqn);
+    bool same = global != globals.end();
+    if (same && std::holds_alternative<at::Tensor>(value))
+      same = identical(std::get<at::Tensor>(value), global->second);
+    else if (same)
+      for (const auto& s : std::get<ShardedTensor>(value).local_shards())
+        same = same && identical(s.tensor, slice_of(global->second, s.metadata.offsets, s.metadata.sizes));
+    if (!same) wrong += (wrong.empty() ? "DIFFERENT:" : ",") + fqn;
+  }
+  return wrong.empty() ? "as-saved" : wrong;
+}
+
+// --- the faulty storage layers (upstream's, over the real ones) ----------------------
+
+/// fail key ("fail_write_data") → the ranks it fails on.
+using FailConf = std::map<std::string, std::vector<std::int64_t>>;
+/// Called on entry to each storage call with the call's name ("write_data").
+using Interceptor = std::function<void(const std::string& call)>;
+
+class TestStorageBase {
+ public:
+  TestStorageBase(FailConf fail_conf, std::int64_t rank, Interceptor intercept)
+      : fail_conf_(std::move(fail_conf)), rank_(rank), intercept_(std::move(intercept)) {}
+
+ protected:
+  void enter(const std::string& call) const {
+    if (intercept_) intercept_(call);
+  }
+  bool fails(const std::string& name) const {
+    const auto it = fail_conf_.find(name);
+    return it != fail_conf_.end() &&
+           std::find(it->second.begin(), it->second.end(), rank_) != it->second.end();
+  }
+  void fail_rank(const std::string& name) const {
+    if (fails(name)) throw std::invalid_argument(fmt::format("rank fail {} for {}", rank_, name));
+  }
+  /// A future holding upstream's async failure, when `name` fails on this rank.
+  template <class T>
+  std::optional<std::future<T>> fail_rank_async(const std::string& name) const {
+    if (!fails(name)) return std::nullopt;
+    std::promise<T> failed;
+    failed.set_exception(std::make_exception_ptr(
+        std::invalid_argument(fmt::format("async rank fail {} for {}", rank_, name))));
+    return failed.get_future();
+  }
+
+ private:
+  FailConf fail_conf_;
+  std::int64_t rank_;
+  Interceptor intercept_;
+};
+
+class FaultyStorageWriter : public TestStorageBase, public ckpt::dcp::StorageWriter {
+ public:
+  FaultyStorageWriter(fs::path path, FailConf fail_conf, std::int64_t rank, Interceptor intercept = {})
+      : TestStorageBase(std::move(fail_conf), rank, std::move(intercept)), real_(std::move(path)) {}
+
+  void reset(const std::optional<fs::path>& checkpoint_id) override { real_.reset(checkpoint_id); }
+  void set_up_storage_writer(bool is_coordinator) override {
+    enter("set_up_storage_writer");
+    fail_rank("fail_set_up_storage_writer");
+    real_.set_up_storage_writer(is_coordinator);
+  }
+  ckpt::dcp::SavePlan prepare_local_plan(ckpt::dcp::SavePlan plan) override {
+    enter("prepare_local_plan");
+    fail_rank("fail_prepare_local_plan");
+    return real_.prepare_local_plan(std::move(plan));
+  }
+  std::vector<ckpt::dcp::SavePlan> prepare_global_plan(std::vector<ckpt::dcp::SavePlan> plans) override {
+    enter("prepare_global_plan");
+    fail_rank("fail_prepare_global_plan");
+    return real_.prepare_global_plan(std::move(plans));
+  }
+  std::future<std::vector<ckpt::dcp::WriteResult>> write_data(const ckpt::dcp::SavePlan& plan,
+                                                              ckpt::dcp::SavePlanner& planner) override {
+    enter("write_data");
+    fail_rank("fail_write_data");
+    if (auto failed = fail_rank_async<std::vector<ckpt::dcp::WriteResult>>("fail_write_data_async"))
+      return std::move(*failed);
+    return real_.write_data(plan, planner);
+  }
+  void finish(const ckpt::dcp::Metadata& metadata,
+              const std::vector<std::vector<ckpt::dcp::WriteResult>>& results) override {
+    enter("finish");
+    fail_rank("fail_finish");  // before the commit point: nothing is committed
+    real_.finish(metadata, results);
+  }
+  bool validate_checkpoint_id(const fs::path& checkpoint_id) const override {
+    return real_.validate_checkpoint_id(checkpoint_id);
+  }
+
+ private:
+  ckpt::dcp::FileSystemWriter real_;
+};
+
+class FaultyStorageReader : public TestStorageBase, public ckpt::dcp::StorageReader {
+ public:
+  FaultyStorageReader(fs::path path, FailConf fail_conf, std::int64_t rank, Interceptor intercept = {})
+      : TestStorageBase(std::move(fail_conf), rank, std::move(intercept)), real_(std::move(path)) {}
+
+  void reset(const std::optional<fs::path>& checkpoint_id) override { real_.reset(checkpoint_id); }
+  ckpt::dcp::CheckpointMetadata read_metadata() override {
+    enter("read_metadata");
+    fail_rank("fail_read_metadata");
+    return real_.read_metadata();
+  }
+  void set_up_storage_reader(const ckpt::dcp::CheckpointMetadata& metadata, bool is_coordinator) override {
+    enter("set_up_storage_reader");
+    fail_rank("fail_set_up_storage_reader");
+    real_.set_up_storage_reader(metadata, is_coordinator);
+  }
+  ckpt::dcp::LoadPlan prepare_local_plan(ckpt::dcp::LoadPlan plan) override {
+    enter("prepare_local_plan");
+    fail_rank("fail_prepare_local_plan");
+    return real_.prepare_local_plan(std::move(plan));
+  }
+  std::vector<ckpt::dcp::LoadPlan> prepare_global_plan(std::vector<ckpt::dcp::LoadPlan> plans) override {
+    enter("prepare_global_plan");
+    fail_rank("fail_prepare_global_plan");
+    return real_.prepare_global_plan(std::move(plans));
+  }
+  std::future<void> read_data(const ckpt::dcp::LoadPlan& plan, ckpt::dcp::LoadPlanner& planner) override {
+    enter("read_data");
+    fail_rank("fail_read_data");
+    if (auto failed = fail_rank_async<void>("fail_read_data_async")) return std::move(*failed);
+    return real_.read_data(plan, planner);
+  }
+  bool validate_checkpoint_id(const fs::path& checkpoint_id) const override {
+    return real_.validate_checkpoint_id(checkpoint_id);
+  }
+
+ private:
+  ckpt::dcp::FileSystemReader real_;
+};
+
+// --- outcomes -----------------------------------------------------------------------
+
+std::string one_line(std::string text) {
+  for (std::size_t at; (at = text.find('\n')) != std::string::npos;) text.replace(at, 1, " | ");
+  return text;
+}
+
+bool starts_with(const std::string& text, const std::string& prefix) {
+  return text.compare(0, prefix.size(), prefix) == 0;
+}
+
+std::string describe(const std::map<std::int64_t, ckpt::RankFailure>& failures) {
+  std::vector<std::int64_t> ranks;
+  std::string text;
+  for (const auto& [rank, f] : failures) {
+    ranks.push_back(rank);
+    text += fmt::format("{}{}:{}={}", text.empty() ? "" : ";", rank, f.type, one_line(f.message));
+  }
+  return fmt::format("CheckpointException ranks=[{}] failures={{{}}}", fmt::join(ranks, ","), text);
+}
+
+/// What `body` did, as one line: "ok", the CheckpointException's failures, or
+/// another error's type and text.
+std::string outcome_of(const std::function<void()>& body) {
+  try {
+    body();
+    return "ok";
+  } catch (const ckpt::CheckpointException& e) {
+    std::printf("DETAIL %s\n", one_line(e.what()).c_str());  // for a reader of the log
+    return describe(e.failures());
+  } catch (...) {
+    const auto f = ckpt::describe_failure(std::current_exception());
+    return fmt::format("{} msg={}", f.type, one_line(f.message));
+  }
+}
+
+// --- a rank -------------------------------------------------------------------------
+
+class Rank {
+ public:
+  /// `join`: joins the default group with the launcher's variables; else
+  /// this process is alone (rank 0 of 1, no group).
+  Rank(std::string scenario, fs::path dir, std::chrono::seconds timeout, bool join)
+      : scenario_(std::move(scenario)), dir_(std::move(dir)) {
+    if (join) {
+      ckpt::dist::InitOptions options;
+      options.timeout = timeout;
+      pg_ = ckpt::dist::init_process_group(options);
+      rank_ = pg_->rank_info.global_rank;
+      world_ = pg_->rank_info.global_world_size;
+    }
+  }
+
+  std::int64_t rank() const { return rank_; }
+  std::int64_t world() const { return world_; }
+  const fs::path& dir() const { return dir_; }
+  /// The group's store (only with a group).
+  c10d::Store& store() const { return *pg_->store; }
+  bool all_expected() const { return all_expected_; }
+
+  /// Prints `RESULT label outcome` and records whether it was expected.
+  void report(const std::string& label, const std::string& outcome, bool expected) {
+    std::printf("RESULT %s %s\n", label.c_str(), outcome.c_str());
+    if (!expected) std::printf("UNEXPECTED %s\n", label.c_str());
+    std::fflush(stdout);
+    all_expected_ = all_expected_ && expected;
+  }
+  void expect(const std::string& label, const std::string& outcome, const std::string& wanted) {
+    report(label, outcome, outcome == wanted);
+  }
+
+  /// Returns once `n` ranks called meet(name, n) (through the group's store).
+  void meet(const std::string& name, std::int64_t n) {
+    if (!pg_) return;
+    const std::string key = scenario_ + "/meet/" + name;
+    if (pg_->store->add(key + "/count", 1) == n) pg_->store->set(key + "/all", {'1'});
+    pg_->store->wait({key + "/all"}, kBound);
+  }
+
+  /// The last step: rank 0 hosts the group's store, so it waits until every
+  /// other rank of `participants` is done with it.
+  void leave(std::int64_t participants) {
+    if (!pg_) return;
+    const std::string key = scenario_ + "/left";
+    if (rank_ == 0) {
+      if (participants > 1) pg_->store->wait({key + "/all"}, kBound);
+    } else if (pg_->store->add(key, 1) == participants - 1) {
+      pg_->store->set(key + "/all", {'1'});
+    }
+  }
+
+ private:
+  std::string scenario_;
+  fs::path dir_;
+  std::shared_ptr<ckpt::dist::ProcessGroupHandle> pg_;
+  std::int64_t rank_ = 0;
+  std::int64_t world_ = 1;
+  bool all_expected_ = true;
+};
+
+// --- 1. the fault tables (TestDistributedFailure) ---------------------------------
+
+/// One call of upstream's _test_save / _test_load: the coordinator, the fail
+/// key (empty: no fault) and the ranks it fails on.
+struct Case {
+  std::int64_t coordinator = 0;
+  std::string key;
+  std::vector<std::int64_t> ranks;
+  bool ignore_exception_type = false;
+};
+
+// test_save_error_handling
+const std::vector<Case> kSaveCases{
+    {0, "fail_set_up_storage_writer", {0}}, {0, "fail_finish", {0}},     {0, "fail_prepare_global_plan", {0}},
+    {0, "fail_prepare_local_plan", {0}},    {0, "fail_write_data", {2}}, {0, "fail_write_data_async", {3}},
+    {1, "fail_set_up_storage_writer", {1}}, {1, "fail_finish", {1}},
+};
+// test_save_error_handling_no_dist
+const std::vector<Case> kSaveNoDistCases{
+    {0, "fail_set_up_storage_writer", {0}}, {0, "fail_finish", {0}},     {0, "fail_prepare_global_plan", {0}},
+    {0, "fail_prepare_local_plan", {0}},    {0, "fail_write_data", {0}}, {0, "fail_write_data_async", {0}},
+};
+// test_load_error_handling
+const std::vector<Case> kLoadCases{
+    {0, "", {}},
+    {0, "fail_set_up_storage_reader", {0}},
+    {0, "fail_prepare_global_plan", {0}},
+    {0, "fail_read_metadata", {0}, true},
+    {0, "fail_prepare_local_plan", {1}},
+    {0, "fail_read_data", {3}},
+    {0, "fail_read_data_async", {1}},
+    {3, "fail_set_up_storage_reader", {0}},
+    {1, "fail_read_metadata", {3}, true},
+    {2, "fail_read_data", {0}},
+    {3, "fail_read_data_async", {2}},
+    {1, "fail_prepare_global_plan", {1}},
+};
+// test_load_error_handling_no_dist
+const std::vector<Case> kLoadNoDistCases{
+    {0, "", {}},
+    {0, "fail_set_up_storage_reader", {0}},
+    {0, "fail_read_metadata", {0}, true},
+    {0, "fail_prepare_local_plan", {0}},
+    {0, "fail_prepare_global_plan", {0}},
+    {0, "fail_read_data", {0}},
+    {0, "fail_read_data_async", {0}},
+};
+
+/// A case's label, also the directory a save case writes to (under DIR).
+std::string label_of(const std::string& table, const Case& c) {
+  return fmt::format("{}/c{}/{}", table, c.coordinator, c.key.empty() ? "none" : c.key);
+}
+
+/// What every rank must report for a failing case whose type is checked.
+std::string expected_failure(const Case& c) {
+  const bool async = c.key.size() > 6 && c.key.compare(c.key.size() - 6, 6, "_async") == 0;
+  std::map<std::int64_t, ckpt::RankFailure> failures;
+  for (auto r : c.ranks)
+    failures[r] = {"std::invalid_argument",
+                   fmt::format("{}rank fail {} for {}", async ? "async " : "", r, c.key)};
+  return describe(failures);
+}
+
+/// Upstream's _test_dist_failure: no fault, no exception; else a
+/// CheckpointException whose failures are exactly the bad ranks, each a
+/// ValueError (std::invalid_argument) unless the type is ignored.
+bool as_upstream_expects(const Case& c, const std::string& outcome) {
+  if (c.ranks.empty()) return outcome == "ok";
+  if (c.ignore_exception_type)
+    return starts_with(outcome, fmt::format("CheckpointException ranks=[{}] ", fmt::join(c.ranks, ",")));
+  return outcome == expected_failure(c);
+}
+
+FailConf fail_conf_of(const Case& c) {
+  if (c.key.empty()) return {};
+  return {{c.key, c.ranks}};
+}
+
+/// Upstream's TestDistributedFailure state dict (random values).
+DcpStateDict random_state_dict(const Rank& r) {
+  return {{"sharded", ShardedTensor::rand(spec_over(r.world()), {20, 20}, r.rank())},
+          {"replicated", at::rand({10, 10})},
+          {"bytes", bytes_value()}};
+}
+/// The no-dist tests' state dict.
+DcpStateDict random_no_dist_state_dict() {
+  return {{"replicated", at::rand({10, 10})}, {"bytes", bytes_value()}};
+}
+
+/// The state dict of the dummy checkpoint: deterministic values.
+DcpStateDict known_state_dict(const Rank& r) {
+  return {{"sharded", sharded_from(sharded_value(), spec_over(r.world()), r.rank())},
+          {"replicated", replicated_value()},
+          {"bytes", bytes_value()}};
+}
+/// A load target for it: zeros, and a list that is not [1, 2, 3, 4].
+DcpStateDict zero_state_dict(const Rank& r, bool with_sharded) {
+  DcpStateDict sd;
+  if (with_sharded)
+    sd.emplace_back("sharded", ShardedTensor::zeros(spec_over(r.world()), {20, 20}, r.rank()));
+  sd.emplace_back("replicated", at::zeros({10, 10}));
+  sd.emplace_back("bytes", int_list({0}));
+  return sd;
+}
+
+/// After a load of the dummy checkpoint: every value as saved.
+void check_loaded_known_values(Rank& r, const std::string& label, const DcpStateDict& sd, bool with_sharded) {
+  std::map<std::string, at::Tensor> globals{{"replicated", replicated_value()}};
+  if (with_sharded) globals.emplace("sharded", sharded_value());
+  std::string values = compare_with(sd, globals);
+  const auto* bytes = ivalue_at(sd, "bytes");
+  if (!bytes || !is_bytes_value(*bytes)) values += values == "as-saved" ? " DIFFERENT:bytes" : ",bytes";
+  r.report(label + "/values", values, values == "as-saved");
+}
+
+void run_save_case(Rank& r, const std::string& table, const Case& c, const DcpStateDict& sd, bool no_dist) {
+  const auto label = label_of(table, c);
+  const auto path = r.dir() / label;
+  const std::int64_t rank = no_dist ? 0 : r.rank();
+  FaultyStorageWriter writer(path, fail_conf_of(c), rank);
+  const auto outcome =
+      outcome_of([&] { ckpt::dcp::save_state_dict(sd, writer, nullptr, nullptr, c.coordinator, no_dist); });
+  r.report(label, outcome, as_upstream_expects(c, outcome));
+  const bool committed = fs::exists(path / ckpt::dcp::kMetadataFileName);
+  r.report(label + "/committed", committed ? "yes" : "no", committed == c.ranks.empty());
+}
+
+void run_load_case(Rank& r, const std::string& table, const Case& c, const fs::path& checkpoint,
+                   bool no_dist) {
+  const auto label = label_of(table, c);
+  const std::int64_t rank = no_dist ? 0 : r.rank();
+  // Upstream loads into its random state dict; a case without faults loads
+  // into zeros, to see the saved values arrive.
+  auto sd = c.ranks.empty() ? zero_state_dict(r, !no_dist)
+                            : (no_dist ? random_no_dist_state_dict() : random_state_dict(r));
+  FaultyStorageReader reader(checkpoint, fail_conf_of(c), rank);
+  const auto outcome =
+      outcome_of([&] { ckpt::dcp::load_state_dict(sd, reader, nullptr, nullptr, c.coordinator, no_dist); });
+  r.report(label, outcome, as_upstream_expects(c, outcome));
+  if (c.ranks.empty()) check_loaded_known_values(r, label, sd, !no_dist);
+}
+
+/// test_dummy_writer_works, test_dummy_reader_works: a save and a load of
+/// known values through the faulty layers without faults.
+void dummy_round_trip(Rank& r, bool no_dist) {
+  const auto path = r.dir() / "dummy";
+  const auto saved = no_dist ? DcpStateDict{{"replicated", replicated_value()}, {"bytes", bytes_value()}}
+                             : known_state_dict(r);
+  {
+    FaultyStorageWriter writer(path, {}, r.rank());
+    r.expect("test_dummy_writer_works",
+             outcome_of([&] { ckpt::dcp::save_state_dict(saved, writer, nullptr, nullptr, 0, no_dist); }),
+             "ok");
+    const bool committed = fs::exists(path / ckpt::dcp::kMetadataFileName);
+    r.report("test_dummy_writer_works/committed", committed ? "yes" : "no", committed);
+  }
+  auto sd = zero_state_dict(r, !no_dist);
+  FaultyStorageReader reader(path, {}, r.rank());
+  r.expect("test_dummy_reader_works",
+           outcome_of([&] { ckpt::dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, no_dist); }), "ok");
+  check_loaded_known_values(r, "test_dummy_reader_works", sd, !no_dist);
+}
+
+void no_dist_tables(Rank& r) {
+  const auto dummy = r.dir() / "dummy";
+  for (const auto& c : kSaveNoDistCases)
+    run_save_case(r, "test_save_error_handling_no_dist", c, random_no_dist_state_dict(), true);
+  for (const auto& c : kLoadNoDistCases) run_load_case(r, "test_load_error_handling_no_dist", c, dummy, true);
+}
+
+// faults: 4 ranks, one process group, every case in turn.
+void faults(Rank& r) {
+  dummy_round_trip(r, false);
+  for (const auto& c : kSaveCases)
+    run_save_case(r, "test_save_error_handling", c, random_state_dict(r), false);
+  for (const auto& c : kLoadCases) run_load_case(r, "test_load_error_handling", c, r.dir() / "dummy", false);
+  // The no-dist tables on rank 0 alone (no_dist = true, the group left aside).
+  if (r.rank() == 0) no_dist_tables(r);
+  r.meet("no-dist-done", r.world());
+  r.leave(r.world());
+}
+
+// faults_alone: one process without a process group (upstream's
+// test_*_no_dist, where dist is not initialized).
+void faults_alone(Rank& r) {
+  dummy_round_trip(r, true);
+  no_dist_tables(r);
+  // Beyond upstream: no group, no_dist left false, WORLD_SIZE unset: the save
+  // and the load run alone all the same.
+  const auto path = r.dir() / "implicit_no_dist";
+  const DcpStateDict saved{{"replicated", replicated_value()}, {"bytes", bytes_value()}};
+  ckpt::dcp::FileSystemWriter writer(path);
+  r.expect("implicit_no_dist/save", outcome_of([&] { ckpt::dcp::save_state_dict(saved, writer); }), "ok");
+  auto sd = zero_state_dict(r, false);
+  ckpt::dcp::FileSystemReader reader(path);
+  r.expect("implicit_no_dist/load", outcome_of([&] { ckpt::dcp::load_state_dict(sd, reader); }), "ok");
+  check_loaded_known_values(r, "implicit_no_dist", sd, false);
+}
+
+// --- 2. dead and hung ranks ------------------------------------------------------
+
+struct Missing {
+  std::int64_t victim;
+  std::string call;  ///< the storage call it dies or hangs in
+  bool dies;         ///< leaves the process; else blocks until the others timed out
+  std::int64_t coordinator;
+  bool load;  ///< in a load (of a checkpoint saved first); else in a save
+  /// A healthy rank that is still in the same call when the victim dies: it
+  /// goes on only once the victim's process is gone (-1: none).
+  std::int64_t slow = -1;
+};
+
+/// Returns once the process `pid` has exited (at most kBound).
+void wait_for_exit(pid_t pid) {
+  // Through syscall(): glibc 2.36's <sys/pidfd.h> lacks C linkage for C++.
+  const int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (fd < 0) {
+    if (errno == ESRCH) return;  // gone already
+    throw std::runtime_error(fmt::format("pidfd_open({}): {}", pid, std::strerror(errno)));
+  }
+  pollfd p{fd, POLLIN, 0};
+  const int n = ::poll(&p, 1, static_cast<int>(std::chrono::milliseconds(kBound).count()));
+  ::close(fd);
+  if (n != 1) throw std::runtime_error(fmt::format("process {} did not exit", pid));
+}
+
+// Every other rank raises a CheckpointException naming the victim alone, as a
+// Timeout; the victim, when it only hung, is let go once they have, and its
+// own call fails too (the others are gone). Nothing is committed.
+void missing_rank(Rank& r, const Missing& m) {
+  const auto path = r.dir() / "ckpt";
+  const auto sd = known_state_dict(r);
+  if (m.load) {
+    ckpt::dcp::FileSystemWriter writer(path);
+    r.expect("save", outcome_of([&] { ckpt::dcp::save_state_dict(sd, writer); }), "ok");
+  }
+  const std::string victim_pid = "victim-pid";
+  const Interceptor intercept = [&](const std::string& call) {
+    if (call != m.call) return;
+    if (r.rank() == m.slow) {
+      // Still in the call when the victim dies (well within the timeout).
+      r.store().wait({victim_pid}, kBound);
+      const auto pid = r.store().get(victim_pid);
+      wait_for_exit(static_cast<pid_t>(std::stol(std::string(pid.begin(), pid.end()))));
+      r.report("slow", "went on after the victim died", true);
+      return;
+    }
+    if (r.rank() != m.victim) return;
+    if (m.dies) {
+      const auto pid = std::to_string(::getpid());
+      r.store().set(victim_pid, std::vector<std::uint8_t>(pid.begin(), pid.end()));
+      r.report("victim", "dies in " + call, true);
+      std::fflush(stdout);
+      std::fflush(stderr);
+      std::_Exit(0);  // exits 0: the launcher lets the other ranks finish
+    }
+    r.report("victim", "hangs in " + call, true);
+    r.meet("timed-out", r.world());
+  };
+  // Every rank starts the call together: only the victim can run the
+  // (short) timeout out, however busy the machine is.
+  r.meet("ready", r.world());
+  const auto outcome = outcome_of([&] {
+    if (m.load) {
+      auto target = zero_state_dict(r, true);
+      FaultyStorageReader reader(path, {}, r.rank(), intercept);
+      ckpt::dcp::load_state_dict(target, reader, nullptr, nullptr, m.coordinator);
+    } else {
+      FaultyStorageWriter writer(path, {}, r.rank(), intercept);
+      ckpt::dcp::save_state_dict(sd, writer, nullptr, nullptr, m.coordinator);
+    }
+  });
+  if (r.rank() == m.victim) {
+    // Came late: the others have given up, so its call cannot succeed.
+    r.report("late", outcome, starts_with(outcome, "CheckpointException "));
+  } else {
+    r.report("outcome", outcome,
+             starts_with(outcome, fmt::format("CheckpointException ranks=[{}] failures={{{}:Timeout=",
+                                              m.victim, m.victim)));
+    if (!m.dies) r.meet("timed-out", r.world());
+  }
+  if (!m.load) {
+    const bool committed = fs::exists(path / ckpt::dcp::kMetadataFileName);
+    r.report("committed", committed ? "yes" : "no", !committed);
+  }
+  r.leave(m.dies ? r.world() - 1 : r.world());
+}
+
+// --- 3. resharding ------------------------------------------------------------------
+
+std::map<std::string, at::Tensor> reshard_globals() {
+  return {{"rows", rows_value()}, {"uneven", uneven_value()}, {"replicated", reshard_replicated_value()}};
+}
+
+// reshard_save: 4 ranks write DIR/reshard.
+void reshard_save(Rank& r) {
+  const DcpStateDict sd{{"rows", sharded_from(rows_value(), spec_over(r.world(), 0), r.rank())},
+                        {"uneven", sharded_from(uneven_value(), spec_over(r.world(), 0), r.rank())},
+                        {"replicated", reshard_replicated_value()}};
+  ckpt::dcp::FileSystemWriter writer(r.dir() / "reshard");
+  r.expect("reshard_save", outcome_of([&] { ckpt::dcp::save_state_dict(sd, writer); }), "ok");
+  r.leave(r.world());
+}
+
+/// Elements the chunk at `offsets` of `sizes` shares with the saved chunks of
+/// `md`, in bytes: per saved chunk, the product over dims of
+/// min(end) − max(start) (none when any is ≤ 0).
+std::uint64_t overlap_bytes(const TensorStorageMetadata& md, const Sizes& offsets, const Sizes& sizes) {
+  std::uint64_t elements = 0;
+  for (const auto& chunk : md.chunks) {
+    std::uint64_t n = 1;
+    for (std::size_t d = 0; d < offsets.size(); ++d) {
+      const auto lo = std::max(chunk.offsets[d], offsets[d]);
+      const auto hi = std::min(chunk.offsets[d] + chunk.sizes[d], offsets[d] + sizes[d]);
+      n *= hi > lo ? static_cast<std::uint64_t>(hi - lo) : 0;
+    }
+    elements += n;
+  }
+  return elements * c10::elementSize(md.properties.dtype);
+}
+
+/// What a FileSystemReader must have read to load `sd` from `directory`: its
+/// metadata file, and the bytes of every saved chunk that overlap a tensor or
+/// local shard of `sd`.
+std::uint64_t expected_bytes_read(const fs::path& directory, const DcpStateDict& sd) {
+  const auto saved = ckpt::dcp::read_checkpoint_metadata(directory);
+  std::uint64_t n = fs::file_size(directory / ckpt::dcp::kMetadataFileName);
+  for (const auto& [fqn, value] : sd) {
+    const auto& md = std::get<TensorStorageMetadata>(saved.metadata.state_dict_metadata.at(fqn));
+    if (const auto* t = std::get_if<at::Tensor>(&value))
+      n += overlap_bytes(md, Sizes(static_cast<std::size_t>(t->dim()), 0), t->sizes().vec());
+    else if (const auto* st = std::get_if<ShardedTensor>(&value))
+      for (const auto& s : st->local_shards()) n += overlap_bytes(md, s.metadata.offsets, s.metadata.sizes);
+  }
+  return n;
+}
+
+void load_and_check(Rank& r, const std::string& label, DcpStateDict sd) {
+  const auto path = r.dir() / "reshard";
+  ckpt::dcp::FileSystemReader reader(path);
+  r.expect(label, outcome_of([&] { ckpt::dcp::load_state_dict(sd, reader); }), "ok");
+  const auto values = compare_with(sd, reshard_globals());
+  r.report(label + "/values", values, values == "as-saved");
+  const auto expected = expected_bytes_read(path, sd);
+  r.report(label + "/bytes_read", fmt::format("got={} expected={}", reader.bytes_read(), expected),
+           reader.bytes_read() == expected);
+}
+
+// reshard_load: M ranks load DIR/reshard (saved by 4) with their own sharding.
+void reshard_load(Rank& r) {
+  const auto n = r.world();
+  load_and_check(r, "by_rows",
+                 {{"rows", ShardedTensor::zeros(spec_over(n, 0), {20, 6}, r.rank(), at::kFloat)},
+                  {"uneven", ShardedTensor::zeros(spec_over(n, 0), {10, 3}, r.rank(), at::kDouble)},
+                  {"replicated", at::zeros({7, 5}, at::kFloat)}});
+  // Sharded by columns: every saved chunk is read in strided runs.
+  load_and_check(r, "by_columns",
+                 {{"rows", ShardedTensor::zeros(spec_over(n, 1), {20, 6}, r.rank(), at::kFloat)},
+                  {"uneven", ShardedTensor::zeros(spec_over(n, 1), {10, 3}, r.rank(), at::kDouble)}});
+  r.leave(r.world());
+}
+
+// --- 4. partial loads -----------------------------------------------------------
+
+// missing_key: a checkpoint of "a" only, loaded into a state dict that also
+// has "b" (a tensor) and "c" (a sharded tensor).
+void missing_key(Rank& r) {
+  const auto path = r.dir() / "partial";
+  const auto a = at::arange(12, at::kFloat).reshape({3, 4});
+  {
+    ckpt::dcp::FileSystemWriter writer(path);
+    r.expect("save", outcome_of([&] { ckpt::dcp::save_state_dict({{"a", a}}, writer); }), "ok");
+  }
+  const auto target = [&] {
+    return DcpStateDict{{"a", at::zeros({3, 4})},
+                        {"b", at::full({2}, 7.0)},
+                        {"c", ShardedTensor::full(spec_over(r.world()), {8, 2}, r.rank(), 3.0)}};
+  };
+  {
+    auto sd = target();
+    ckpt::dcp::FileSystemReader reader(path);
+    std::optional<std::map<std::int64_t, ckpt::RankFailure>> failures;
+    const auto outcome = outcome_of([&] {
+      try {
+        ckpt::dcp::load_state_dict(sd, reader);
+      } catch (const ckpt::CheckpointException& e) {
+        failures = e.failures();
+        throw;
+      }
+    });
+    bool expected = failures && failures->size() == static_cast<std::size_t>(r.world());
+    if (failures)
+      for (const auto& [rank, f] : *failures) expected = expected && f.type == "MissingKeys";
+    r.report("strict", outcome, expected);
+  }
+  {
+    auto sd = target();
+    ckpt::dcp::FileSystemReader reader(path);
+    ckpt::dcp::DefaultLoadPlanner planner(/*allow_partial_load=*/true);
+    r.expect("partial", outcome_of([&] { ckpt::dcp::load_state_dict(sd, reader, &planner); }), "ok");
+    // "a" as saved, "b" and "c" as they were.
+    const auto values = compare_with(sd, {{"a", a}, {"b", at::full({2}, 7.0)}, {"c", at::full({8, 2}, 3.0)}});
+    r.report("partial/values", values, values == "as-saved");
+  }
+  r.leave(r.world());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  if (argc != 3 && argc != 4) {
+    std::fprintf(stderr, "usage: ckpt-launch -n N dcp_worker SCENARIO DIR [GROUP_TIMEOUT_S]\n");
+    return 2;
+  }
+  const std::string scenario = argv[1];
+  const auto timeout = argc == 4 ? std::chrono::seconds(std::stoi(argv[3])) : kBound;
+  const auto missing = [](Missing m) { return [m](Rank& r) { missing_rank(r, m); }; };
+  const std::map<std::string, std::function<void(Rank&)>> scenarios{
+      {"faults", faults},
+      {"faults_alone", faults_alone},
+      {"rank_dies_in_write_data", missing({3, "write_data", true, 0, false, 1})},
+      {"coordinator_dies_in_write_data", missing({2, "write_data", true, 2, false, 1})},
+      {"coordinator_dies_in_finish", missing({1, "finish", true, 1, false})},
+      {"rank_hangs_in_read_data", missing({3, "read_data", false, 0, true})},
+      {"rank_hangs_in_set_up_storage_writer", missing({2, "set_up_storage_writer", false, 0, false})},
+      {"coordinator_hangs_in_prepare_local_plan", missing({1, "prepare_local_plan", false, 1, false})},
+      {"coordinator_hangs_in_prepare_global_plan", missing({2, "prepare_global_plan", false, 2, true})},
+      {"reshard_save", reshard_save},
+      {"reshard_load", reshard_load},
+      {"missing_key", missing_key},
+  };
+  const auto it = scenarios.find(scenario);
+  if (it == scenarios.end()) {
+    std::fprintf(stderr, "dcp_worker: unknown scenario '%s'\n", scenario.c_str());
+    return 2;
+  }
+  const bool alone = scenario.size() > 6 && scenario.compare(scenario.size() - 6, 6, "_alone") == 0;
+  Rank rank(scenario, argv[2], timeout, !alone);
+  it->second(rank);
+  return rank.all_expected() ? 0 : 1;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "dcp_worker: %s\n", e.what());
+  return 1;
+}
