@@ -564,6 +564,25 @@ const SharedRun& missing_key_run() {
 BOOST_TEST_GLOBAL_FIXTURE(ChildSubreaper);
 
 // =====================================================================================
+BOOST_AUTO_TEST_SUITE(TestDistributedCheckpointing)
+
+// upstream's two metadata cases on 2 real ranks, each computing its own view
+// (dcp_metadata_test checks the chunks' offsets and sizes in detail).
+BOOST_AUTO_TEST_CASE(metadata_on_2_ranks) {
+  TempDir dir;
+  const auto run = launch(2, "metadata", dir.path(), 120);
+  BOOST_REQUIRE_MESSAGE(run.status == 0, run.output);
+  for (int r = 0; r < 2; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      BOOST_CHECK_EQUAL(run.at(r, "test_tensor_metadata_with_missing_rank_spec"), "ok");
+      BOOST_CHECK_EQUAL(run.at(r, "test_default_metadata"), "ok");
+    }
+  }
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// =====================================================================================
 BOOST_AUTO_TEST_SUITE(TestDistributedFailure)
 
 // Upstream saves through a writer that does nothing; here the faulty writer

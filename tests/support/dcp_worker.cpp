@@ -808,6 +808,38 @@ void missing_key(Rank& r) {
   r.leave(r.world());
 }
 
+// --- 5. metadata ------------------------------------------------------------------
+
+// metadata (2 ranks): upstream's TestDistributedCheckpointing cases, each rank
+// computing its own view (upstream computes the metadata locally too).
+void metadata(Rank& r) {
+  {
+    const auto st = ShardedTensor::zeros(ChunkShardingSpec{0, {"rank:1/cpu"}}, {4, 4}, r.rank(), at::kDouble);
+    const auto md = ckpt::dcp::create_default_local_metadata({{"st", st}});
+    const auto* t = std::get_if<TensorStorageMetadata>(&md.state_dict_metadata.at("st"));
+    const bool ok = t && t->chunks.size() == 1 && t->properties.dtype == at::kDouble &&
+                    st.local_shards().size() == (r.rank() == 1 ? 1u : 0u);
+    r.expect("test_tensor_metadata_with_missing_rank_spec", ok ? "ok" : "mismatch", "ok");
+  }
+  {
+    const auto st = ShardedTensor::rand(spec_over(r.world()), {10, 10}, r.rank());
+    const DcpStateDict sd{{"sharded", st},
+                          {"replicated", at::rand({4})},
+                          {"bytes", c10::IValue(std::vector<std::int64_t>{1, 2, 3, 4})}};
+    const auto md = ckpt::dcp::create_default_local_metadata(sd);
+    const auto& keys = md.state_dict_metadata;
+    const auto* replicated = std::get_if<TensorStorageMetadata>(&keys.at("replicated"));
+    const auto* sharded = std::get_if<TensorStorageMetadata>(&keys.at("sharded"));
+    const bool ok = std::holds_alternative<ckpt::dcp::BytesStorageMetadata>(keys.at("bytes")) && replicated &&
+                    replicated->properties.dtype == at::kFloat &&
+                    replicated->size == std::vector<std::int64_t>{4} && replicated->chunks.size() == 1 &&
+                    sharded && sharded->properties.dtype == at::kFloat &&
+                    sharded->size == std::vector<std::int64_t>{10, 10} && sharded->chunks.size() == 2;
+    r.expect("test_default_metadata", ok ? "ok" : "mismatch", "ok");
+  }
+  r.leave(r.world());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -831,6 +863,7 @@ int main(int argc, char** argv) try {
       {"reshard_save", reshard_save},
       {"reshard_load", reshard_load},
       {"missing_key", missing_key},
+      {"metadata", metadata},
   };
   const auto it = scenarios.find(scenario);
   if (it == scenarios.end()) {
