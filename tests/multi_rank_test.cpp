@@ -21,6 +21,7 @@
 #include <ckpt/format.hpp>
 #include <ckpt/state_dict.hpp>
 
+#include "support/rank_runs.hpp"
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>
@@ -70,109 +71,16 @@ struct ChildSubreaper {
   ChildSubreaper() { ckpt::test::become_child_subreaper(); }
 };
 
-struct Run {
-  int status = -1;     ///< the launcher's exit status, or 128 + signal
-  std::string output;  ///< its stdout and stderr together
-  bool hung = false;   ///< killed by this test past kBound
-  std::vector<pid_t> left_behind;
-  /// rank → label → outcome, from `[rank R] RESULT <label> <outcome>`.
-  std::map<int, std::map<std::string, std::string>> results;
-
-  /// The outcome rank `rank` reported for `label` ("(none)" when it did not).
-  std::string at(int rank, const std::string& label) const {
-    const auto r = results.find(rank);
-    if (r == results.end()) return "(none)";
-    const auto l = r->second.find(label);
-    return l == r->second.end() ? "(none)" : l->second;
-  }
-};
-
-void parse_results(Run& run) {
-  std::istringstream in(run.output);
-  for (std::string line; std::getline(in, line);) {
-    int rank = -1, used = 0;
-    if (std::sscanf(line.c_str(), "[rank %d] RESULT %n", &rank, &used) != 1 || used == 0) continue;
-    const std::string rest = line.substr(static_cast<std::size_t>(used));
-    const auto space = rest.find(' ');
-    run.results[rank][rest.substr(0, space)] = space == std::string::npos ? "" : rest.substr(space + 1);
-  }
-}
+using Run = ckpt::test::RankRun;
+using ckpt::test::contains;
+using ckpt::test::starts_with;
 
 /// Runs the worker's `scenario` on kRanks ranks through ckpt-launch, to its end.
 Run launch(const std::string& scenario, const fs::path& dir) {
-  Run run;
-  int out[2];
-  BOOST_REQUIRE(::pipe2(out, O_CLOEXEC) == 0);
-  std::vector<std::string> args{(bin_dir() / "ckpt-launch").string(),
-                                "-n",
-                                std::to_string(kRanks),
-                                "--timeout",
-                                std::to_string(kLauncherTimeout),
-                                (bin_dir() / "multi_rank_worker").string(),
-                                scenario,
-                                dir.string()};
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  ::posix_spawn_file_actions_init(&actions);
-  ::posix_spawn_file_actions_addopen(&actions, STDIN_FILENO, "/dev/null", O_RDONLY, 0);
-  ::posix_spawn_file_actions_adddup2(&actions, out[1], STDOUT_FILENO);
-  ::posix_spawn_file_actions_adddup2(&actions, out[1], STDERR_FILENO);
-  pid_t pid = -1;
-  const int rc = ::posix_spawn(&pid, argv[0], &actions, nullptr, argv.data(), environ);
-  ::posix_spawn_file_actions_destroy(&actions);
-  ::close(out[1]);
-  BOOST_REQUIRE_MESSAGE(rc == 0, "cannot start " << args[0] << ": " << std::strerror(rc));
-  // Through syscall(): glibc 2.36's <sys/pidfd.h> lacks C linkage for C++.
-  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-  BOOST_REQUIRE_MESSAGE(pidfd >= 0, "pidfd_open: " << std::strerror(errno));
-
-  const auto deadline = std::chrono::steady_clock::now() + kBound;
-  int out_fd = out[0];
-  bool exited = false;
-  const auto reap = [&] {
-    int st = 0;
-    while (::waitpid(pid, &st, 0) < 0 && errno == EINTR) {
-    }
-    run.status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
-    exited = true;
-  };
-  while (!exited || out_fd >= 0) {
-    std::vector<pollfd> fds;
-    if (out_fd >= 0) fds.push_back({out_fd, POLLIN, 0});
-    if (!exited) fds.push_back({pidfd, POLLIN, 0});
-    const auto left =
-        std::chrono::ceil<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now()).count();
-    if (left <= 0) {
-      run.hung = true;
-      if (!exited) {
-        ::kill(pid, SIGKILL);
-        reap();
-      }
-      break;
-    }
-    if (::poll(fds.data(), fds.size(), static_cast<int>(left)) < 0 && errno != EINTR) break;
-    for (const auto& p : fds) {
-      if (!p.revents) continue;
-      if (p.fd == pidfd) {
-        reap();
-        continue;
-      }
-      char buf[65536];
-      const ssize_t n = ::read(p.fd, buf, sizeof buf);
-      if (n > 0) {
-        run.output.append(buf, static_cast<std::size_t>(n));
-      } else if (n == 0 || errno != EINTR) {
-        ::close(out_fd);
-        out_fd = -1;
-      }
-    }
-  }
-  if (out_fd >= 0) ::close(out_fd);
-  ::close(pidfd);
-  run.left_behind = ckpt::test::kill_leftover_children();
-  parse_results(run);
+  const Run run = ckpt::test::run_bounded(
+      {(bin_dir() / "ckpt-launch").string(), "-n", std::to_string(kRanks), "--timeout",
+       std::to_string(kLauncherTimeout), (bin_dir() / "multi_rank_worker").string(), scenario, dir.string()},
+      kBound);
   BOOST_TEST_MESSAGE("ckpt-launch " << scenario << " exited " << run.status << "; output:\n" << run.output);
   BOOST_REQUIRE_MESSAGE(!run.hung, "ckpt-launch did not finish within " << kBound.count() << " s:\n"
                                                                         << run.output);
@@ -184,13 +92,6 @@ Run launch(const std::string& scenario, const fs::path& dir) {
 void check_every_rank_as_expected(const Run& run) {
   BOOST_CHECK_MESSAGE(run.status == 0, "ckpt-launch exited " << run.status << ":\n" << run.output);
   BOOST_CHECK_EQUAL(run.results.size(), static_cast<std::size_t>(kRanks));
-}
-
-bool contains(const std::string& text, const std::string& part) {
-  return text.find(part) != std::string::npos;
-}
-bool starts_with(const std::string& text, const std::string& prefix) {
-  return text.compare(0, prefix.size(), prefix) == 0;
 }
 
 /// What the worker saves: the rank's tensor filled with 100 * step + rank.

@@ -19,6 +19,8 @@
 // reports the slowest rank's time.
 #include <ckpt/ckpt.hpp>
 
+#include "bench_support.hpp"
+
 #include "dcp/serialize.hpp"
 
 #include <ATen/ATen.h>
@@ -43,30 +45,8 @@ constexpr int kReplicatedKeys = 8;
 constexpr std::int64_t kRowsPerRank = 16;
 constexpr std::int64_t kCols = 256;  // 16 rows × 256 floats = 16 KiB per rank and key
 
-std::string capture(const std::string& cmd) {
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (!p) throw std::runtime_error("cannot run " + cmd);
-  char buf[4096];
-  std::string out;
-  while (std::fgets(buf, sizeof buf, p)) out += buf;
-  if (::pclose(p) != 0) throw std::runtime_error("failed: " + cmd + "\n" + out);
-  return out;
-}
-
-std::vector<double> result_of(const std::string& output) {
-  const auto at = output.find("[rank 0] RESULT");
-  if (at == std::string::npos) throw std::runtime_error("no result in:\n" + output);
-  std::vector<double> out;
-  std::size_t pos = at + std::string("[rank 0] RESULT").size();
-  const auto end = output.find('\n', pos);
-  while (pos < end) {
-    std::size_t used = 0;
-    out.push_back(std::stod(output.substr(pos, end - pos), &used));
-    pos += used;
-    while (pos < end && output[pos] == ' ') ++pos;
-  }
-  return out;
-}
+using ckpt::bench::capture;
+using ckpt::bench::result_of;
 
 double timed(c10d::ProcessGroup& group, const std::function<void()>& fn) {
   group.barrier()->wait();

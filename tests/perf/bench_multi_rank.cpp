@@ -15,6 +15,8 @@
 // slowest rank's time.
 #include <ckpt/ckpt.hpp>
 
+#include "bench_support.hpp"
+
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
@@ -31,31 +33,8 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
-std::string capture(const std::string& cmd) {
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (!p) throw std::runtime_error("cannot run " + cmd);
-  char buf[4096];
-  std::string out;
-  while (std::fgets(buf, sizeof buf, p)) out += buf;
-  if (::pclose(p) != 0) throw std::runtime_error("failed: " + cmd + "\n" + out);
-  return out;
-}
-
-/// The numbers on rank 0's "RESULT" line.
-std::vector<double> result_of(const std::string& output) {
-  const auto at = output.find("[rank 0] RESULT");
-  if (at == std::string::npos) throw std::runtime_error("no result in:\n" + output);
-  std::vector<double> out;
-  std::size_t pos = at + std::string("[rank 0] RESULT").size();
-  const auto end = output.find('\n', pos);
-  while (pos < end) {
-    std::size_t used = 0;
-    out.push_back(std::stod(output.substr(pos, end - pos), &used));
-    pos += used;
-    while (pos < end && output[pos] == ' ') ++pos;
-  }
-  return out;
-}
+using ckpt::bench::capture;
+using ckpt::bench::result_of;
 
 /// Seconds the slowest rank spent in `fn`, between two group barriers.
 double timed(c10d::ProcessGroup& group, const std::function<void()>& fn) {
