@@ -25,6 +25,7 @@
 #include <ckpt/dcp/storage.hpp>
 #include <ckpt/error.hpp>
 
+#include "support/dcp_cases.hpp"
 #include "support/rank_runs.hpp"
 #include "support/test_support.hpp"
 
@@ -140,54 +141,14 @@ struct SharedRun {
   Run run;
 };
 
-// --- upstream's fault tables (TestDistributedFailure), this test's own copy ----------
+// --- upstream's fault tables (TestDistributedFailure): support/dcp_cases.hpp -----
 
-/// One call of upstream's _test_save / _test_load: the coordinator, the fail
-/// key (empty: no fault) and the ranks it fails on.
-struct Case {
-  std::int64_t coordinator = 0;
-  std::string key;
-  std::vector<std::int64_t> ranks;
-  bool ignore_exception_type = false;
-};
-
-const std::vector<Case> kSaveCases{
-    {0, "fail_set_up_storage_writer", {0}}, {0, "fail_finish", {0}},     {0, "fail_prepare_global_plan", {0}},
-    {0, "fail_prepare_local_plan", {0}},    {0, "fail_write_data", {2}}, {0, "fail_write_data_async", {3}},
-    {1, "fail_set_up_storage_writer", {1}}, {1, "fail_finish", {1}},
-};
-const std::vector<Case> kSaveNoDistCases{
-    {0, "fail_set_up_storage_writer", {0}}, {0, "fail_finish", {0}},     {0, "fail_prepare_global_plan", {0}},
-    {0, "fail_prepare_local_plan", {0}},    {0, "fail_write_data", {0}}, {0, "fail_write_data_async", {0}},
-};
-const std::vector<Case> kLoadCases{
-    {0, "", {}},
-    {0, "fail_set_up_storage_reader", {0}},
-    {0, "fail_prepare_global_plan", {0}},
-    {0, "fail_read_metadata", {0}, true},
-    {0, "fail_prepare_local_plan", {1}},
-    {0, "fail_read_data", {3}},
-    {0, "fail_read_data_async", {1}},
-    {3, "fail_set_up_storage_reader", {0}},
-    {1, "fail_read_metadata", {3}, true},
-    {2, "fail_read_data", {0}},
-    {3, "fail_read_data_async", {2}},
-    {1, "fail_prepare_global_plan", {1}},
-};
-const std::vector<Case> kLoadNoDistCases{
-    {0, "", {}},
-    {0, "fail_set_up_storage_reader", {0}},
-    {0, "fail_read_metadata", {0}, true},
-    {0, "fail_prepare_local_plan", {0}},
-    {0, "fail_prepare_global_plan", {0}},
-    {0, "fail_read_data", {0}},
-    {0, "fail_read_data_async", {0}},
-};
-
-/// The worker's label of a case, also the directory a save case wrote to.
-std::string label_of(const std::string& table, const Case& c) {
-  return fmt::format("{}/c{}/{}", table, c.coordinator, c.key.empty() ? "none" : c.key);
-}
+using ckpt::test::dcp_cases::Case;
+using ckpt::test::dcp_cases::kLoadCases;
+using ckpt::test::dcp_cases::kLoadNoDistCases;
+using ckpt::test::dcp_cases::kSaveCases;
+using ckpt::test::dcp_cases::kSaveNoDistCases;
+using ckpt::test::dcp_cases::label_of;
 
 /// Upstream's _test_dist_failure, on one rank's outcome line: no fault, no
 /// exception; else a CheckpointException whose failures are exactly the bad

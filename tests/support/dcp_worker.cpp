@@ -44,6 +44,8 @@
 #include <ckpt/dist.hpp>
 #include <ckpt/error.hpp>
 
+#include "dcp_cases.hpp"
+
 #include <ATen/ATen.h>
 #include <ATen/core/ivalue.h>
 #include <fmt/format.h>
@@ -403,56 +405,12 @@ class Rank {
 
 // --- 1. the fault tables (TestDistributedFailure) ---------------------------------
 
-/// One call of upstream's _test_save / _test_load: the coordinator, the fail
-/// key (empty: no fault) and the ranks it fails on.
-struct Case {
-  std::int64_t coordinator = 0;
-  std::string key;
-  std::vector<std::int64_t> ranks;
-  bool ignore_exception_type = false;
-};
-
-// test_save_error_handling
-const std::vector<Case> kSaveCases{
-    {0, "fail_set_up_storage_writer", {0}}, {0, "fail_finish", {0}},     {0, "fail_prepare_global_plan", {0}},
-    {0, "fail_prepare_local_plan", {0}},    {0, "fail_write_data", {2}}, {0, "fail_write_data_async", {3}},
-    {1, "fail_set_up_storage_writer", {1}}, {1, "fail_finish", {1}},
-};
-// test_save_error_handling_no_dist
-const std::vector<Case> kSaveNoDistCases{
-    {0, "fail_set_up_storage_writer", {0}}, {0, "fail_finish", {0}},     {0, "fail_prepare_global_plan", {0}},
-    {0, "fail_prepare_local_plan", {0}},    {0, "fail_write_data", {0}}, {0, "fail_write_data_async", {0}},
-};
-// test_load_error_handling
-const std::vector<Case> kLoadCases{
-    {0, "", {}},
-    {0, "fail_set_up_storage_reader", {0}},
-    {0, "fail_prepare_global_plan", {0}},
-    {0, "fail_read_metadata", {0}, true},
-    {0, "fail_prepare_local_plan", {1}},
-    {0, "fail_read_data", {3}},
-    {0, "fail_read_data_async", {1}},
-    {3, "fail_set_up_storage_reader", {0}},
-    {1, "fail_read_metadata", {3}, true},
-    {2, "fail_read_data", {0}},
-    {3, "fail_read_data_async", {2}},
-    {1, "fail_prepare_global_plan", {1}},
-};
-// test_load_error_handling_no_dist
-const std::vector<Case> kLoadNoDistCases{
-    {0, "", {}},
-    {0, "fail_set_up_storage_reader", {0}},
-    {0, "fail_read_metadata", {0}, true},
-    {0, "fail_prepare_local_plan", {0}},
-    {0, "fail_prepare_global_plan", {0}},
-    {0, "fail_read_data", {0}},
-    {0, "fail_read_data_async", {0}},
-};
-
-/// A case's label, also the directory a save case writes to (under DIR).
-std::string label_of(const std::string& table, const Case& c) {
-  return fmt::format("{}/c{}/{}", table, c.coordinator, c.key.empty() ? "none" : c.key);
-}
+using ckpt::test::dcp_cases::Case;
+using ckpt::test::dcp_cases::kLoadCases;
+using ckpt::test::dcp_cases::kLoadNoDistCases;
+using ckpt::test::dcp_cases::kSaveCases;
+using ckpt::test::dcp_cases::kSaveNoDistCases;
+using ckpt::test::dcp_cases::label_of;
 
 /// What every rank must report for a failing case whose type is checked.
 std::string expected_failure(const Case& c) {
