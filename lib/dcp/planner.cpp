@@ -2,6 +2,7 @@
 
 #include <ckpt/error.hpp>
 
+#include <c10/core/GradMode.h>
 #include <c10/core/ScalarType.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
