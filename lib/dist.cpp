@@ -27,7 +27,12 @@
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+// A libtorch without Gloo's headers (PyTorch's pip wheel ships none) builds
+// all of this but the Gloo group of init_process_group.
+#if __has_include(<gloo/algorithm.h>)
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
+#define CKPT_HAVE_GLOO 1
+#endif
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <algorithm>
@@ -459,6 +464,7 @@ std::shared_ptr<ProcessGroupHandle> init_process_group(InitOptions options) {
     store_options.timeout = options.timeout;
     handle->store = c10::make_intrusive<c10d::TCPStore>(addr, store_options);
 
+#ifdef CKPT_HAVE_GLOO
     auto gloo = c10d::ProcessGroupGloo::Options::create(options.timeout);
     if (const auto ifname = env("GLOO_SOCKET_IFNAME"))
       gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(*ifname));
@@ -470,6 +476,11 @@ std::shared_ptr<ProcessGroupHandle> init_process_group(InitOptions options) {
       gloo->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
     handle->group = c10::make_intrusive<c10d::ProcessGroupGloo>(
         handle->store, static_cast<int>(info.global_rank), static_cast<int>(info.global_world_size), gloo);
+#else
+    throw Error(
+        "this libtorch was built without Gloo's headers, so no Gloo group can be made here: create a "
+        "c10d::ProcessGroup yourself and fill a ckpt::dist::ProcessGroupHandle with it");
+#endif
   } catch (const std::exception& e) {
     const std::string text =
         fmt::format("cannot create the process group ({}): {}", where, first_line(e.what()));

@@ -203,7 +203,9 @@ struct FileReader::Impl {
     } else {
       st = at::Storage(at::Storage::use_byte_size_t(), static_cast<std::int64_t>(rec.size),
                        c10::GetCPUAllocator(), false);
-      read_record(rec, st.data(), 0, rec.size, options.verify_crc);
+      // data() is const from torch 2.x on; the storage is fresh and ours to fill.
+      read_record(rec, const_cast<void*>(static_cast<const void*>(st.data())), 0, rec.size,
+                  options.verify_crc);
       if (!device.is_cpu()) {
         auto whole = at::empty({0}, at::TensorOptions().dtype(info.dtype))
                          .set_(st, 0, {info.storage_numel}, {1})
