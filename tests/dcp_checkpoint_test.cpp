@@ -653,6 +653,26 @@ BOOST_AUTO_TEST_CASE(load_without_a_process_group) {
 BOOST_AUTO_TEST_SUITE_END()
 
 // =====================================================================================
+BOOST_AUTO_TEST_SUITE(long_steps)
+
+// The group's Gloo timeout (5 s here) bounds transfers only: ranks enter a
+// collective once the store says the others are ready, so a rank that writes
+// for 7 s does not fail the save; the save's own timeout bounds the wait.
+BOOST_AUTO_TEST_CASE(a_write_longer_than_the_groups_gloo_timeout_commits) {
+  TempDir dir;
+  const auto run = launch(4, "slow_write", dir.path(), 120, 5);
+  BOOST_REQUIRE_MESSAGE(run.status == 0, run.output);
+  for (int r = 0; r < 4; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      BOOST_CHECK_EQUAL(run.at(r, "save"), "ok");
+      BOOST_CHECK_EQUAL(run.at(r, "committed"), "yes");
+    }
+  }
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// =====================================================================================
 // A checkpoint of "a" loaded into a state dict that also has "b" (a tensor)
 // and "c" (a sharded tensor), on 4 ranks.
 BOOST_AUTO_TEST_SUITE(partial_load)

@@ -80,7 +80,9 @@ DistWrapper::DistWrapper(std::shared_ptr<dist::ProcessGroupHandle> group, bool u
     try {
       for (int step = 0; step < 2; ++step) {
         group_->store->deleteKey(fmt::format("ckpt/dcp/{}/{}/done/{}", call_ - 2, step, rank_));
-        if (rank_ == 0) group_->store->deleteKey(fmt::format("ckpt/dcp/{}/{}/decided", call_ - 2, step));
+        if (rank_ == 0)
+          for (const char* what : {"go", "decided"})
+            group_->store->deleteKey(fmt::format("ckpt/dcp/{}/{}/{}", call_ - 2, step, what));
       }
     } catch (const std::exception&) {
       // a store that fails now fails the first step, where it is reported
@@ -92,15 +94,30 @@ std::string DistWrapper::step_key(const std::string& what) const {
   return fmt::format("ckpt/dcp/{}/{}/{}", call_, step_, what);
 }
 
-void DistWrapper::wait(const c10::intrusive_ptr<c10d::Work>& work) {
+void DistWrapper::wait(const std::function<c10::intrusive_ptr<c10d::Work>()>& start) {
   bool done = false;
   std::string cause = "the collective did not complete";
   try {
-    done = work->wait(timeout_);
+    done = start()->wait(timeout_);
   } catch (const std::exception& e) {
     cause = e.what();
   }
   if (!done) throw CollectiveFailure{cause};
+}
+
+bool DistWrapper::await_keys(const std::vector<std::string>& keys) {
+  auto& store = *group_->store;
+  const auto deadline = step_start_ + timeout_;
+  // Polled (a c10d wait that times out leaves the client out of step); the
+  // first look is at once, then the pauses double up to 20 ms.
+  auto pause = std::chrono::microseconds(100);
+  for (;;) {
+    if (store.check(keys)) return true;
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) return false;
+    std::this_thread::sleep_for(std::min<std::chrono::steady_clock::duration>(pause, deadline - now));
+    pause = std::min(pause * 2, std::chrono::microseconds(20000));
+  }
 }
 
 std::vector<std::string> DistWrapper::gather(const std::string& mine) {
@@ -116,7 +133,7 @@ std::vector<std::string> DistWrapper::gather(const std::string& mine) {
   }
   c10d::GatherOptions go;
   go.rootRank = coordinator_;
-  wait(g.gather(out, in, go));
+  wait([&] { return g.gather(out, in, go); });
   // The longest, to everyone (the buffers of a gather are all one size).
   std::vector<std::int64_t> lengths;
   std::int64_t longest = 1;
@@ -128,7 +145,7 @@ std::vector<std::string> DistWrapper::gather(const std::string& mine) {
   std::vector<at::Tensor> head{at::tensor(std::vector<std::int64_t>{longest}, at::kLong)};
   c10d::BroadcastOptions bo;
   bo.rootRank = coordinator_;
-  wait(g.broadcast(head, bo));
+  wait([&] { return g.broadcast(head, bo); });
   longest = head[0].item<std::int64_t>();
   // The payloads.
   std::vector<at::Tensor> data{byte_tensor(mine, longest)};
@@ -137,7 +154,7 @@ std::vector<std::string> DistWrapper::gather(const std::string& mine) {
     all.resize(1);
     for (std::int64_t r = 0; r < world_; ++r) all[0].push_back(at::zeros({longest}, at::kByte));
   }
-  wait(g.gather(all, data, go));
+  wait([&] { return g.gather(all, data, go); });
   std::vector<std::string> result;
   if (root)
     for (std::int64_t r = 0; r < world_; ++r)
@@ -161,7 +178,7 @@ std::string DistWrapper::scatter(const std::vector<std::string>& all) {
   }
   c10d::ScatterOptions so;
   so.rootRank = coordinator_;
-  wait(g.scatter(head, heads, so));
+  wait([&] { return g.scatter(head, heads, so); });
   const auto length = head[0][0].item<std::int64_t>();
   longest = head[0][1].item<std::int64_t>();
   std::vector<at::Tensor> mine{at::zeros({longest}, at::kByte)};
@@ -170,7 +187,7 @@ std::string DistWrapper::scatter(const std::vector<std::string>& all) {
     data.resize(1);
     for (const auto& s : all) data[0].push_back(byte_tensor(s, longest));
   }
-  wait(g.scatter(mine, data, so));
+  wait([&] { return g.scatter(mine, data, so); });
   return string_of(mine[0], length);
 }
 
@@ -180,10 +197,10 @@ std::string DistWrapper::broadcast(const std::string& value) {
   bo.rootRank = coordinator_;
   std::vector<at::Tensor> head{
       at::tensor(std::vector<std::int64_t>{static_cast<std::int64_t>(value.size())}, at::kLong)};
-  wait(g.broadcast(head, bo));
+  wait([&] { return g.broadcast(head, bo); });
   const auto length = head[0].item<std::int64_t>();
   std::vector<at::Tensor> data{byte_tensor(is_coordinator() ? value : std::string(), length)};
-  wait(g.broadcast(data, bo));
+  wait([&] { return g.broadcast(data, bo); });
   return string_of(data[0], length);
 }
 
@@ -262,6 +279,25 @@ std::string DistWrapper::run_step(
     } catch (const std::exception& e) {
       collective_failed(step, e.what());
     }
+    // Gloo carries only ranks that are ready: the coordinator enters the
+    // gather once every rank finished its part ("go"), the others once it
+    // said so; they enter the scatter once it decided. So the group's Gloo
+    // timeout bounds transfers, and `timeout_` how long ranks wait for each
+    // other, however long a step's work (a large write) takes.
+    try {
+      if (is_coordinator()) {
+        std::vector<std::string> all_done;
+        for (std::int64_t r = 0; r < world_; ++r) all_done.push_back(step_key(fmt::format("done/{}", r)));
+        if (!await_keys(all_done)) collective_failed(step, "not every rank finished the step in time");
+        group_->store->set(step_key("go"), bytes_of("1"));
+      } else if (!await_keys({step_key("go")})) {
+        collective_failed(step, "the coordinator did not start the step's exchange in time");
+      }
+    } catch (const CheckpointException&) {
+      throw;
+    } catch (const std::exception& e) {
+      collective_failed(step, e.what());
+    }
     try {
       const auto all = gather(local);
       std::vector<std::string> results;
@@ -271,7 +307,11 @@ std::string DistWrapper::run_step(
         for (std::int64_t r = 0; r < world_; ++r) {
           const auto& s = all[static_cast<std::size_t>(r)];
           if (s.empty() || s[0] != kOk) {
-            for (auto& [rank, f] : decode_failures(s.empty() ? "[]" : s.substr(1))) failures[rank] = f;
+            try {
+              for (auto& [rank, f] : decode_failures(s.empty() ? "[]" : s.substr(1))) failures[rank] = f;
+            } catch (const std::exception& e) {
+              failures[r] = {"Error", fmt::format("its failure report did not decode: {}", e.what())};
+            }
             if (s.empty()) failures[r] = {"Error", "an empty payload"};
           }
           bodies.push_back(s.empty() ? std::string() : s.substr(1));
@@ -296,6 +336,8 @@ std::string DistWrapper::run_step(
           // the scatter below fails too, and is reported
         }
       }
+      if (!is_coordinator() && !await_keys({step_key("decided")}))
+        collective_failed(step, "the coordinator did not finish its part of the step in time");
       mine = out == Out::scatter ? scatter(results) : broadcast(results.empty() ? std::string() : results[0]);
     } catch (const CollectiveFailure& f) {
       collective_failed(step, f.cause);

@@ -4,10 +4,13 @@
 // CheckpointException on every rank.
 //
 // Payloads are byte strings moved by Gloo (lengths first, so every rank knows
-// the buffer sizes): per rank O(its own payload), at the coordinator O(sum).
-// Each rank marks in the group's store that it finished a step before it
-// enters the collective, and the coordinator marks its own part of the step
-// (merging, finish) done before it sends the outcome. When a collective fails
+// the buffer size; buffers are padded to the longest payload): per rank
+// O(longest payload), at the coordinator O(world × longest).
+// Each rank marks in the group's store that it finished a step; the
+// coordinator starts the exchange ("go") once every rank has, and marks its
+// own part of the step (merging, finish) done before it sends the outcome.
+// Ranks enter each Gloo collective only once the store says the others are
+// ready, so the group's Gloo timeout never cuts a long step short. When a collective fails
 // (a rank died, or did not come within the timeout), the ranks still without
 // a mark when the step's time is up are named (the coordinator when only its
 // part is missing), and the first rank to name them leaves that verdict in the
@@ -53,7 +56,10 @@ class DistWrapper {
   std::vector<std::string> gather(const std::string& mine);
   std::string scatter(const std::vector<std::string>& all);
   std::string broadcast(const std::string& value);
-  void wait(const c10::intrusive_ptr<c10d::Work>& work);
+  /// Starts a collective and waits for it; throws CollectiveFailure.
+  void wait(const std::function<c10::intrusive_ptr<c10d::Work>()>& start);
+  /// Polls the store until all `keys` exist; false once the step's time is up.
+  bool await_keys(const std::vector<std::string>& keys);
   [[noreturn]] void collective_failed(const std::string& step, const std::string& cause);
   std::string step_key(const std::string& what) const;
 

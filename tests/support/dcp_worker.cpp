@@ -766,7 +766,32 @@ void missing_key(Rank& r) {
   r.leave(r.world());
 }
 
-// --- 5. metadata ------------------------------------------------------------------
+// --- 5. a step longer than the group's Gloo timeout ------------------------------------
+
+// slow_write (4 ranks, launched with a 5 s group timeout): rank 1 takes 7 s to
+// write, longer than the group's Gloo timeout; the save's own timeout (120 s)
+// is what bounds how long the others wait, so the save commits.
+void slow_write(Rank& r) {
+  struct SlowWriter : ckpt::dcp::FileSystemWriter {
+    using FileSystemWriter::FileSystemWriter;
+    std::int64_t rank = 0;
+    std::future<std::vector<ckpt::dcp::WriteResult>> write_data(const ckpt::dcp::SavePlan& plan,
+                                                                ckpt::dcp::SavePlanner& planner) override {
+      if (rank == 1) ::poll(nullptr, 0, 7000);  // a slow write, not a synchronisation
+      return FileSystemWriter::write_data(plan, planner);
+    }
+  } writer(r.dir() / "slow");
+  writer.rank = r.rank();
+  const DcpStateDict sd{{"t", ShardedTensor::full(spec_over(r.world()), {8, 2}, r.rank(), 3.0)}};
+  r.expect("save", outcome_of([&] {
+             ckpt::dcp::save_state_dict(sd, writer, nullptr, nullptr, 0, false, std::chrono::seconds(120));
+           }),
+           "ok");
+  r.expect("committed", fs::exists(r.dir() / "slow" / ckpt::dcp::kMetadataFileName) ? "yes" : "no", "yes");
+  r.leave(r.world());
+}
+
+// --- 6. metadata ------------------------------------------------------------------
 
 // metadata (2 ranks): upstream's TestDistributedCheckpointing cases, each rank
 // computing its own view (upstream computes the metadata locally too).
@@ -822,6 +847,7 @@ int main(int argc, char** argv) try {
       {"reshard_load", reshard_load},
       {"missing_key", missing_key},
       {"metadata", metadata},
+      {"slow_write", slow_write},
   };
   const auto it = scenarios.find(scenario);
   if (it == scenarios.end()) {
