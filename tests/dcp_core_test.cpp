@@ -18,6 +18,7 @@
 
 #include <fmt/format.h>
 
+#include <sys/stat.h>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -215,8 +216,10 @@ BOOST_AUTO_TEST_CASE(plans_and_metadata_survive_the_wire) {
   BOOST_TEST(back.storage_data == "__1_0");
   const auto md_back = dcp::detail::decode_metadata(dcp::detail::encode(md));
   BOOST_TEST((md_back.state_dict_metadata == md.state_dict_metadata));
+  // Error texts may quote bytes that are not UTF-8 (names from a damaged file).
   const std::map<std::int64_t, ckpt::RankFailure> failures{
-      {2, {"std::invalid_argument", "rank fail 2\n\"x\""}}};
+      {2, {"std::invalid_argument", "rank fail 2\n\"x\""}},
+      {3, {"CorruptCheckpoint", "bad name '\xff\xfe'"}}};
   BOOST_TEST((dcp::detail::decode_failures(dcp::detail::encode(failures)) == failures));
   BOOST_CHECK_THROW(dcp::detail::decode_save_plan("{\"items\": 3}"), ckpt::Error);
 }
@@ -417,6 +420,18 @@ BOOST_AUTO_TEST_CASE(corrupt_checkpoints_are_reported_and_never_followed) {
   f = load_error();
   BOOST_TEST(f.type == "CorruptCheckpoint");
   BOOST_TEST(f.message.find("outside the tensor") != std::string::npos, f.message);
+  // Chunks that leave part of a tensor uncovered: a load would leave a gap.
+  write_text(dir / ".metadata", replaced("\"chunks\":[{\"offsets\":[0,0],\"sizes\":[3,4]}]",
+                                         "\"chunks\":[{\"offsets\":[0,0],\"sizes\":[2,4]}]"));
+  f = load_error();
+  BOOST_TEST(f.type == "CorruptCheckpoint");
+  BOOST_TEST(f.message.find("Failed to validate") != std::string::npos, f.message);
+  // A FIFO where the metadata should be: refused, never waited on.
+  std::filesystem::remove(dir / ".metadata");
+  BOOST_REQUIRE(::mkfifo((dir / ".metadata").c_str(), 0600) == 0);
+  f = load_error();
+  BOOST_TEST(f.type == "CorruptCheckpoint");
+  BOOST_TEST(f.message.find("not a regular file") != std::string::npos, f.message);
 
   // No checkpoint at all.
   std::filesystem::remove(dir / ".metadata");
@@ -428,6 +443,37 @@ BOOST_AUTO_TEST_CASE(corrupt_checkpoints_are_reported_and_never_followed) {
   dcp::FileSystemReader reader(dir.path());
   dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true);
   BOOST_TEST(std::get<c10::IValue>(sd[1].second).toInt() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(views_conjugates_and_clashing_names) {
+  TempDir dir;
+  const at::Tensor base = at::randn({6, 4});
+  const at::Tensor z = at::randn({5}, at::kComplexFloat);
+  DcpStateDict saved{{"column", base.select(1, 2)},   // strided view of a larger storage
+                     {"rows", base.narrow(0, 2, 3)},  // offset view
+                     {"conj", z.conj()}};
+  dcp::FileSystemWriter writer(dir.path());
+  dcp::save_state_dict(saved, writer, nullptr, nullptr, 0, true);
+  DcpStateDict loaded{
+      {"column", at::zeros({6})}, {"rows", at::zeros({3, 4})}, {"conj", at::zeros({5}, at::kComplexFloat)}};
+  dcp::FileSystemReader reader(dir.path());
+  dcp::load_state_dict(loaded, reader, nullptr, nullptr, 0, true);
+  BOOST_TEST(ckpt::test::identical(std::get<at::Tensor>(loaded[0].second), base.select(1, 2).contiguous()));
+  BOOST_TEST(
+      ckpt::test::identical(std::get<at::Tensor>(loaded[1].second), base.narrow(0, 2, 3).contiguous()));
+  BOOST_TEST(ckpt::test::identical(std::get<at::Tensor>(loaded[2].second), z.conj().resolve_conj()));
+  // Only the bytes of the views were written, not their whole storage.
+  const auto md = dcp::read_checkpoint_metadata(dir.path());
+  BOOST_TEST(md.storage_data.at(dcp::MetadataIndex{"column", Sizes{0}, std::nullopt}).length == 6u * 4u);
+  // A value named like a tensor's item ("w@0") is refused, not silently lost.
+  TempDir clash;
+  dcp::FileSystemWriter clash_writer(clash.path());
+  const auto e = checkpoint_exception([&] {
+    dcp::save_state_dict({{"w", at::zeros({2})}, {"w@0", c10::IValue(1)}}, clash_writer, nullptr, nullptr, 0,
+                         true);
+  });
+  BOOST_TEST(e.failures().at(0).message.find("both named 'w@0'") != std::string::npos,
+             e.failures().at(0).message);
 }
 
 BOOST_AUTO_TEST_CASE(without_a_group_several_ranks_is_an_error) {

@@ -49,14 +49,32 @@ bool is_data_file(const std::string& name) {
   return name.size() > 9 && name.rfind("__", 0) == 0 && name.ends_with(".distcp");
 }
 
-/// A CPU tensor that owns exactly its bytes (the record written is its storage).
+/// A CPU tensor that owns exactly its bytes (the record written is its
+/// storage), copied at most once.
 at::Tensor exact_cpu(at::Tensor t) {
   t = t.detach();
-  if (!t.device().is_cpu()) t = t.to(c10::kCPU);
-  if (!t.is_contiguous() || t.storage_offset() != 0 ||
+  if (t.is_conj()) t = t.resolve_conj();
+  if (t.is_neg()) t = t.resolve_neg();
+  if (!t.device().is_cpu())
+    return t.to(c10::kCPU, /*non_blocking=*/false, /*copy=*/false, c10::MemoryFormat::Contiguous);
+  if (!t.is_contiguous()) return t.contiguous();  // a fresh storage of exactly its bytes
+  if (t.storage_offset() != 0 ||
       t.storage().nbytes() != static_cast<std::size_t>(t.numel()) * t.element_size())
-    t = t.contiguous().clone();
+    return t.clone();
   return t;
+}
+
+/// Opens a regular file for reading (never a FIFO or device, whose open or
+/// read could block); `follow`: through a symbolic link too. A null Fd with
+/// errno set when it cannot be opened.
+ckpt::detail::Fd open_regular(const fs::path& file, bool follow, std::uint64_t& size) {
+  ckpt::detail::Fd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | (follow ? 0 : O_NOFOLLOW)));
+  if (!fd) return fd;
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) ckpt::detail::throw_errno("stat", file, errno);
+  if (!S_ISREG(st.st_mode)) throw CorruptCheckpoint(fmt::format("{} is not a regular file", file.string()));
+  size = static_cast<std::uint64_t>(st.st_size);
+  return fd;
 }
 
 std::uint32_t crc_of(const void* p, std::size_t n) {
@@ -91,8 +109,18 @@ std::vector<SavePlan> FileSystemWriter::prepare_global_plan(std::vector<SavePlan
   // Over a checkpoint already there, write under a fresh token: that one stays
   // whole until the new .metadata replaces it.
   std::error_code ec;
-  const bool occupied = fs::exists(path_ / kMetadataFileName, ec);
-  const std::string token = occupied ? fresh_token() : "0";
+  const bool free = !fs::exists(path_ / kMetadataFileName, ec) && !ec;
+  std::string token = free ? "0" : fresh_token();
+  // Never a token whose files are there already (another save's, committed or not).
+  const auto taken = [&](const std::string& t) {
+    for (const auto& entry : fs::directory_iterator(path_, ec)) {
+      const std::string name = entry.path().filename().string();
+      if (is_data_file(name) && name.ends_with("_" + t + ".distcp")) return true;
+    }
+    return false;
+  };
+  if (!free)
+    while (taken(token)) token = fresh_token();
   for (std::size_t r = 0; r < plans.size(); ++r) plans[r].storage_data = fmt::format("__{}_{}", r, token);
   return plans;
 }
@@ -122,7 +150,9 @@ std::future<std::vector<WriteResult>> FileSystemWriter::write_data(const SavePla
           tensors[i] = t;
           data = t;
         }
-        items.insert(detail::item_name(item.index), std::move(data));
+        if (!items.insert(detail::item_name(item.index), std::move(data)).second)
+          throw Error(fmt::format("two items of the plan are both named '{}' in the data file",
+                                  detail::item_name(item.index)));
       }
       ckpt::detail::Layout layout = ckpt::detail::plan_layout(items);
       ckpt::detail::write_layout(path_ / name, layout,
@@ -173,10 +203,12 @@ void FileSystemWriter::finish(const Metadata& metadata,
                                 return static_cast<std::uint64_t>(text.size());
                               });
   // The checkpoint this one replaced: its data files are garbage now.
+  // (Committed now: nothing below may fail the save.)
   std::error_code ec;
-  for (const auto& entry : fs::directory_iterator(path_, ec)) {
-    const std::string name = entry.path().filename().string();
-    if (is_data_file(name) && !files.count(name)) fs::remove(entry.path(), ec);
+  for (fs::directory_iterator it(path_, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    std::error_code rm;
+    if (is_data_file(name) && !files.count(name)) fs::remove(it->path(), rm);
   }
 }
 
@@ -189,16 +221,14 @@ bool FileSystemWriter::validate_checkpoint_id(const fs::path& checkpoint_id) con
 
 CheckpointMetadata read_checkpoint_metadata(const fs::path& directory) {
   const fs::path file = directory / kMetadataFileName;
-  ckpt::detail::Fd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC));
+  std::uint64_t size = 0;
+  ckpt::detail::Fd fd = open_regular(file, true, size);
   if (!fd) {
     if (errno == ENOENT)
       throw NotFound(
           fmt::format("{} holds no DCP checkpoint (no {})", directory.string(), kMetadataFileName));
     ckpt::detail::throw_errno("open", file, errno);
   }
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) ckpt::detail::throw_errno("stat", file, errno);
-  const auto size = static_cast<std::uint64_t>(st.st_size);
   if (size > kMaxMetadataBytes)
     throw CorruptCheckpoint(fmt::format("{}: {} bytes is too large", file.string(), size));
   std::string text(size, '\0');
@@ -264,15 +294,12 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
       if (it != files.end()) return it->second;
       const fs::path file = path_ / name;
       OpenFile f;
-      f.fd = ckpt::detail::Fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NOFOLLOW));
+      f.fd = open_regular(file, false, f.size);
       if (!f.fd) {
         if (errno == ENOENT)
           throw CorruptCheckpoint(fmt::format("{}: data file {} is missing", path_.string(), name));
         ckpt::detail::throw_errno("open", file, errno);
       }
-      struct stat st {};
-      if (::fstat(f.fd.get(), &st) != 0) ckpt::detail::throw_errno("stat", file, errno);
-      f.size = static_cast<std::uint64_t>(st.st_size);
       return files.emplace(name, std::move(f)).first->second;
     };
     for (const auto& item : plan.items) {

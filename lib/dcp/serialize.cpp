@@ -205,10 +205,18 @@ Metadata metadata_from(const json::value& v) {
   return md;
 }
 
+/// Error texts may quote bytes that are not UTF-8 (a damaged file's names):
+/// they are written as they are, and must read back.
+json::parse_options lenient() {
+  json::parse_options o;
+  o.allow_invalid_utf8 = true;
+  return o;
+}
+
 template <class F>
 auto parse(std::string_view text, const char* what, F&& f) {
   try {
-    return f(json::parse(text));
+    return f(json::parse(text, {}, lenient()));
   } catch (const std::exception& e) {
     throw Error(fmt::format("malformed {}: {}", what, e.what()));
   }
@@ -330,7 +338,7 @@ CheckpointMetadata decode_checkpoint_metadata(std::string_view text, const std::
   };
   json::value v;
   try {
-    v = json::parse(text);
+    v = json::parse(text, {}, lenient());
   } catch (const std::exception& e) {
     throw bad(fmt::format("not JSON ({})", e.what()));
   }
@@ -368,6 +376,15 @@ CheckpointMetadata decode_checkpoint_metadata(std::string_view text, const std::
           throw bad(fmt::format("a chunk of '{}' lies outside the tensor", fqn));
     }
   }
+  // The chunks of every key tile it exactly (else a load would leave gaps).
+  for (const auto& [fqn, sm] : out.metadata.state_dict_metadata)
+    if (const auto* t = std::get_if<TensorStorageMetadata>(&sm)) {
+      try {
+        validate_chunks(fqn, *t);
+      } catch (const Error& e) {
+        throw bad(e.what());
+      }
+    }
   for (const auto& [index, info] : out.storage_data) {
     if (!plain_name(info.relative_path))
       throw bad(
