@@ -78,20 +78,7 @@ Says says(const fs::path& file, std::initializer_list<std::string> parts) {
 
 // --- zip archives ---------------------------------------------------------------
 
-std::uint32_t crc32_of(std::string_view s) {
-  static const auto table = [] {
-    std::array<std::uint32_t, 256> t{};
-    for (std::uint32_t i = 0; i < 256; ++i) {
-      std::uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xedb88320u ^ (c >> 1) : c >> 1;
-      t[i] = c;
-    }
-    return t;
-  }();
-  std::uint32_t c = 0xffffffffu;
-  for (unsigned char b : s) c = table[(c ^ b) & 0xff] ^ (c >> 8);
-  return c ^ 0xffffffffu;
-}
+using ckpt::test::crc32_of;
 
 struct Entry {
   std::string name;

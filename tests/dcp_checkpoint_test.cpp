@@ -149,6 +149,14 @@ using ckpt::test::dcp_cases::kLoadNoDistCases;
 using ckpt::test::dcp_cases::kSaveCases;
 using ckpt::test::dcp_cases::kSaveNoDistCases;
 using ckpt::test::dcp_cases::label_of;
+using ckpt::test::dcp_cases::overlap_bytes;
+using ckpt::test::dcp_cases::replicated_value;
+using ckpt::test::dcp_cases::reshard_globals;
+using ckpt::test::dcp_cases::reshard_replicated_value;
+using ckpt::test::dcp_cases::rows_value;
+using ckpt::test::dcp_cases::sharded_value;
+using ckpt::test::dcp_cases::slice_of;
+using ckpt::test::dcp_cases::uneven_value;
 
 /// Upstream's _test_dist_failure, on one rank's outcome line: no fault, no
 /// exception; else a CheckpointException whose failures are exactly the bad
@@ -229,42 +237,7 @@ std::set<std::string> data_files(const fs::path& dir) {
 
 // --- resharding ---------------------------------------------------------------------
 
-// The worker's deterministic global values (the same expressions).
-at::Tensor rows_value() {
-  return at::arange(120, at::kFloat).reshape({20, 6});
-}
-at::Tensor uneven_value() {
-  return at::arange(30, at::kDouble).reshape({10, 3}).sub_(7).mul_(0.25);
-}
-at::Tensor reshard_replicated_value() {
-  return at::arange(35, at::kFloat).reshape({7, 5}).mul_(1.5);
-}
-std::map<std::string, at::Tensor> reshard_globals() {
-  return {{"rows", rows_value()}, {"uneven", uneven_value()}, {"replicated", reshard_replicated_value()}};
-}
-
-at::Tensor slice_of(const at::Tensor& global, const Sizes& offsets, const Sizes& sizes) {
-  at::Tensor t = global;
-  for (std::size_t d = 0; d < offsets.size(); ++d)
-    t = t.narrow(static_cast<std::int64_t>(d), offsets[d], sizes[d]);
-  return t;
-}
-
-/// CRC-32 (IEEE, as zip's).
-std::uint32_t crc32_of(const std::string& bytes) {
-  static const auto table = [] {
-    std::array<std::uint32_t, 256> t{};
-    for (std::uint32_t i = 0; i < 256; ++i) {
-      std::uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xEDB88320u ^ (c >> 1) : c >> 1;
-      t[i] = c;
-    }
-    return t;
-  }();
-  std::uint32_t c = 0xFFFFFFFFu;
-  for (unsigned char b : bytes) c = table[(c ^ b) & 0xFF] ^ (c >> 8);
-  return c ^ 0xFFFFFFFFu;
-}
+using ckpt::test::crc32_of;
 
 std::string read_range(const fs::path& file, std::uint64_t offset, std::uint64_t length) {
   std::ifstream in(file, std::ios::binary);
@@ -295,23 +268,6 @@ void check_chunks_on_disk(const fs::path& dir, const ckpt::dcp::CheckpointMetada
                           "the bytes on disk are not the saved values");
     }
   }
-}
-
-/// The saved chunks of `md` that overlap the chunk at `offsets` of `sizes`,
-/// in bytes: per saved chunk, the product over dims of min(end) − max(start)
-/// (none when any is ≤ 0). Independent of the library's planner.
-std::uint64_t overlap_bytes(const TensorStorageMetadata& md, const Sizes& offsets, const Sizes& sizes) {
-  std::uint64_t elements = 0;
-  for (const auto& chunk : md.chunks) {
-    std::uint64_t n = 1;
-    for (std::size_t d = 0; d < offsets.size(); ++d) {
-      const auto lo = std::max(chunk.offsets[d], offsets[d]);
-      const auto hi = std::min(chunk.offsets[d] + chunk.sizes[d], offsets[d] + sizes[d]);
-      n *= hi > lo ? static_cast<std::uint64_t>(hi - lo) : 0;
-    }
-    elements += n;
-  }
-  return elements * c10::elementSize(md.properties.dtype);
 }
 
 /// The 4-rank save that the resharding loads read.
@@ -450,9 +406,8 @@ BOOST_AUTO_TEST_CASE(test_dummy_writer_works) {
   BOOST_CHECK(std::holds_alternative<ckpt::dcp::BytesStorageMetadata>(keys.at("bytes")));
   BOOST_CHECK_EQUAL(std::get<TensorStorageMetadata>(keys.at("sharded")).chunks.size(), 4u);
   BOOST_CHECK_EQUAL(std::get<TensorStorageMetadata>(keys.at("replicated")).chunks.size(), 1u);
-  check_chunks_on_disk(dir, cm, "sharded", at::arange(400, at::kFloat).reshape({20, 20}).div_(8));
-  check_chunks_on_disk(dir, cm, "replicated",
-                       at::arange(100, at::kFloat).reshape({10, 10}).mul_(0.5).sub_(3));
+  check_chunks_on_disk(dir, cm, "sharded", sharded_value());
+  check_chunks_on_disk(dir, cm, "replicated", replicated_value());
   BOOST_CHECK_EQUAL(data_files(dir).size(), static_cast<std::size_t>(kRanks));  // every rank has a shard
 }
 

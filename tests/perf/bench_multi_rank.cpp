@@ -29,25 +29,12 @@
 #include <string>
 
 namespace fs = std::filesystem;
-using Clock = std::chrono::steady_clock;
 
 namespace {
 
 using ckpt::bench::capture;
 using ckpt::bench::result_of;
-
-/// Seconds the slowest rank spent in `fn`, between two group barriers.
-double timed(c10d::ProcessGroup& group, const std::function<void()>& fn) {
-  group.barrier()->wait();
-  const auto start = Clock::now();
-  fn();
-  double mine = std::chrono::duration<double>(Clock::now() - start).count();
-  std::vector<at::Tensor> t{at::full({1}, mine, at::kDouble)};
-  c10d::AllreduceOptions max;
-  max.reduceOp = c10d::ReduceOp::MAX;
-  group.allreduce(t, max)->wait();
-  return t[0].item<double>();
-}
+using ckpt::bench::timed;
 
 ckpt::CheckpointerConfig barrier_config(const ckpt::dist::ProcessGroupHandle& pg, const std::string& name) {
   ckpt::CheckpointerConfig config;

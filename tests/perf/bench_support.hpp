@@ -1,8 +1,14 @@
 // Shared by the benchmarks that run themselves under ckpt-launch: running a
-// command for its output, and the numbers on rank 0's "RESULT" line.
+// command for its output, the numbers on rank 0's "RESULT" line, and timing a
+// section on every rank.
 #pragma once
 
+#include <ATen/ATen.h>
+#include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
+
+#include <chrono>
 #include <cstdio>
+#include <functional>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -34,6 +40,19 @@ inline std::vector<double> result_of(const std::string& output) {
     while (pos < end && output[pos] == ' ') ++pos;
   }
   return out;
+}
+
+/// Seconds the slowest rank spent in `fn`, between two group barriers.
+inline double timed(c10d::ProcessGroup& group, const std::function<void()>& fn) {
+  group.barrier()->wait();
+  const auto start = std::chrono::steady_clock::now();
+  fn();
+  const double mine = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::vector<at::Tensor> t{at::full({1}, mine, at::kDouble)};
+  c10d::AllreduceOptions max;
+  max.reduceOp = c10d::ReduceOp::MAX;
+  group.allreduce(t, max)->wait();
+  return t[0].item<double>();
 }
 
 }  // namespace ckpt::bench

@@ -1,11 +1,19 @@
-// upstream's fault tables (test_checkpoint.py, TestDistributedFailure), shared
-// by dcp_worker, which runs them, and dcp_checkpoint_test, which checks what
-// every rank reported.
+// What dcp_worker (which runs the scenarios) and dcp_checkpoint_test (which
+// checks what every rank reported and what is on disk) share: upstream's fault
+// tables (test_checkpoint.py, TestDistributedFailure), the deterministic
+// global values the scenarios save, and the overlap arithmetic the resharding
+// checks use (independent of the library's planner).
 #pragma once
 
+#include <ckpt/dcp/metadata.hpp>
+
+#include <ATen/ATen.h>
+#include <c10/core/ScalarType.h>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -60,6 +68,56 @@ inline const std::vector<Case> kLoadNoDistCases{
 /// A case's label, also the directory a save case writes to (under DIR).
 inline std::string label_of(const std::string& table, const Case& c) {
   return fmt::format("{}/c{}/{}", table, c.coordinator, c.key.empty() ? "none" : c.key);
+}
+
+// --- values (exact in binary: every check is bitwise) --------------------------------
+
+inline at::Tensor sharded_value() {
+  return at::arange(400, at::kFloat).reshape({20, 20}).div_(8);
+}
+inline at::Tensor replicated_value() {
+  return at::arange(100, at::kFloat).reshape({10, 10}).mul_(0.5).sub_(3);
+}
+inline at::Tensor rows_value() {
+  return at::arange(120, at::kFloat).reshape({20, 6});
+}
+inline at::Tensor uneven_value() {
+  return at::arange(30, at::kDouble).reshape({10, 3}).sub_(7).mul_(0.25);
+}
+inline at::Tensor reshard_replicated_value() {
+  return at::arange(35, at::kFloat).reshape({7, 5}).mul_(1.5);
+}
+/// What the resharding scenarios save: key → global value.
+inline std::map<std::string, at::Tensor> reshard_globals() {
+  return {{"rows", rows_value()}, {"uneven", uneven_value()}, {"replicated", reshard_replicated_value()}};
+}
+
+/// The part of `global` at `offsets` of `sizes`.
+inline at::Tensor slice_of(const at::Tensor& global, const std::vector<std::int64_t>& offsets,
+                           const std::vector<std::int64_t>& sizes) {
+  at::Tensor t = global;
+  for (std::size_t d = 0; d < offsets.size(); ++d)
+    t = t.narrow(static_cast<std::int64_t>(d), offsets[d], sizes[d]);
+  return t;
+}
+
+/// Bytes the chunk at `offsets` of `sizes` shares with the saved chunks of
+/// `md`: per saved chunk, the product over dims of min(end) − max(start)
+/// (none when any is ≤ 0).
+inline std::uint64_t overlap_bytes(const dcp::TensorStorageMetadata& md,
+                                   const std::vector<std::int64_t>& offsets,
+                                   const std::vector<std::int64_t>& sizes) {
+  std::uint64_t elements = 0;
+  for (const auto& chunk : md.chunks) {
+    std::uint64_t n = 1;
+    for (std::size_t d = 0; d < offsets.size(); ++d) {
+      const auto lo = std::max(chunk.offsets[d], offsets[d]);
+      const auto hi = std::min(chunk.offsets[d] + chunk.sizes[d], offsets[d] + sizes[d]);
+      n *= hi > lo ? static_cast<std::uint64_t>(hi - lo) : 0;
+    }
+    elements += n;
+  }
+  return elements * c10::elementSize(md.properties.dtype);
 }
 
 }  // namespace ckpt::test::dcp_cases

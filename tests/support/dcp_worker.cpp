@@ -81,6 +81,20 @@ using ckpt::dcp::DcpStateDict;
 using ckpt::dcp::ShardedTensor;
 using ckpt::dcp::TensorStorageMetadata;
 using Sizes = std::vector<std::int64_t>;
+using ckpt::test::dcp_cases::Case;
+using ckpt::test::dcp_cases::kLoadCases;
+using ckpt::test::dcp_cases::kLoadNoDistCases;
+using ckpt::test::dcp_cases::kSaveCases;
+using ckpt::test::dcp_cases::kSaveNoDistCases;
+using ckpt::test::dcp_cases::label_of;
+using ckpt::test::dcp_cases::overlap_bytes;
+using ckpt::test::dcp_cases::replicated_value;
+using ckpt::test::dcp_cases::reshard_globals;
+using ckpt::test::dcp_cases::reshard_replicated_value;
+using ckpt::test::dcp_cases::rows_value;
+using ckpt::test::dcp_cases::sharded_value;
+using ckpt::test::dcp_cases::slice_of;
+using ckpt::test::dcp_cases::uneven_value;
 
 namespace {
 
@@ -89,31 +103,6 @@ namespace {
 constexpr auto kBound = std::chrono::seconds(60);
 
 // --- values every rank can compute -----------------------------------------------
-
-/// The deterministic global values (exact in binary: every check is bitwise).
-at::Tensor sharded_value() {
-  return at::arange(400, at::kFloat).reshape({20, 20}).div_(8);
-}
-at::Tensor replicated_value() {
-  return at::arange(100, at::kFloat).reshape({10, 10}).mul_(0.5).sub_(3);
-}
-at::Tensor rows_value() {
-  return at::arange(120, at::kFloat).reshape({20, 6});
-}
-at::Tensor uneven_value() {
-  return at::arange(30, at::kDouble).reshape({10, 3}).sub_(7).mul_(0.25);
-}
-at::Tensor reshard_replicated_value() {
-  return at::arange(35, at::kFloat).reshape({7, 5}).mul_(1.5);
-}
-
-/// The part of `global` at `offsets` of `sizes`.
-at::Tensor slice_of(const at::Tensor& global, const Sizes& offsets, const Sizes& sizes) {
-  at::Tensor t = global;
-  for (std::size_t d = 0; d < offsets.size(); ++d)
-    t = t.narrow(static_cast<std::int64_t>(d), offsets[d], sizes[d]);
-  return t;
-}
 
 /// Upstream's get_spec(): dim `dim`, placements rank:0/cpu .. rank:N-1/cpu.
 ChunkShardingSpec spec_over(std::int64_t ranks, std::int64_t dim = 0) {
@@ -405,13 +394,6 @@ class Rank {
 
 // --- 1. the fault tables (TestDistributedFailure) ---------------------------------
 
-using ckpt::test::dcp_cases::Case;
-using ckpt::test::dcp_cases::kLoadCases;
-using ckpt::test::dcp_cases::kLoadNoDistCases;
-using ckpt::test::dcp_cases::kSaveCases;
-using ckpt::test::dcp_cases::kSaveNoDistCases;
-using ckpt::test::dcp_cases::label_of;
-
 /// What every rank must report for a failing case whose type is checked.
 std::string expected_failure(const Case& c) {
   const bool async = c.key.size() > 6 && c.key.compare(c.key.size() - 6, 6, "_async") == 0;
@@ -649,10 +631,6 @@ void missing_rank(Rank& r, const Missing& m) {
 
 // --- 3. resharding ------------------------------------------------------------------
 
-std::map<std::string, at::Tensor> reshard_globals() {
-  return {{"rows", rows_value()}, {"uneven", uneven_value()}, {"replicated", reshard_replicated_value()}};
-}
-
 // reshard_save: 4 ranks write DIR/reshard.
 void reshard_save(Rank& r) {
   const DcpStateDict sd{{"rows", sharded_from(rows_value(), spec_over(r.world(), 0), r.rank())},
@@ -661,23 +639,6 @@ void reshard_save(Rank& r) {
   ckpt::dcp::FileSystemWriter writer(r.dir() / "reshard");
   r.expect("reshard_save", outcome_of([&] { ckpt::dcp::save_state_dict(sd, writer); }), "ok");
   r.leave(r.world());
-}
-
-/// Elements the chunk at `offsets` of `sizes` shares with the saved chunks of
-/// `md`, in bytes: per saved chunk, the product over dims of
-/// min(end) − max(start) (none when any is ≤ 0).
-std::uint64_t overlap_bytes(const TensorStorageMetadata& md, const Sizes& offsets, const Sizes& sizes) {
-  std::uint64_t elements = 0;
-  for (const auto& chunk : md.chunks) {
-    std::uint64_t n = 1;
-    for (std::size_t d = 0; d < offsets.size(); ++d) {
-      const auto lo = std::max(chunk.offsets[d], offsets[d]);
-      const auto hi = std::min(chunk.offsets[d] + chunk.sizes[d], offsets[d] + sizes[d]);
-      n *= hi > lo ? static_cast<std::uint64_t>(hi - lo) : 0;
-    }
-    elements += n;
-  }
-  return elements * c10::elementSize(md.properties.dtype);
 }
 
 /// What a FileSystemReader must have read to load `sd` from `directory`: its

@@ -9,6 +9,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <array>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -17,6 +18,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace ckpt::test {
@@ -94,6 +96,22 @@ inline void flip_byte(const std::filesystem::path& file, std::uint64_t at, unsig
   f.seekp(static_cast<std::streamoff>(at));
   f.write(&c, 1);
   if (!f) throw std::runtime_error("cannot flip a byte of " + file.string());
+}
+
+/// CRC-32 (zip's polynomial) computed here, independently of the library's zlib.
+inline std::uint32_t crc32_of(std::string_view bytes) {
+  static const auto table = [] {
+    std::array<std::uint32_t, 256> t{};
+    for (std::uint32_t i = 0; i < 256; ++i) {
+      std::uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? 0xedb88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  std::uint32_t c = 0xffffffffu;
+  for (unsigned char b : bytes) c = table[(c ^ b) & 0xff] ^ (c >> 8);
+  return c ^ 0xffffffffu;
 }
 
 /// Exactly equal: same dtype, sizes and every element bit-identical.
