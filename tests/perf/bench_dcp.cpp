@@ -13,7 +13,7 @@
 //   2. In this process, the coordinator's share for 16 to 10,000 ranks: the
 //      local plans of N ranks are made and encoded, then decoded, merged and
 //      validated (create_global_plan) and the global plans and metadata
-//      encoded, as the coordinator does. Reported: bytes gathered, metadata
+//      encoded, as the coordinator does. Reported: bytes gathered and scattered, metadata
 //      bytes, and microseconds and bytes per rank (flat means O(N)).
 // Each measured section of table 1 starts and ends at a Gloo barrier; rank 0
 // reports the slowest rank's time.
@@ -47,18 +47,7 @@ constexpr std::int64_t kCols = 256;  // 16 rows × 256 floats = 16 KiB per rank 
 
 using ckpt::bench::capture;
 using ckpt::bench::result_of;
-
-double timed(c10d::ProcessGroup& group, const std::function<void()>& fn) {
-  group.barrier()->wait();
-  const auto start = Clock::now();
-  fn();
-  double mine = std::chrono::duration<double>(Clock::now() - start).count();
-  std::vector<at::Tensor> t{at::full({1}, mine, at::kDouble)};
-  c10d::AllreduceOptions max;
-  max.reduceOp = c10d::ReduceOp::MAX;
-  group.allreduce(t, max)->wait();
-  return t[0].item<double>();
-}
+using ckpt::bench::timed;
 
 dcp::DcpStateDict model_state(std::int64_t world, std::int64_t rank) {
   dcp::ChunkShardingSpec spec{0, {}};
@@ -110,8 +99,8 @@ int rank_main(const fs::path& dir) {
 /// The coordinator's share of a save of N ranks, in this process.
 void coordinator_model() {
   fmt::print("\nthe coordinator's share of a save, N ranks made in this process\n\n");
-  fmt::print("{:>6} {:>14} {:>14} {:>12} {:>14} {:>16}\n", "ranks", "gathered B", "metadata B", "coord ms",
-             "us per rank", "metadata B/rank");
+  fmt::print("{:>6} {:>14} {:>14} {:>14} {:>12} {:>14} {:>16}\n", "ranks", "gathered B", "scattered B",
+             "metadata B", "coord ms", "us per rank", "metadata B/rank");
   for (std::int64_t n : {16, 128, 1000, 10000}) {
     std::vector<std::string> gathered;
     gathered.reserve(static_cast<std::size_t>(n));
@@ -157,10 +146,9 @@ void coordinator_model() {
       for (const auto& w : p.items) cm.storage_data[w.index] = {p.storage_data + ".distcp", 4096, 65536, 0};
     const auto metadata = dcp::detail::encode_checkpoint_metadata(cm);
     const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
-    fmt::print("{:>6} {:>14} {:>14} {:>12.1f} {:>14.1f} {:>16.0f}\n", n, gathered_bytes, metadata.size(), ms,
-               ms * 1e3 / static_cast<double>(n),
+    fmt::print("{:>6} {:>14} {:>14} {:>14} {:>12.1f} {:>14.1f} {:>16.0f}\n", n, gathered_bytes, scattered,
+               metadata.size(), ms, ms * 1e3 / static_cast<double>(n),
                static_cast<double>(metadata.size()) / static_cast<double>(n));
-    (void)scattered;
   }
 }
 
