@@ -34,8 +34,6 @@ class DistWrapper {
   DistWrapper(std::shared_ptr<dist::ProcessGroupHandle> group, bool use_dist, std::int64_t coordinator_rank,
               std::chrono::milliseconds timeout);
 
-  std::int64_t rank() const { return rank_; }
-  std::int64_t world_size() const { return world_; }
   bool is_coordinator() const { return rank_ == coordinator_; }
 
   /// `map` on every rank; on the coordinator, `reduce` of every rank's result

@@ -93,8 +93,7 @@ void FileSystemWriter::reset(const std::optional<fs::path>& checkpoint_id) {
   if (checkpoint_id) path_ = *checkpoint_id;
 }
 
-void FileSystemWriter::set_up_storage_writer(bool is_coordinator) {
-  is_coordinator_ = is_coordinator;
+void FileSystemWriter::set_up_storage_writer(bool) {
   std::error_code ec;
   fs::create_directories(path_, ec);
   if (ec)

@@ -90,7 +90,6 @@ class FileSystemWriter : public StorageWriter {
  private:
   std::filesystem::path path_;
   FileSystemWriterOptions options_;
-  bool is_coordinator_ = false;
 };
 
 /// Loads from a directory a FileSystemWriter saved to. Everything read is
