@@ -25,13 +25,17 @@
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>
+#include <fmt/format.h>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/deferred.hpp>
 #include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
 #include <boost/asio/io_context.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
 #include <boost/core/demangle.hpp>
@@ -55,8 +59,10 @@
 #include <typeinfo>
 #include <vector>
 
+#include <fcntl.h>
 #include <malloc.h>
 #include <poll.h>
+#include <sys/stat.h>
 #include <sys/inotify.h>
 #include <unistd.h>
 
@@ -67,24 +73,14 @@ using c10::IValue;
 using ckpt::test::identical;
 using ckpt::test::TempDir;
 
+using ckpt::test::mentions;
+using ckpt::test::wait_get;
+using ckpt::test::child_processes;
+using ckpt::test::kWaitBound;
+using ckpt::test::process_gone;
 namespace {
 
-/// A guard against hanging, never a synchronisation: every wait is on a
-/// completion, bounded by this.
-constexpr auto kWaitBound = 120s;
-
 const ckpt::RankInfo kRank{0, 1};
-
-bool mentions(const std::exception& e, const std::string& text) {
-  return std::string(e.what()).find(text) != std::string::npos;
-}
-
-template <typename T>
-T wait_get(std::future<T>& f) {
-  BOOST_REQUIRE_MESSAGE(f.wait_for(kWaitBound) == std::future_status::ready,
-                        "not completed within " << kWaitBound.count() << " s");
-  return f.get();
-}
 
 /// Waits for `f` and returns the type of the exception it holds ("" when it
 /// holds none), its message in `what`.
@@ -295,33 +291,6 @@ std::uint64_t rss_bytes(const std::string& pid = "self") {
   }
   BOOST_FAIL("no VmRSS in /proc/" << pid << "/status");
   return 0;
-}
-
-/// The processes whose parent is this process.
-std::vector<int> children() {
-  std::vector<int> out;
-  const std::string me = std::to_string(::getpid());
-  std::error_code ec;
-  for (fs::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream stat(it->path() / "stat");
-    std::string text((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
-    // pid (comm) state ppid ...: comm may hold spaces, so parse after its ')'.
-    const auto close = text.rfind(')');
-    if (close == std::string::npos) continue;
-    std::istringstream rest(text.substr(close + 1));
-    std::string state, ppid;
-    rest >> state >> ppid;
-    if (ppid == me) out.push_back(std::stoi(name));
-  }
-  return out;
-}
-
-/// Whether no process `pid` exists (reaped, not a zombie). Only for a real pid:
-/// kill(-1, 0) would ask about every process.
-bool process_gone(int pid) {
-  return pid > 0 && ::kill(pid, 0) == -1 && errno == ESRCH;
 }
 
 /// Watches a directory for created files (inotify): how the test knows the
@@ -787,11 +756,11 @@ BOOST_AUTO_TEST_CASE(a_child_killed_in_the_middle_of_a_large_write_fails_that_wr
   ck->close();
   BOOST_CHECK(process_gone(first_child));
   BOOST_CHECK(process_gone(second_child));
-  BOOST_CHECK_MESSAGE(children().empty(), "a child process remains after close()");
+  BOOST_CHECK_MESSAGE(child_processes().empty(), "a child process remains after close()");
   BOOST_CHECK_MESSAGE(!holds_arena_memfd(), "the arena's memfd is still open after close()");
   ck.reset();
   BOOST_CHECK_MESSAGE(!holds_arena_memfd(), "the arena's memfd is still open after destruction");
-  BOOST_CHECK(children().empty());
+  BOOST_CHECK(child_processes().empty());
   BOOST_CHECK(entries("/dev/shm") == shm_before);
 }
 
@@ -832,6 +801,93 @@ BOOST_AUTO_TEST_CASE(a_write_error_in_the_child_keeps_its_type_and_is_reported_t
   BOOST_CHECK_NO_THROW(wait_get(after.staged));
   BOOST_CHECK_NO_THROW(wait_get(after.written));
   BOOST_CHECK(same_state(read_back(tmp / "after"), sd));
+  ck->close();
+}
+
+// --- Waiting on a write with a deadline, and the child's error types ---------------
+
+/// A checkpointer whose child is the tests' own writer (tests/support/test_writer):
+/// its pre_commit obeys the save's `hold_fifo` and `throw` arguments.
+std::unique_ptr<ckpt::AsyncCheckpointer> with_test_writer(asio::io_context& io) {
+  ckpt::WriterOptions options;
+  options.executable = fs::canonical("/proc/self/exe").parent_path() / "test_writer";
+  return ckpt::make_async_checkpointer(io.get_executor(), config(), kRank, options);
+}
+
+BOOST_AUTO_TEST_CASE(a_wait_raced_against_a_timer_returns_at_the_timer_and_the_write_goes_on) {
+  using namespace asio::experimental::awaitable_operators;
+  TempDir tmp;
+  const fs::path fifo = tmp / "release";
+  BOOST_REQUIRE_EQUAL(::mkfifo(fifo.c_str(), 0600), 0);
+  asio::io_context io;
+  auto ck = with_test_writer(io);
+  const auto sd = make_state_dict(1.3);
+  int release = -1;  // the test's end of the FIFO: writing a byte lets the child's pre_commit return
+  std::size_t winner = 0;
+  bool done_at_timer = true, done_at_end = false;
+  // Made outside the coroutine: GCC 12 cannot put an initializer list's array
+  // in a coroutine frame.
+  const ckpt::Kwargs hold{{"hold_fifo", fifo.string()}};
+
+  auto done = asio::co_spawn(
+      io,
+      [&]() -> asio::awaitable<void> {
+        auto written = co_await ck->async_save(tmp / "held", sd, hold, asio::use_awaitable);
+        // The child holds the write in pre_commit until the FIFO yields a byte.
+        asio::steady_timer timer(co_await asio::this_coro::executor, 50ms);
+        auto first = co_await (written.async_wait(asio::use_awaitable) || timer.async_wait(asio::use_awaitable));
+        winner = first.index();
+        done_at_timer = written.done();
+        // Release it (O_RDWR never blocks on a FIFO; kept open until the write
+        // is done, so the byte waits for the child however late it opens).
+        release = ::open(fifo.c_str(), O_RDWR | O_CLOEXEC);
+        if (release < 0 || ::write(release, "x", 1) != 1) throw std::runtime_error("cannot release the write");
+        co_await written.async_wait(asio::use_awaitable);  // the same write, now durable
+        done_at_end = written.done();
+      },
+      asio::use_future);
+  io.run_for(kWaitBound);
+  if (release >= 0) ::close(release);
+  BOOST_REQUIRE(done.wait_for(0s) == std::future_status::ready);
+  done.get();
+  BOOST_CHECK_EQUAL(winner, 1u);    // the timer's branch won; the wait was cancelled
+  BOOST_CHECK(!done_at_timer);      // and the write went on
+  BOOST_CHECK(done_at_end);         // until it completed
+  BOOST_CHECK(same_state(read_back(tmp / "held"), sd));
+  ck->close();
+}
+
+BOOST_AUTO_TEST_CASE(a_ckpt_error_thrown_by_a_custom_writer_in_the_child_arrives_as_that_type) {
+  TempDir tmp;
+  asio::io_context io;
+  IoThreads threads(io, 1);
+  auto ck = with_test_writer(io);
+  const auto sd = make_state_dict(1.4);
+  // Each kind the child throws arrives in the parent as exactly that type.
+  const std::vector<std::pair<std::string, std::string>> kinds = {
+      {"Error", boost::core::demangle(typeid(ckpt::Error).name())},
+      {"Mismatch", boost::core::demangle(typeid(ckpt::Mismatch).name())},
+      {"Unsupported", boost::core::demangle(typeid(ckpt::Unsupported).name())},
+      {"Timeout", boost::core::demangle(typeid(ckpt::Timeout).name())},
+      {"IoError", boost::core::demangle(typeid(ckpt::IoError).name())},
+      // What is not ckpt's own is the writer process's error, with its text.
+      {"foreign", boost::core::demangle(typeid(ckpt::WriterProcessError).name())},
+  };
+  int n = 0;
+  for (const auto& [kind, type] : kinds) {
+    const fs::path dir = tmp / fmt::format("save_{}", n++);
+    auto futures = ck->save(dir, sd, ckpt::Kwargs{{"throw", kind}});
+    BOOST_CHECK_NO_THROW(wait_get(futures.staged));
+    std::string what;
+    BOOST_CHECK_EQUAL(error_of(futures.written, what), type);
+    BOOST_CHECK_MESSAGE(what.find("pre_commit of " + dir.string() + " failed on purpose") != std::string::npos,
+                        kind << ": " << what);
+    // The error is reported once more, to the next save (as any write error):
+    // take it here so the next kind's save starts clean.
+    auto next = ck->save(tmp / "after", sd);
+    std::string again;
+    BOOST_CHECK_EQUAL(error_of(next.written, again), type);
+  }
   ck->close();
 }
 

@@ -11,6 +11,7 @@
 // they saw (or throw) and the main thread asserts. Every rank thread is joined
 // within a bound; nothing sleeps to synchronise.
 #include <ckpt/barrier.hpp>
+#include <ckpt/tcp_store_barrier.hpp>
 
 #define BOOST_TEST_MODULE barriers_test
 #include <boost/test/unit_test.hpp>
@@ -53,6 +54,7 @@ using ckpt::RankInfo;
 using ckpt::TCPStoreBarrier;
 using ckpt::TCPStoreBarrierOptions;
 
+using ckpt::test::mentions;
 namespace {
 
 constexpr std::int64_t kWorld = 4;
@@ -61,10 +63,6 @@ const std::vector<std::int64_t> kAllRanks{0, 1, 2, 3};
 /// A hang guard for the rank threads, not a measurement: every barrier below
 /// completes, or times out, within seconds.
 constexpr auto kBound = std::chrono::seconds(60);
-
-bool mentions(const std::exception& e, const std::string& text) {
-  return std::string(e.what()).find(text) != std::string::npos;
-}
 
 /// A port nothing listens on now: binds port 0 on loopback and reads back the
 /// one the kernel picked.

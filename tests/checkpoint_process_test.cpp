@@ -13,10 +13,10 @@
 
 #include <ckpt/format.hpp>
 
-#include "arena.hpp"
-#include "protocol.hpp"
+#include "async/arena.hpp"
+#include "async/protocol.hpp"
+#include "format/zip.hpp"
 #include "support/test_support.hpp"
-#include "zip.hpp"
 
 #include <ATen/ATen.h>
 
@@ -58,46 +58,14 @@ using c10::IValue;
 using ckpt::test::identical;
 using ckpt::test::TempDir;
 
+using ckpt::test::child_processes;
+using ckpt::test::kWaitBound;
+using ckpt::test::list_of;
+using ckpt::test::mentions;
+using ckpt::test::process_gone;
+using ckpt::test::wait_get;
+using ckpt::test::upstream_state_dict;
 namespace {
-
-/// A generous bound on every wait: it only keeps a broken child or library from
-/// hanging the suite; no check relies on it.
-constexpr auto kWaitBound = 120s;
-
-bool mentions(const std::exception& e, const std::string& text) {
-  return std::string(e.what()).find(text) != std::string::npos;
-}
-
-template <typename T>
-T wait_get(std::future<T>& f) {
-  BOOST_REQUIRE_MESSAGE(f.wait_for(kWaitBound) == std::future_status::ready,
-                        "not completed within " << kWaitBound.count() << " s");
-  return f.get();
-}
-
-IValue list_of(std::vector<IValue> items) {
-  c10::impl::GenericList l(c10::AnyType::get());
-  for (auto& x : items) l.push_back(std::move(x));
-  return IValue(std::move(l));
-}
-
-/// upstream's test_state_dict: {"model": Linear(10, 5).state_dict(),
-/// "optimizer": {"param_groups": [{"lr": 0.01}]}, "epoch": 5, "step": 1000}
-ckpt::StateDict make_state_dict() {
-  ckpt::StateDict model;
-  model.insert("weight", at::randn({5, 10}));
-  model.insert("bias", at::randn({5}));
-  ckpt::StateDict group;
-  group.insert("lr", 0.01);
-  ckpt::StateDict optimizer;
-  optimizer.insert("param_groups", list_of({group.to_ivalue()}));
-  ckpt::StateDict sd;
-  sd.insert("model", model);
-  sd.insert("optimizer", optimizer);
-  sd.insert("epoch", 5);
-  sd.insert("step", 1000);
-  return sd;
-}
 
 /// The tests' writer executable, beside this test program.
 fs::path test_writer() {
@@ -112,32 +80,6 @@ std::string read_text(const fs::path& file) {
 /// Whether process `pid` exists (a zombie counts: it is not reaped yet).
 bool exists(int pid) {
   return pid > 0 && ::kill(pid, 0) == 0;
-}
-
-/// Whether process `pid` is gone and reaped: kill(pid, 0) fails with ESRCH.
-bool gone(int pid) {
-  errno = 0;
-  return ::kill(pid, 0) == -1 && errno == ESRCH;
-}
-
-/// This process's children whose command name is `comm`.
-std::vector<int> children_named(const std::string& comm) {
-  std::vector<int> out;
-  std::error_code ec;
-  for (fs::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
-    const std::string stat = read_text(it->path() / "stat");  // "pid (comm) state ppid ..."
-    const auto open = stat.find('(');
-    const auto close = stat.rfind(')');
-    if (open == std::string::npos || close == std::string::npos || close < open) continue;
-    std::istringstream rest(stat.substr(close + 1));
-    char state = 0;
-    int ppid = 0;
-    rest >> state >> ppid;
-    if (ppid == ::getpid() && stat.substr(open + 1, close - open - 1) == comm) out.push_back(std::stoi(name));
-  }
-  return out;
 }
 
 /// The parent of process `pid`, from /proc.
@@ -188,7 +130,7 @@ struct ProcessFixture {
   TempDir temp_dir;
   ckpt::RankInfo rank_info{.global_rank = 0, .global_world_size = 1};
   ckpt::CheckpointWriterConfig writer_config;
-  ckpt::StateDict test_state_dict = make_state_dict();
+  ckpt::StateDict test_state_dict = upstream_state_dict();
   ckpt::DefaultStager stager{stager_config()};
 
   /// upstream's subprocess_init_args: the name and this process's pid.
@@ -400,7 +342,7 @@ BOOST_AUTO_TEST_CASE(checkpoint_process_initialization) {
 
   checkpoint_process->close();
 
-  BOOST_CHECK(gone(pid));  // terminated and reaped
+  BOOST_CHECK(process_gone(pid));  // terminated and reaped
   BOOST_CHECK_EQUAL(checkpoint_process->pid(), -1);
 }
 
@@ -501,7 +443,7 @@ BOOST_AUTO_TEST_CASE(subprocess_initialization_timeout) {
 
   // Beyond upstream: the child that did not answer was killed and reaped.
   BOOST_CHECK_EQUAL(checkpoint_process->pid(), -1);
-  BOOST_CHECK(children_named("test_writer").empty());
+  BOOST_CHECK(child_processes("test_writer").empty());
 }
 
 BOOST_AUTO_TEST_CASE(subprocess_initialization_failure) {
@@ -515,7 +457,7 @@ BOOST_AUTO_TEST_CASE(subprocess_initialization_failure) {
     return mentions(e, "init failed on purpose");
   });
   BOOST_CHECK_EQUAL(checkpoint_process->pid(), -1);
-  BOOST_CHECK(children_named("test_writer").empty());
+  BOOST_CHECK(child_processes("test_writer").empty());
 }
 
 BOOST_AUTO_TEST_CASE(graceful_termination) {
@@ -525,7 +467,7 @@ BOOST_AUTO_TEST_CASE(graceful_termination) {
   BOOST_REQUIRE(exists(pid));
 
   BOOST_CHECK_NO_THROW(checkpoint_process->close());
-  BOOST_CHECK(gone(pid));
+  BOOST_CHECK(process_gone(pid));
   BOOST_CHECK_EQUAL(checkpoint_process->pid(), -1);
   BOOST_CHECK_NO_THROW(checkpoint_process->close());  // idempotent
 }
@@ -546,7 +488,7 @@ BOOST_AUTO_TEST_CASE(forced_termination) {
   BOOST_CHECK_EQUAL(info.si_code, CLD_STOPPED);
 
   BOOST_CHECK_NO_THROW(checkpoint_process->close());
-  BOOST_CHECK(gone(pid));  // killed and reaped
+  BOOST_CHECK(process_gone(pid));  // killed and reaped
   BOOST_CHECK_EQUAL(checkpoint_process->pid(), -1);
 }
 
@@ -571,7 +513,7 @@ BOOST_AUTO_TEST_CASE(communication_error_handling) {
                                  mentions(e, "signal 9") && mentions(e, failed_path.string());
                         });
   BOOST_CHECK(!fs::exists(file_in(failed_path)));
-  BOOST_CHECK(gone(old_pid));  // reaped
+  BOOST_CHECK(process_gone(old_pid));  // reaped
   BOOST_CHECK_EQUAL(checkpoint_process->pid(), -1);
 
   // Beyond upstream: the next write starts a new child and succeeds.
@@ -708,7 +650,7 @@ BOOST_AUTO_TEST_CASE(the_default_writer_is_ckpt_writer_beside_the_program) {
   ckpt::CheckpointProcess checkpoint_process(io.executor(), rank_info);  // WriterOptions{}: ckpt-writer
   Closer closer{checkpoint_process};
   wait_ready(checkpoint_process);
-  BOOST_CHECK(children_named("ckpt-writer").size() == 1u);
+  BOOST_CHECK(child_processes("ckpt-writer").size() == 1u);
 
   const fs::path checkpoint_path = temp_dir / "default_writer";
   write(checkpoint_process, test_state_dict, checkpoint_path);

@@ -27,14 +27,12 @@ using c10::IValue;
 using ckpt::test::identical;
 using ckpt::test::TempDir;
 
+using ckpt::test::list_of;
+using ckpt::test::mentions;
 namespace {
 
 bool has(const std::vector<std::string>& keys, const std::string& key) {
   return std::find(keys.begin(), keys.end(), key) != keys.end();
-}
-
-bool mentions(const std::exception& e, const std::string& text) {
-  return std::string(e.what()).find(text) != std::string::npos;
 }
 
 /// Whether the message holds one of `spellings` (a shape or dtype may be printed
@@ -43,12 +41,6 @@ bool mentions_any(const std::exception& e, std::initializer_list<const char*> sp
   for (const char* s : spellings)
     if (mentions(e, s)) return true;
   return false;
-}
-
-IValue list_of(std::vector<IValue> items) {
-  c10::impl::GenericList l(c10::AnyType::get());
-  for (auto& x : items) l.push_back(std::move(x));
-  return IValue(std::move(l));
 }
 
 /// upstream's deep_compare, stricter: same kinds, same keys in the same order,

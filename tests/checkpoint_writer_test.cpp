@@ -24,6 +24,7 @@ namespace fs = std::filesystem;
 using c10::IValue;
 using ckpt::test::TempDir;
 
+using ckpt::test::upstream_state_dict;
 namespace {
 
 /// Upstream's MockWriterHook: records each call, its path and its kwargs. Also
@@ -75,27 +76,6 @@ class CountingBarrier : public ckpt::Barrier {
   std::shared_ptr<std::vector<std::string>> events_;
 };
 
-ckpt::StateDict make_state_dict() {
-  // {"model": Linear(10, 5).state_dict(), "optimizer": {"param_groups": [{"lr": 0.01}]},
-  //  "epoch": 5, "step": 1000}
-  ckpt::StateDict model;
-  model.insert("weight", at::randn({5, 10}));
-  model.insert("bias", at::randn({5}));
-  ckpt::StateDict group;
-  group.insert("lr", 0.01);
-  c10::impl::GenericList groups(c10::AnyType::get());
-  groups.push_back(group.to_ivalue());
-  ckpt::StateDict optimizer;
-  optimizer.insert("param_groups", IValue(groups));
-
-  ckpt::StateDict sd;
-  sd.insert("model", model);
-  sd.insert("optimizer", optimizer);
-  sd.insert("epoch", 5);
-  sd.insert("step", 1000);
-  return sd;
-}
-
 /// upstream's setUp: a writer with a barrier and a hook, rank 0 of 1.
 struct WriterFixture {
   TempDir temp_dir;
@@ -104,7 +84,7 @@ struct WriterFixture {
   std::shared_ptr<CountingBarrier> mock_barrier = std::make_shared<CountingBarrier>();
   std::shared_ptr<MockWriterHook> mock_hook = std::make_shared<MockWriterHook>();
   ckpt::CheckpointWriter writer{options, rank_info, mock_barrier, mock_hook};
-  ckpt::StateDict state_dict = make_state_dict();
+  ckpt::StateDict state_dict = upstream_state_dict();
 
   fs::path file_in(const fs::path& dir) const {
     return dir / ("checkpoint_" + std::to_string(rank_info.global_rank) + ".pt");

@@ -1,10 +1,13 @@
-// SyncCheckpointer, ported from the sync half of upstream's test_checkpointer.py
-// and test_builder.py (make_sync_checkpointer); and beyond upstream: a partial
-// load reads only what it asks for and fills tensors in place, a failing hook or
-// a hung barrier fails the save, and checkpoints cross to and from Python torch.
-// AsyncCheckpointer, ported from the async half of both (at the end): the shared
-// cases on the async checkpointer, upstream's async-only cases and
-// make_async_checkpointer, with tests/support/test_writer as the writer child.
+// SyncCheckpointer and AsyncCheckpointer, ported from upstream's
+// test_checkpointer.py and test_builder.py. The cases upstream runs on both
+// checkpointers are written once and run on each kind (Sync, Async: how the
+// checkpointer is made, how a save is waited for), as
+// TestCheckpointer/<case><Sync> and TestCheckpointer/<case><Async>. Then the
+// sync factory (make_sync_checkpointer); beyond upstream: a partial load reads
+// only what it asks for and fills tensors in place, a failing hook or a hung
+// barrier fails the save, and checkpoints cross to and from Python torch; and
+// (at the end) upstream's async-only cases and make_async_checkpointer. The
+// async checkpointer's writer child is tests/support/test_writer.
 #include <ckpt/checkpointer.hpp>
 
 #define BOOST_TEST_MODULE checkpointer_test
@@ -21,10 +24,8 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/use_future.hpp>
 
-#include <cerrno>
 #include <chrono>
 #include <condition_variable>
-#include <csignal>
 #include <cstdint>
 #include <cstdlib>
 #include <filesystem>
@@ -37,6 +38,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -46,19 +48,12 @@ namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 using c10::IValue;
 using ckpt::test::identical;
+using ckpt::test::list_of;
+using ckpt::test::mentions;
 using ckpt::test::TempDir;
+using ckpt::test::wait_get;
 
 namespace {
-
-bool mentions(const std::exception& e, const std::string& text) {
-  return std::string(e.what()).find(text) != std::string::npos;
-}
-
-IValue list_of(std::vector<IValue> items) {
-  c10::impl::GenericList l(c10::AnyType::get());
-  for (auto& x : items) l.push_back(std::move(x));
-  return IValue(std::move(l));
-}
 
 bool is_ready(std::future<void>& f) {
   return f.valid() && f.wait_for(0s) == std::future_status::ready;
@@ -254,25 +249,151 @@ ckpt::test::RunResult run_python(const std::string& command, const fs::path& dir
                          command + " " + ckpt::test::sh_quote(dir.string()));
 }
 
+/// The tests' writer executable (tests/support/test_writer.cpp), beside this program.
+fs::path test_writer() {
+  return fs::canonical("/proc/self/exe").parent_path() / "test_writer";
+}
+
+/// The whole of `file`.
+std::string read_text(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+/// An io_context run by a thread of its own, so that the blocking save()'s
+/// futures complete. On the way out it lets the context run dry, and stops it
+/// only if it does not.
+struct IoThread {
+  boost::asio::io_context io;
+  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work{io.get_executor()};
+  std::promise<void> ran_dry;
+  std::future<void> ran_dry_future = ran_dry.get_future();
+  std::thread thread{[this] {
+    try {
+      io.run();
+    } catch (const std::exception& e) {
+      BOOST_ERROR("a handler threw on the io thread: " << e.what());
+    }
+    ran_dry.set_value();
+  }};
+  ~IoThread() {
+    work.reset();
+    if (ran_dry_future.wait_for(60s) != std::future_status::ready) io.stop();
+    thread.join();
+  }
+  boost::asio::any_io_executor executor() { return io.get_executor(); }
+};
+
+/// upstream's setUp and _create_async_checkpointer, built as upstream builds
+/// it: a stager with async staging in shared memory (not pinned, not
+/// non-blocking), and a writer child whose init hook gets
+/// ("test-async-checkpointer", this pid) and checks it runs in a child of this
+/// process (tests/support/test_writer, "check-parent"); its writer factory gets
+/// the writer config and rank_info. The child is ready before the first save.
+struct AsyncCheckpointerFixture : CheckpointerFixture {
+  IoThread io;
+
+  std::unique_ptr<ckpt::AsyncCheckpointer> create_async_checkpointer() {
+    ckpt::CheckpointStagerConfig stager_config;
+    stager_config.use_async_staging = true;
+    stager_config.use_pinned_memory = false;
+    stager_config.use_shared_memory = true;
+    stager_config.use_non_blocking_copy = false;
+
+    const ckpt::CheckpointProcessConfig process_config{.subprocess_init_timeout = 30s,
+                                                       .subprocess_shutdown_timeout = 60s};
+
+    auto checkpoint_stager = std::make_shared<ckpt::DefaultStager>(stager_config);
+
+    ckpt::WriterOptions options;
+    options.executable = test_writer();
+    options.subprocess_init_args = {"check-parent", "test-async-checkpointer", ::getpid()};
+    // The factory gets the config and rank_info (WriterFactoryArgs) from the
+    // process's writer_config and rank_info.
+    auto checkpoint_process = std::make_shared<ckpt::CheckpointProcess>(
+        io.executor(), rank_info, process_config, writer_config, ckpt::BarrierConfig{}, std::move(options));
+
+    // Wait for process initialization.
+    auto ready = checkpoint_process->async_wait_ready(boost::asio::use_future);
+    wait_get(ready);
+
+    return std::make_unique<ckpt::AsyncCheckpointer>(io.executor(), checkpoint_stager, checkpoint_process,
+                                                     reader);
+  }
+
+  /// A copy of `sd` (upstream's dict.copy(): a new dict, the same values).
+  static ckpt::StateDict shallow_copy(const ckpt::StateDict& sd) {
+    ckpt::StateDict out;
+    for (const auto& e : sd) out.insert(e.key().toStringRef(), e.value());
+    return out;
+  }
+};
+
+/// Requires `f` to complete without an error, naming the error if it does not.
+void require_succeeds(std::future<void>& f, const char* what) {
+  std::optional<std::string> error;
+  try {
+    wait_get(f);
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  BOOST_REQUIRE_MESSAGE(!error, what << " failed: " << error.value_or(""));
+}
+
 }  // namespace
 
-// --- upstream: test_checkpointer.py, the sync checkpointer ----------------------
+// --- the two checkpointers the shared cases run on --------------------------------
+// Outside the anonymous namespace: Boost.Test names a case after its type, as
+// save_and_load_basic<Sync> and save_and_load_basic<Async>.
 
-BOOST_FIXTURE_TEST_SUITE(TestCheckpointer, CheckpointerFixture)
+/// upstream's _create_sync_checkpointer.
+struct Sync : CheckpointerFixture {
+  static constexpr bool is_async = false;
 
-BOOST_AUTO_TEST_CASE(save_and_load_basic) {
-  auto checkpointer = create_sync_checkpointer();
+  std::unique_ptr<ckpt::SyncCheckpointer> create_checkpointer() { return create_sync_checkpointer(); }
+
+  /// A sync save is done when it returns: both futures are already satisfied,
+  /// without an error.
+  static void wait_for_save(ckpt::SaveFutures& futures) {
+    BOOST_REQUIRE(is_ready(futures.staged));
+    BOOST_REQUIRE(is_ready(futures.written));
+    require_succeeds(futures.written, "the write");
+    require_succeeds(futures.staged, "the stage");
+  }
+};
+
+/// upstream's _create_async_checkpointer.
+struct Async : AsyncCheckpointerFixture {
+  static constexpr bool is_async = true;
+
+  std::unique_ptr<ckpt::AsyncCheckpointer> create_checkpointer() { return create_async_checkpointer(); }
+
+  /// upstream's _wait_for_save: the write first, then the stage.
+  static void wait_for_save(ckpt::SaveFutures& futures) {
+    BOOST_REQUIRE(futures.staged.valid());
+    BOOST_REQUIRE(futures.written.valid());
+    require_succeeds(futures.written, "the write");
+    require_succeeds(futures.staged, "the stage");
+  }
+};
+
+using Kinds = std::tuple<Sync, Async>;
+
+// --- upstream: test_checkpointer.py, on the sync and the async checkpointer -------
+// Each case builds its kind, the fixture, itself as `fx`.
+
+BOOST_AUTO_TEST_SUITE(TestCheckpointer)
+
+BOOST_AUTO_TEST_CASE_TEMPLATE(save_and_load_basic, Kind, Kinds) {
+  Kind fx;
+  auto checkpointer = fx.create_checkpointer();
   Closer closer{*checkpointer};
-  const fs::path checkpoint_path = temp_dir / "checkpoint_sync";
+  const fs::path checkpoint_path = fx.temp_dir / "checkpoint";
 
-  auto [staged, written] = checkpointer->save(checkpoint_path, state_dict);
-  // A sync save is done when it returns: both futures are already satisfied.
-  BOOST_REQUIRE(is_ready(staged));
-  BOOST_REQUIRE(is_ready(written));
-  BOOST_CHECK_NO_THROW(written.get());
-  BOOST_CHECK_NO_THROW(staged.get());
+  auto futures = checkpointer->save(checkpoint_path, fx.state_dict);
+  Kind::wait_for_save(futures);
 
-  BOOST_CHECK(fs::exists(file_in(checkpoint_path)));
+  BOOST_CHECK(fs::exists(fx.file_in(checkpoint_path)));
 
   const auto loaded_state_dict = checkpointer->load(checkpoint_path);
   BOOST_CHECK(loaded_state_dict.contains("model"));
@@ -280,14 +401,16 @@ BOOST_AUTO_TEST_CASE(save_and_load_basic) {
   BOOST_CHECK_EQUAL(loaded_state_dict.at("epoch").toInt(), 5);
   BOOST_CHECK_EQUAL(loaded_state_dict.at("step").toInt(), 1000);
   BOOST_CHECK(identical(loaded_state_dict.sub("model").at("weight").toTensor(),
-                        state_dict.sub("model").at("weight").toTensor()));
+                        fx.state_dict.sub("model").at("weight").toTensor()));
 }
 
-BOOST_AUTO_TEST_CASE(load_with_map_location) {
-  auto checkpointer = create_sync_checkpointer();
+BOOST_AUTO_TEST_CASE_TEMPLATE(load_with_map_location, Kind, Kinds) {
+  Kind fx;
+  auto checkpointer = fx.create_checkpointer();
   Closer closer{*checkpointer};
-  const fs::path checkpoint_path = temp_dir / "checkpoint_map_sync";
-  checkpointer->save(checkpoint_path, state_dict);
+  const fs::path checkpoint_path = fx.temp_dir / "checkpoint_map";
+  auto futures = checkpointer->save(checkpoint_path, fx.state_dict);
+  Kind::wait_for_save(futures);
 
   const auto loaded_state_dict = checkpointer->load(checkpoint_path, {.map_location = "cpu"});
   BOOST_CHECK(loaded_state_dict.contains("model"));
@@ -295,11 +418,13 @@ BOOST_AUTO_TEST_CASE(load_with_map_location) {
   BOOST_CHECK(loaded_state_dict.sub("model").at("weight").toTensor().device().is_cpu());
 }
 
-BOOST_AUTO_TEST_CASE(partial_load) {
-  auto checkpointer = create_sync_checkpointer();
+BOOST_AUTO_TEST_CASE_TEMPLATE(partial_load, Kind, Kinds) {
+  Kind fx;
+  auto checkpointer = fx.create_checkpointer();
   Closer closer{*checkpointer};
-  const fs::path checkpoint_path = temp_dir / "checkpoint_partial_sync";
-  checkpointer->save(checkpoint_path, state_dict);
+  const fs::path checkpoint_path = fx.temp_dir / "checkpoint_partial";
+  auto futures = checkpointer->save(checkpoint_path, fx.state_dict);
+  Kind::wait_for_save(futures);
 
   ckpt::StateDict partial_state_dict;
   partial_state_dict.insert("model", linear_state());
@@ -313,16 +438,18 @@ BOOST_AUTO_TEST_CASE(partial_load) {
   BOOST_CHECK(!loaded_state_dict.contains("step"));
   BOOST_CHECK(!loaded_state_dict.contains("optimizer"));
   BOOST_CHECK(identical(loaded_state_dict.sub("model").at("bias").toTensor(),
-                        state_dict.sub("model").at("bias").toTensor()));
+                        fx.state_dict.sub("model").at("bias").toTensor()));
 }
 
-BOOST_AUTO_TEST_CASE(load_strict_mode) {
-  auto checkpointer = create_sync_checkpointer();
+BOOST_AUTO_TEST_CASE_TEMPLATE(load_strict_mode, Kind, Kinds) {
+  Kind fx;
+  auto checkpointer = fx.create_checkpointer();
   Closer closer{*checkpointer};
-  const fs::path checkpoint_path = temp_dir / "checkpoint_strict_sync";
+  const fs::path checkpoint_path = fx.temp_dir / "checkpoint_strict";
   ckpt::StateDict limited_state_dict;
   limited_state_dict.insert("model", linear_state());
-  checkpointer->save(checkpoint_path, limited_state_dict);
+  auto futures = checkpointer->save(checkpoint_path, limited_state_dict);
+  Kind::wait_for_save(futures);
 
   ckpt::StateDict partial_state_dict;
   partial_state_dict.insert("model", linear_state());
@@ -343,29 +470,49 @@ BOOST_AUTO_TEST_CASE(load_strict_mode) {
                         limited_state_dict.sub("model").at("weight").toTensor()));
 }
 
-BOOST_AUTO_TEST_CASE(save_with_kwargs) {
-  // Upstream's writer has no hook here; one is added to see the kwargs arrive.
-  auto hook = std::make_shared<RecordingHook>();
-  auto checkpointer = create_sync_checkpointer(nullptr, hook);
+BOOST_AUTO_TEST_CASE_TEMPLATE(save_with_kwargs, Kind, Kinds) {
+  // Upstream's sync writer has no hook here: one is added to see the kwargs
+  // arrive. Upstream's async variant saves without kwargs; ckpt's carries them
+  // to the child's writer, whose hook (test_writer) records them in
+  // factory_args.txt with what its factory got.
+  Kind fx;
+  std::shared_ptr<RecordingHook> hook;
+  std::unique_ptr<ckpt::Checkpointer> checkpointer;
+  if constexpr (Kind::is_async) {
+    checkpointer = fx.create_checkpointer();
+  } else {
+    hook = std::make_shared<RecordingHook>();
+    checkpointer = fx.create_sync_checkpointer(nullptr, hook);
+  }
   Closer closer{*checkpointer};
-  const fs::path checkpoint_path = temp_dir / "checkpoint_kwargs_sync";
+  const fs::path checkpoint_path = fx.temp_dir / "checkpoint_kwargs";
 
   const ckpt::Kwargs kwargs{{"custom_arg", "test_value"}, {"another_arg", 42}};
-  auto [staged, written] = checkpointer->save(checkpoint_path, state_dict, kwargs);
-  BOOST_CHECK_NO_THROW(written.get());
-  BOOST_CHECK_NO_THROW(staged.get());
+  auto futures = checkpointer->save(checkpoint_path, fx.state_dict, kwargs);
+  Kind::wait_for_save(futures);
 
-  BOOST_CHECK(fs::exists(file_in(checkpoint_path)));
-  BOOST_REQUIRE(hook->pre_commit_kwargs.has_value());
-  BOOST_REQUIRE(hook->post_commit_kwargs.has_value());
-  BOOST_CHECK(*hook->pre_commit_kwargs == kwargs);
-  BOOST_CHECK(*hook->post_commit_kwargs == kwargs);
-  BOOST_CHECK_EQUAL(hook->pre_commit_kwargs->at("custom_arg").as_string(), "test_value");
-  BOOST_CHECK_EQUAL(hook->pre_commit_kwargs->at("another_arg").as_int(), 42);
+  BOOST_CHECK(fs::exists(fx.file_in(checkpoint_path)));
+  if constexpr (Kind::is_async) {
+    const std::string args = read_text(checkpoint_path / "factory_args.txt");
+    BOOST_TEST_MESSAGE("factory_args.txt:\n" << args);
+    BOOST_CHECK(args.find("kwarg custom_arg='test_value'\n") != std::string::npos);
+    BOOST_CHECK(args.find("kwarg another_arg=42\n") != std::string::npos);
+    // The factory's {config, rank_info}.
+    BOOST_CHECK(args.find("rank 0 of 1\n") != std::string::npos);
+    BOOST_CHECK(args.find("write_barrier_timeout_ms 600000\n") != std::string::npos);
+  } else {
+    BOOST_REQUIRE(hook->pre_commit_kwargs.has_value());
+    BOOST_REQUIRE(hook->post_commit_kwargs.has_value());
+    BOOST_CHECK(*hook->pre_commit_kwargs == kwargs);
+    BOOST_CHECK(*hook->post_commit_kwargs == kwargs);
+    BOOST_CHECK_EQUAL(hook->pre_commit_kwargs->at("custom_arg").as_string(), "test_value");
+    BOOST_CHECK_EQUAL(hook->pre_commit_kwargs->at("another_arg").as_int(), 42);
+  }
 }
 
-BOOST_AUTO_TEST_CASE(nested_dict_partial_load) {
-  auto checkpointer = create_sync_checkpointer();
+BOOST_AUTO_TEST_CASE_TEMPLATE(nested_dict_partial_load, Kind, Kinds) {
+  Kind fx;
+  auto checkpointer = fx.create_checkpointer();
   Closer closer{*checkpointer};
 
   ckpt::StateDict layer1;
@@ -384,8 +531,9 @@ BOOST_AUTO_TEST_CASE(nested_dict_partial_load) {
   nested_state_dict.insert("model", model);
   nested_state_dict.insert("metadata", metadata);
 
-  const fs::path checkpoint_path = temp_dir / "checkpoint_nested_sync";
-  checkpointer->save(checkpoint_path, nested_state_dict);
+  const fs::path checkpoint_path = fx.temp_dir / "checkpoint_nested";
+  auto futures = checkpointer->save(checkpoint_path, nested_state_dict);
+  Kind::wait_for_save(futures);
 
   ckpt::StateDict want_layer1;
   want_layer1.insert("weight", IValue());
@@ -414,10 +562,17 @@ BOOST_AUTO_TEST_CASE(nested_dict_partial_load) {
   BOOST_CHECK(!loaded_state_dict.sub("metadata").contains("step"));
 }
 
-BOOST_AUTO_TEST_CASE(close_is_idempotent) {
-  auto checkpointer = create_sync_checkpointer();
+BOOST_AUTO_TEST_CASE_TEMPLATE(close_is_idempotent, Kind, Kinds) {
+  Kind fx;
+  auto checkpointer = fx.create_checkpointer();
+  [[maybe_unused]] int pid = -1;
+  if constexpr (Kind::is_async) pid = checkpointer->process().pid();
   BOOST_CHECK_NO_THROW(checkpointer->close());
   BOOST_CHECK_NO_THROW(checkpointer->close());
+  if constexpr (Kind::is_async) {
+    BOOST_CHECK_EQUAL(checkpointer->process().pid(), -1);
+    BOOST_CHECK(ckpt::test::process_gone(pid));  // the writer child is gone and reaped
+  }
 }
 
 BOOST_AUTO_TEST_SUITE_END()
@@ -668,107 +823,7 @@ BOOST_AUTO_TEST_CASE(a_checkpoint_saved_by_python_loads_full_and_partial) {
 
 BOOST_AUTO_TEST_SUITE_END()
 
-// --- upstream: test_checkpointer.py, the async checkpointer ---------------------
-// Built as upstream builds it: a stager with async staging in shared memory (not
-// pinned, not non-blocking), and a writer child whose init hook gets
-// ("test-async-checkpointer", this pid) and checks it runs in a child of this
-// process (tests/support/test_writer, "check-parent"); its writer factory gets
-// the writer config and rank_info. The child is ready before the first save.
-
 namespace {
-
-/// A generous bound on every wait: it only keeps a broken checkpointer from
-/// hanging the suite; no check relies on it.
-constexpr auto kWaitBound = 120s;
-
-template <typename T>
-T wait_get(std::future<T>& f) {
-  BOOST_REQUIRE_MESSAGE(f.wait_for(kWaitBound) == std::future_status::ready,
-                        "not completed within " << kWaitBound.count() << " s");
-  return f.get();
-}
-
-/// upstream's _wait_for_save: the write first, then the stage.
-void wait_for_save(ckpt::SaveFutures& futures) {
-  BOOST_REQUIRE(futures.staged.valid());
-  BOOST_REQUIRE(futures.written.valid());
-  wait_get(futures.written);
-  wait_get(futures.staged);
-}
-
-/// The tests' writer executable (tests/support/test_writer.cpp), beside this program.
-fs::path test_writer() {
-  return fs::canonical("/proc/self/exe").parent_path() / "test_writer";
-}
-
-std::string read_text(const fs::path& file) {
-  std::ifstream in(file, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-/// An io_context run by a thread of its own, so that the blocking save()'s
-/// futures complete. On the way out it lets the context run dry, and stops it
-/// only if it does not.
-struct IoThread {
-  boost::asio::io_context io;
-  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work{io.get_executor()};
-  std::promise<void> ran_dry;
-  std::future<void> ran_dry_future = ran_dry.get_future();
-  std::thread thread{[this] {
-    try {
-      io.run();
-    } catch (const std::exception& e) {
-      BOOST_ERROR("a handler threw on the io thread: " << e.what());
-    }
-    ran_dry.set_value();
-  }};
-  ~IoThread() {
-    work.reset();
-    if (ran_dry_future.wait_for(60s) != std::future_status::ready) io.stop();
-    thread.join();
-  }
-  boost::asio::any_io_executor executor() { return io.get_executor(); }
-};
-
-/// upstream's setUp and _create_async_checkpointer.
-struct AsyncCheckpointerFixture : CheckpointerFixture {
-  IoThread io;
-
-  std::unique_ptr<ckpt::AsyncCheckpointer> create_async_checkpointer() {
-    ckpt::CheckpointStagerConfig stager_config;
-    stager_config.use_async_staging = true;
-    stager_config.use_pinned_memory = false;
-    stager_config.use_shared_memory = true;
-    stager_config.use_non_blocking_copy = false;
-
-    const ckpt::CheckpointProcessConfig process_config{.subprocess_init_timeout = 30s,
-                                                       .subprocess_shutdown_timeout = 60s};
-
-    auto checkpoint_stager = std::make_shared<ckpt::DefaultStager>(stager_config);
-
-    ckpt::WriterOptions options;
-    options.executable = test_writer();
-    options.subprocess_init_args = {"check-parent", "test-async-checkpointer", ::getpid()};
-    // The factory gets the config and rank_info (WriterFactoryArgs) from the
-    // process's writer_config and rank_info.
-    auto checkpoint_process = std::make_shared<ckpt::CheckpointProcess>(
-        io.executor(), rank_info, process_config, writer_config, ckpt::BarrierConfig{}, std::move(options));
-
-    // Wait for process initialization.
-    auto ready = checkpoint_process->async_wait_ready(boost::asio::use_future);
-    wait_get(ready);
-
-    return std::make_unique<ckpt::AsyncCheckpointer>(io.executor(), checkpoint_stager, checkpoint_process,
-                                                     reader);
-  }
-
-  /// A copy of `sd` (upstream's dict.copy(): a new dict, the same values).
-  static ckpt::StateDict shallow_copy(const ckpt::StateDict& sd) {
-    ckpt::StateDict out;
-    for (const auto& e : sd) out.insert(e.key().toStringRef(), e.value());
-    return out;
-  }
-};
 
 /// A stager that is ready at once (upstream's Mock stager with a done future).
 class ReadyStager : public ckpt::CheckpointStager {
@@ -818,173 +873,6 @@ std::string error_of(std::future<void>& f) {
 }
 
 }  // namespace
-
-BOOST_FIXTURE_TEST_SUITE(AsyncCheckpointer, AsyncCheckpointerFixture)
-
-BOOST_AUTO_TEST_CASE(save_and_load_basic) {
-  auto checkpointer = create_async_checkpointer();
-  Closer closer{*checkpointer};
-  const fs::path checkpoint_path = temp_dir / "checkpoint_async";
-
-  auto futures = checkpointer->save(checkpoint_path, state_dict);
-  wait_for_save(futures);
-
-  BOOST_CHECK(fs::exists(file_in(checkpoint_path)));
-
-  const auto loaded_state_dict = checkpointer->load(checkpoint_path);
-  BOOST_CHECK(loaded_state_dict.contains("model"));
-  BOOST_CHECK(loaded_state_dict.contains("optimizer"));
-  BOOST_CHECK_EQUAL(loaded_state_dict.at("epoch").toInt(), 5);
-  BOOST_CHECK_EQUAL(loaded_state_dict.at("step").toInt(), 1000);
-  BOOST_CHECK(identical(loaded_state_dict.sub("model").at("weight").toTensor(),
-                        state_dict.sub("model").at("weight").toTensor()));
-}
-
-BOOST_AUTO_TEST_CASE(load_with_map_location) {
-  auto checkpointer = create_async_checkpointer();
-  Closer closer{*checkpointer};
-  const fs::path checkpoint_path = temp_dir / "checkpoint_map_async";
-  auto futures = checkpointer->save(checkpoint_path, state_dict);
-  wait_for_save(futures);
-
-  const auto loaded_state_dict = checkpointer->load(checkpoint_path, {.map_location = "cpu"});
-  BOOST_CHECK(loaded_state_dict.contains("model"));
-  BOOST_CHECK_EQUAL(loaded_state_dict.at("epoch").toInt(), 5);
-  BOOST_CHECK(loaded_state_dict.sub("model").at("weight").toTensor().device().is_cpu());
-}
-
-BOOST_AUTO_TEST_CASE(partial_load) {
-  auto checkpointer = create_async_checkpointer();
-  Closer closer{*checkpointer};
-  const fs::path checkpoint_path = temp_dir / "checkpoint_partial_async";
-  auto futures = checkpointer->save(checkpoint_path, state_dict);
-  wait_for_save(futures);
-
-  ckpt::StateDict partial_state_dict;
-  partial_state_dict.insert("model", linear_state());
-  partial_state_dict.insert("epoch", IValue());
-
-  const auto loaded_state_dict = checkpointer->load(checkpoint_path, {.state_dict = partial_state_dict});
-  BOOST_CHECK(loaded_state_dict.is(partial_state_dict));
-  BOOST_CHECK(loaded_state_dict.contains("model"));
-  BOOST_CHECK(loaded_state_dict.contains("epoch"));
-  BOOST_CHECK_EQUAL(loaded_state_dict.at("epoch").toInt(), 5);
-  BOOST_CHECK(!loaded_state_dict.contains("step"));
-  BOOST_CHECK(!loaded_state_dict.contains("optimizer"));
-  BOOST_CHECK(identical(loaded_state_dict.sub("model").at("bias").toTensor(),
-                        state_dict.sub("model").at("bias").toTensor()));
-}
-
-BOOST_AUTO_TEST_CASE(load_strict_mode) {
-  auto checkpointer = create_async_checkpointer();
-  Closer closer{*checkpointer};
-  const fs::path checkpoint_path = temp_dir / "checkpoint_strict_async";
-  ckpt::StateDict limited_state_dict;
-  limited_state_dict.insert("model", linear_state());
-  auto futures = checkpointer->save(checkpoint_path, limited_state_dict);
-  wait_for_save(futures);
-
-  ckpt::StateDict partial_state_dict;
-  partial_state_dict.insert("model", linear_state());
-  partial_state_dict.insert("missing_key", IValue());
-
-  BOOST_CHECK_EXCEPTION(
-      checkpointer->load(checkpoint_path, {.state_dict = partial_state_dict, .strict = true}),
-      ckpt::MissingKeys, [&](const ckpt::MissingKeys& e) {
-        BOOST_TEST_MESSAGE("strict load: " << e.what());
-        return mentions(e, "missing keys") && mentions(e, "missing_key");
-      });
-
-  const auto loaded_state_dict =
-      checkpointer->load(checkpoint_path, {.state_dict = partial_state_dict, .strict = false});
-  BOOST_CHECK(loaded_state_dict.contains("model"));
-  BOOST_CHECK(identical(loaded_state_dict.sub("model").at("weight").toTensor(),
-                        limited_state_dict.sub("model").at("weight").toTensor()));
-}
-
-BOOST_AUTO_TEST_CASE(save_with_kwargs) {
-  // Upstream's async variant saves without kwargs; ckpt's carries them to the
-  // child's writer, whose hook (test_writer) records them with what its
-  // factory got.
-  auto checkpointer = create_async_checkpointer();
-  Closer closer{*checkpointer};
-  const fs::path checkpoint_path = temp_dir / "checkpoint_kwargs_async";
-
-  auto futures =
-      checkpointer->save(checkpoint_path, state_dict, {{"custom_arg", "test_value"}, {"another_arg", 42}});
-  wait_for_save(futures);
-
-  BOOST_CHECK(fs::exists(file_in(checkpoint_path)));
-  const std::string args = read_text(checkpoint_path / "factory_args.txt");
-  BOOST_TEST_MESSAGE("factory_args.txt:\n" << args);
-  BOOST_CHECK(args.find("kwarg custom_arg='test_value'\n") != std::string::npos);
-  BOOST_CHECK(args.find("kwarg another_arg=42\n") != std::string::npos);
-  // The factory's {config, rank_info}.
-  BOOST_CHECK(args.find("rank 0 of 1\n") != std::string::npos);
-  BOOST_CHECK(args.find("write_barrier_timeout_ms 600000\n") != std::string::npos);
-}
-
-BOOST_AUTO_TEST_CASE(nested_dict_partial_load) {
-  auto checkpointer = create_async_checkpointer();
-  Closer closer{*checkpointer};
-
-  ckpt::StateDict layer1;
-  layer1.insert("weight", at::randn({5, 10}));
-  layer1.insert("bias", at::randn({5}));
-  ckpt::StateDict layer2;
-  layer2.insert("weight", at::randn({2, 5}));
-  layer2.insert("bias", at::randn({2}));
-  ckpt::StateDict model;
-  model.insert("layer1", layer1);
-  model.insert("layer2", layer2);
-  ckpt::StateDict metadata;
-  metadata.insert("epoch", 10);
-  metadata.insert("step", 2000);
-  ckpt::StateDict nested_state_dict;
-  nested_state_dict.insert("model", model);
-  nested_state_dict.insert("metadata", metadata);
-
-  const fs::path checkpoint_path = temp_dir / "checkpoint_nested_async";
-  auto futures = checkpointer->save(checkpoint_path, nested_state_dict);
-  wait_for_save(futures);
-
-  ckpt::StateDict want_layer1;
-  want_layer1.insert("weight", IValue());
-  ckpt::StateDict want_model;
-  want_model.insert("layer1", want_layer1);
-  ckpt::StateDict want_metadata;
-  want_metadata.insert("epoch", IValue());
-  ckpt::StateDict partial_state_dict;
-  partial_state_dict.insert("model", want_model);
-  partial_state_dict.insert("metadata", want_metadata);
-
-  const auto loaded_state_dict = checkpointer->load(checkpoint_path, {.state_dict = partial_state_dict});
-
-  BOOST_REQUIRE(loaded_state_dict.contains("model"));
-  BOOST_REQUIRE(loaded_state_dict.sub("model").contains("layer1"));
-  BOOST_REQUIRE(loaded_state_dict.sub("model").sub("layer1").contains("weight"));
-  BOOST_REQUIRE(loaded_state_dict.contains("metadata"));
-  BOOST_REQUIRE(loaded_state_dict.sub("metadata").contains("epoch"));
-
-  BOOST_CHECK(identical(loaded_state_dict.sub("model").sub("layer1").at("weight").toTensor(),
-                        layer1.at("weight").toTensor()));
-  BOOST_CHECK_EQUAL(loaded_state_dict.sub("metadata").at("epoch").toInt(), 10);
-
-  BOOST_CHECK(!loaded_state_dict.sub("model").contains("layer2"));
-  BOOST_CHECK(!loaded_state_dict.sub("model").sub("layer1").contains("bias"));
-  BOOST_CHECK(!loaded_state_dict.sub("metadata").contains("step"));
-}
-
-BOOST_AUTO_TEST_CASE(close_is_idempotent) {
-  auto checkpointer = create_async_checkpointer();
-  const int pid = checkpointer->process().pid();
-  BOOST_CHECK_NO_THROW(checkpointer->close());
-  BOOST_CHECK_NO_THROW(checkpointer->close());
-  BOOST_CHECK_EQUAL(checkpointer->process().pid(), -1);
-  BOOST_CHECK(::kill(pid, 0) == -1 && errno == ESRCH);  // the child is gone and reaped
-}
-
-BOOST_AUTO_TEST_SUITE_END()
 
 // --- upstream: TestAsyncCheckpointerSpecific ---------------------------------------
 

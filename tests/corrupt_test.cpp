@@ -12,8 +12,8 @@
 
 #include <boost/core/demangle.hpp>
 
+#include "format/zip.hpp"
 #include "support/test_support.hpp"
-#include "zip.hpp"
 
 #include <ATen/ATen.h>
 

@@ -16,7 +16,7 @@
 #define BOOST_TEST_MODULE cuda_staging_test
 #include <boost/test/unit_test.hpp>
 
-#include "arena.hpp"
+#include "async/arena.hpp"
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>

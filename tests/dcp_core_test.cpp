@@ -33,11 +33,8 @@ using dcp::ShardedTensor;
 using dcp::TensorStorageMetadata;
 using Sizes = std::vector<std::int64_t>;
 
+using ckpt::test::mentions;
 namespace {
-
-bool mentions(const std::exception& e, const std::string& text) {
-  return std::string(e.what()).find(text) != std::string::npos;
-}
 
 /// A ShardedTensor of `world` row shards of a global value; this rank's shards.
 ShardedTensor sharded_of(const at::Tensor& global, std::int64_t world, std::int64_t rank,

@@ -8,6 +8,8 @@
 #define BOOST_TEST_MODULE dcp_metadata_test
 #include <boost/test/unit_test.hpp>
 
+#include "support/test_support.hpp"
+
 #include <ckpt/error.hpp>
 
 #include <string>
@@ -20,13 +22,10 @@ using ckpt::dcp::ShardedTensor;
 using ckpt::dcp::TensorStorageMetadata;
 using Sizes = std::vector<std::int64_t>;
 
+using ckpt::test::mentions;
 namespace {
 
 constexpr std::int64_t kWorld = 2;
-
-bool mentions(const std::exception& e, const std::string& text) {
-  return std::string(e.what()).find(text) != std::string::npos;
-}
 
 }  // namespace
 

@@ -6,8 +6,8 @@
 #define BOOST_TEST_MODULE format_test
 #include <boost/test/unit_test.hpp>
 
+#include "format/zip.hpp"
 #include "support/test_support.hpp"
-#include "zip.hpp"
 
 #include <ATen/ATen.h>
 

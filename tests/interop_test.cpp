@@ -31,6 +31,7 @@ namespace fs = std::filesystem;
 using c10::IValue;
 using ckpt::test::TempDir;
 
+using ckpt::test::list_of;
 namespace {
 
 // --- running the Python side ------------------------------------------------
@@ -91,11 +92,6 @@ c10::impl::GenericDict str_dict() {
 }
 c10::impl::GenericDict int_dict() {
   return c10::impl::GenericDict(c10::IntType::get(), c10::AnyType::get());
-}
-IValue list_of(std::vector<IValue> items) {
-  c10::impl::GenericList l(c10::AnyType::get());
-  for (auto& x : items) l.push_back(std::move(x));
-  return IValue(std::move(l));
 }
 IValue tuple_of(std::vector<IValue> items) {
   return IValue(c10::ivalue::Tuple::create(std::move(items)));

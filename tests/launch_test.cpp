@@ -43,6 +43,7 @@ extern char** environ;
 namespace fs = std::filesystem;
 using ckpt::test::TempDir;
 
+using ckpt::test::process_gone;
 namespace {
 
 /// A hang guard for one launcher run, not a measurement: nothing here takes
@@ -243,10 +244,6 @@ std::map<int, pid_t> printed_pids(const std::string& out) {
     if (rank >= 0 && std::sscanf(payload.c_str(), "pid %d", &pid) == 1) pids[rank] = pid;
   }
   return pids;
-}
-
-bool process_gone(pid_t pid) {
-  return ::kill(pid, 0) != 0 && errno == ESRCH;
 }
 
 void check_nothing_left(const std::map<int, pid_t>& pids) {

@@ -8,7 +8,7 @@
 #define BOOST_TEST_MODULE staging_test
 #include <boost/test/unit_test.hpp>
 
-#include "arena.hpp"
+#include "async/arena.hpp"
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>
@@ -35,21 +35,10 @@ using namespace std::chrono_literals;
 using c10::IValue;
 using ckpt::test::identical;
 
+using ckpt::test::kWaitBound;
+using ckpt::test::list_of;
+using ckpt::test::mentions;
 namespace {
-
-/// A generous bound on every wait: it only keeps a broken stager from hanging
-/// the suite; it is never what a check relies on.
-constexpr auto kWaitBound = 120s;
-
-bool mentions(const std::exception& e, const std::string& text) {
-  return std::string(e.what()).find(text) != std::string::npos;
-}
-
-IValue list_of(std::vector<IValue> items) {
-  c10::impl::GenericList l(c10::AnyType::get());
-  for (auto& x : items) l.push_back(std::move(x));
-  return IValue(std::move(l));
-}
 
 std::uint64_t round_to_pages(std::uint64_t bytes) {
   const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));

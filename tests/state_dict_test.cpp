@@ -7,6 +7,8 @@
 #define BOOST_TEST_MODULE state_dict_test
 #include <boost/test/unit_test.hpp>
 
+#include "support/test_support.hpp"
+
 #include <ATen/ATen.h>
 
 #include <cstdint>
@@ -15,6 +17,7 @@
 
 using c10::IValue;
 
+using ckpt::test::mentions;
 namespace {
 
 /// The keys of `sd`, in iteration order.
@@ -22,10 +25,6 @@ std::vector<std::string> keys_of(const ckpt::StateDict& sd) {
   std::vector<std::string> keys;
   for (const auto& entry : sd) keys.push_back(entry.key().toStringRef());
   return keys;
-}
-
-bool mentions(const std::exception& e, const std::string& text) {
-  return std::string(e.what()).find(text) != std::string::npos;
 }
 
 c10::impl::GenericDict int_keyed_dict() {

@@ -5,6 +5,8 @@
 #define BOOST_TEST_MODULE types_test
 #include <boost/test/unit_test.hpp>
 
+#include "support/test_support.hpp"
+
 #include <ckpt/state_dict.hpp>
 
 #include <ATen/ATen.h>
@@ -16,11 +18,8 @@
 #include <utility>
 #include <vector>
 
+using ckpt::test::mentions;
 namespace {
-
-bool mentions(const std::exception& e, const std::string& text) {
-  return std::string(e.what()).find(text) != std::string::npos;
-}
 
 /// Saves RANK and WORLD_SIZE, clears them, and puts them back afterwards, so the
 /// cases neither see nor leak the environment they run in.

@@ -10,40 +10,54 @@
 
 #include <ckpt/checkpoint_process.hpp>
 #include <ckpt/checkpointer.hpp>
-#include <ckpt/detail/event.hpp>
 #include <ckpt/staging.hpp>
 
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/async_result.hpp>
 
+#include <concepts>
 #include <filesystem>
 #include <memory>
+#include <type_traits>
 
 namespace ckpt {
 
+namespace detail {
+class Event;
+}
+
 /// A write in progress: what async_save hands back once the state is staged.
+/// Copies share the one write.
 class PendingWrite {
  public:
   using Signature = void(std::exception_ptr);
 
   PendingWrite() = default;
-  PendingWrite(std::shared_ptr<detail::Event> event, std::filesystem::path path)
-      : event_(std::move(event)), path_(std::move(path)) {}
+  PendingWrite(std::shared_ptr<detail::Event> event, std::filesystem::path path);
 
-  /// Completes when the checkpoint is durable and committed, or with the
-  /// write's error.
-  template <boost::asio::completion_token_for<Signature> Token =
-                boost::asio::default_completion_token_t<boost::asio::any_io_executor>>
-  auto async_wait(Token&& token = {}) const {
-    return event_->async_wait(std::forward<Token>(token));
+  /// Completes when the checkpoint is durable and committed (null), or with
+  /// the write's error. Completes on the handler's associated executor (for
+  /// use_awaitable, the coroutine's); a handler with none runs on the thread
+  /// that saw the write finish. While parked it keeps work on that executor.
+  /// Honours per-operation cancellation: a cancelled wait completes at once
+  /// with operation_aborted (boost::system::system_error), and the write goes
+  /// on. Any completion token works; there is no default token.
+  template <boost::asio::completion_token_for<Signature> Token>
+  auto async_wait(Token&& token) const {
+    return boost::asio::async_initiate<Token, Signature>(
+        [this](auto handler) { do_wait(boost::asio::any_completion_handler<Signature>(std::move(handler))); },
+        token);
   }
   /// Blocks until durable; throws the write's error.
   void wait() const;
-  bool done() const { return event_ && event_->done(); }
+  /// Whether the write has finished (either way).
+  bool done() const;
   const std::filesystem::path& path() const { return path_; }
 
  private:
+  void do_wait(boost::asio::any_completion_handler<Signature> handler) const;
+
   std::shared_ptr<detail::Event> event_;
   std::filesystem::path path_;
 };
@@ -65,16 +79,24 @@ class AsyncCheckpointer : public Checkpointer {
   /// `state_dict`, hands the image to the writer child and completes — with a
   /// PendingWrite for the durable write. After completion the caller may change
   /// its tensors. Cancellation before staging starts fails it with
-  /// operation_aborted. Any completion token works.
-  template <boost::asio::completion_token_for<SaveSignature> Token =
-                boost::asio::default_completion_token_t<executor_type>>
-  auto async_save(std::filesystem::path path, StateDict state_dict, Kwargs kwargs = {}, Token&& token = {}) {
+  /// operation_aborted. Completes on the handler's associated executor (for
+  /// use_awaitable, the coroutine's; a handler with none runs on the
+  /// checkpointer's strand). Any completion token works; there is no default
+  /// (Boost 1.81's any_io_executor names none), so one is always passed.
+  template <boost::asio::completion_token_for<SaveSignature> Token>
+  auto async_save(std::filesystem::path path, StateDict state_dict, Kwargs kwargs, Token&& token) {
     return boost::asio::async_initiate<Token, SaveSignature>(
         [this](auto handler, std::filesystem::path p, StateDict sd, Kwargs k) {
           do_save(std::move(p), std::move(sd), std::move(k),
                   boost::asio::any_completion_handler<SaveSignature>(std::move(handler)));
         },
         token, std::move(path), std::move(state_dict), std::move(kwargs));
+  }
+  /// The same with no keyword arguments: `async_save(path, sd, use_awaitable)`.
+  template <boost::asio::completion_token_for<SaveSignature> Token>
+  requires(!std::same_as<std::decay_t<Token>, Kwargs>) auto async_save(std::filesystem::path path,
+                                                                       StateDict state_dict, Token&& token) {
+    return async_save(std::move(path), std::move(state_dict), Kwargs{}, std::forward<Token>(token));
   }
 
   /// The blocking form: {staged, written} futures, as upstream's
@@ -84,8 +106,11 @@ class AsyncCheckpointer : public Checkpointer {
   /// As SyncCheckpointer::load (loading is synchronous, as upstream).
   StateDict load(const std::filesystem::path& path, const LoadOptions& options = {},
                  const Kwargs& kwargs = {}) override;
-  /// Waits for a write in progress (up to the writer's shutdown timeout), then
-  /// closes the stager and the child. Idempotent.
+  /// Waits for a write in progress (up to the process config's write_timeout),
+  /// then closes the stager and the child. Idempotent. Blocking: it asks the
+  /// checkpointer's strand which write is the last; called on a thread that
+  /// runs the executor (or once the io_context has stopped) it looks itself,
+  /// so call it there only when no save is in progress.
   void close() override;
 
   executor_type get_executor() const;

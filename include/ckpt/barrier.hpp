@@ -1,7 +1,10 @@
 // Barriers: every rank waits until all ranks have written their files before
-// any rank commits (upstream's barriers.py).
+// any rank commits (upstream's barriers.py). The interface and the registry;
+// the built-in types are TCPStoreBarrier (tcp_store_barrier.hpp) and
+// DistBarrier (dist.hpp).
 #pragma once
 
+#include <ckpt/config.hpp>
 #include <ckpt/error.hpp>
 #include <ckpt/types.hpp>
 
@@ -57,58 +60,6 @@ class Barrier {
   virtual bool begin_commit() { return true; }
   virtual void end_commit(const std::optional<RankFailure>& failure) {}
   virtual std::optional<RankFailure> await_commit() { return std::nullopt; }
-};
-
-/// upstream's TCPStoreBarrier ("tcp_store"): a TCPStore of its own, its master
-/// on rank 0, shared by every barrier call; a sequence number per prefix so the
-/// same object serves every save. Keys, as upstream: `rank<r>` = the sequence
-/// being joined, `<prefix><seq>/num_members`, `<prefix><seq>/last_member`; and
-/// ckpt's `<prefix><seq>/report/<r>` and `<prefix><seq>/failed`. Unlike
-/// upstream, `timeout` is enforced: a rank that does not arrive makes the others
-/// throw Timeout naming the ranks that did not arrive.
-struct TCPStoreBarrierOptions {
-  std::int64_t global_rank = 0;
-  std::int64_t global_world_size = 1;
-  std::string barrier_prefix = "ckpt_barrier";
-  std::chrono::milliseconds timeout_barrier_init = std::chrono::seconds(30);
-  std::uint16_t tcpstore_port = 0;  ///< required
-  std::string master_address = "127.0.0.1";
-  std::chrono::milliseconds timeout = std::chrono::seconds(600);
-
-  /// From barrier_args: global_rank, global_world_size, barrier_prefix,
-  /// timeout_barrier_init (seconds; also `timeout_barrier_init_secs`),
-  /// tcpstore_port, master_address, timeout (seconds; also `timeout_secs`).
-  /// Rank and world size default to the environment's (torchrun's RANK and
-  /// WORLD_SIZE). Throws Error naming a missing or ill-typed argument.
-  static TCPStoreBarrierOptions from_args(const Kwargs& args);
-};
-
-class TCPStoreBarrier : public Barrier {
- public:
-  /// Connects to (rank 0: starts) the store; waits for every rank's store
-  /// client up to timeout_barrier_init (Timeout otherwise).
-  explicit TCPStoreBarrier(TCPStoreBarrierOptions options);
-  ~TCPStoreBarrier() override;
-  void execute_barrier() override;
-  BarrierOutcome arrive(const std::string& report, bool failed, bool want_reports) override;
-  const TCPStoreBarrierOptions& options() const;
-  /// The sequence number the next barrier call joins.
-  std::int64_t sequence() const;
-  void set_sequence(std::int64_t sequence) override;
-  bool begin_commit() override;
-  void end_commit(const std::optional<RankFailure>& failure) override;
-  std::optional<RankFailure> await_commit() override;
-
- private:
-  struct Impl;
-  std::unique_ptr<Impl> impl_;
-};
-
-/// Which barrier a checkpointer uses: none by default, else a registered type
-/// ("tcp_store", "dist_barrier", or one a user registered) with its arguments.
-struct BarrierConfig {
-  std::optional<std::string> barrier_type;
-  Kwargs barrier_args;
 };
 
 /// Makes a barrier of a registered type from its arguments.

@@ -65,12 +65,16 @@ class CheckpointManager {
   /// The newest committed checkpoint; nullopt when there is none.
   std::optional<CommittedCheckpoint> latest_committed() const;
 
-  /// Loads the newest committed checkpoint into `target` (in place, strict
-  /// unless `options` says otherwise) and returns its step; nullopt (target
-  /// untouched) when there is none. A committed checkpoint that no longer reads
-  /// back (its files damaged since) is reported on stderr and the next older
-  /// one is restored instead.
-  std::optional<std::int64_t> restore_latest(const StateDict& target, LoadOptions options = {.strict = true});
+  /// Loads the newest committed checkpoint into `target` (in place, strict and
+  /// checking every record's CRC-32 unless `options` says otherwise) and
+  /// returns its step; nullopt (target untouched) when there is none. A
+  /// committed checkpoint that no longer reads back (its files damaged since:
+  /// CorruptCheckpoint, or NotFound for a file gone) is logged as a warning
+  /// (ckpt::log) and the next older one is restored instead. Records are read
+  /// into `target` before their CRC is checked: when every committed checkpoint
+  /// is damaged it returns nullopt with `target` partly overwritten.
+  std::optional<std::int64_t> restore_latest(const StateDict& target,
+                                             LoadOptions options = {.strict = true, .verify_crc = true});
 
   /// Removes what pruning removes (see the top of this file); returns the
   /// directories removed. Rank 0 only; elsewhere it does nothing.

@@ -1,11 +1,11 @@
 // The writer child process of the asynchronous checkpointer (upstream's
 // checkpoint_process.py): started once, reused for every save, replaced when it
-// dies. The protocol it speaks is described in lib/checkpoint_process.cpp.
+// dies. The protocol it speaks is described in lib/async/checkpoint_process.cpp.
 #pragma once
 
 #include <ckpt/barrier.hpp>
 #include <ckpt/checkpoint_writer.hpp>
-#include <ckpt/detail/event.hpp>
+#include <ckpt/config.hpp>
 #include <ckpt/staging.hpp>
 #include <ckpt/types.hpp>
 
@@ -20,20 +20,9 @@
 
 namespace ckpt {
 
-struct CheckpointProcessConfig {
-  /// How long the child may take to start, run its init function and answer
-  /// its first ping; past it the child is killed and the start fails (Timeout).
-  std::chrono::milliseconds subprocess_init_timeout = std::chrono::seconds(30);
-  /// How long the child may take to exit after being told to, before SIGKILL.
-  std::chrono::milliseconds subprocess_shutdown_timeout = std::chrono::seconds(60);
-  /// How long one write (file, hooks and barrier) may take in the child.
-  std::chrono::milliseconds write_timeout = std::chrono::hours(1);
-  /// Added to the child's scheduling niceness (`nice(2)`): the writer yields
-  /// the CPU to training when both want it, so a background write slows the
-  /// trainer as little as possible; alone it runs at full speed. 0 keeps the
-  /// parent's priority.
-  int writer_niceness = 10;
-};
+namespace detail {
+class Event;
+}
 
 /// What the child is and how it starts (upstream's subprocess_init_fn and
 /// checkpoint_writer_init_fn, in C++: a writer executable built on
@@ -70,10 +59,15 @@ class CheckpointProcess {
   /// Completes when the child answered its first ping (upstream's
   /// process_creation_future), or with the start's error (Timeout "Timed out
   /// ...", WriterProcessError).
-  template <boost::asio::completion_token_for<Signature> Token =
-                boost::asio::default_completion_token_t<executor_type>>
-  auto async_wait_ready(Token&& token = {}) {
-    return ready_->async_wait(std::forward<Token>(token));
+  /// Completes on the handler's associated executor; honours per-operation
+  /// cancellation (operation_aborted; the start goes on).
+  template <boost::asio::completion_token_for<Signature> Token>
+  auto async_wait_ready(Token&& token) {
+    return boost::asio::async_initiate<Token, Signature>(
+        [this](auto handler) {
+          do_wait_ready(boost::asio::any_completion_handler<Signature>(std::move(handler)));
+        },
+        token);
   }
 
   /// Has the child write `staged` to `path/checkpoint_<rank>.pt` and commit it
@@ -83,10 +77,9 @@ class CheckpointProcess {
   /// WriterProcessError "Child process terminated unexpectedly" naming the
   /// signal or exit status and the path. A dead child is replaced at the next
   /// write. One write at a time.
-  template <boost::asio::completion_token_for<Signature> Token =
-                boost::asio::default_completion_token_t<executor_type>>
-  auto async_write(StagedCheckpoint staged, std::filesystem::path path, Kwargs kwargs = {},
-                   Token&& token = {}) {
+  /// Completes on the handler's associated executor.
+  template <boost::asio::completion_token_for<Signature> Token>
+  auto async_write(StagedCheckpoint staged, std::filesystem::path path, Kwargs kwargs, Token&& token) {
     return boost::asio::async_initiate<Token, Signature>(
         [this](auto handler, StagedCheckpoint s, std::filesystem::path p, Kwargs k) {
           do_write(std::move(s), std::move(p), std::move(k),
@@ -96,7 +89,10 @@ class CheckpointProcess {
   }
 
   /// Tells the child to exit, waits up to the shutdown timeout, then kills it;
-  /// reaps it. Idempotent; a write in progress fails.
+  /// reaps it. Idempotent; a write in progress fails. Blocking: the shutdown
+  /// runs on the process's strand (the child's exit awaited through a pidfd);
+  /// called on a thread that runs the executor, or once it stopped, it runs
+  /// on the calling thread.
   virtual void close();
   /// The child's pid, or -1 when there is none.
   int pid() const;
@@ -111,6 +107,8 @@ class CheckpointProcess {
                         boost::asio::any_completion_handler<Signature> handler);
 
  private:
+  void do_wait_ready(boost::asio::any_completion_handler<Signature> handler);
+
   struct Impl;
   std::shared_ptr<Impl> impl_;
   std::shared_ptr<detail::Event> ready_;

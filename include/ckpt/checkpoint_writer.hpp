@@ -19,6 +19,8 @@
 #pragma once
 
 #include <ckpt/barrier.hpp>
+#include <ckpt/commit.hpp>
+#include <ckpt/config.hpp>
 #include <ckpt/format.hpp>
 #include <ckpt/state_dict.hpp>
 #include <ckpt/types.hpp>
@@ -43,12 +45,6 @@ class WriterHook {
   virtual void post_commit(const std::filesystem::path& path, const Kwargs& kwargs) {}
 };
 
-struct CheckpointWriterConfig {
-  /// How long the barrier may take (upstream: write_barrier_timeout_secs = 600,
-  /// logged only; here a barrier that takes longer fails the write with Timeout).
-  std::chrono::milliseconds write_barrier_timeout = std::chrono::seconds(600);
-};
-
 /// A file image staged in memory (see StagedCheckpoint): every record's local
 /// header (CRC fields zero) and data at their offsets in `data[0, cd_offset)`.
 struct StagedImage {
@@ -56,9 +52,6 @@ struct StagedImage {
   std::vector<RecordInfo> records;  ///< name, header_offset, data_offset, size
   std::uint64_t cd_offset = 0;
 };
-
-/// Name of rank `rank`'s file inside a checkpoint directory.
-std::string checkpoint_file_name(std::int64_t rank);
 
 class CheckpointWriter {
  public:

@@ -3,10 +3,9 @@
 #pragma once
 
 #include <ckpt/barrier.hpp>
-#include <ckpt/checkpoint_process.hpp>
 #include <ckpt/checkpoint_reader.hpp>
 #include <ckpt/checkpoint_writer.hpp>
-#include <ckpt/staging.hpp>
+#include <ckpt/config.hpp>
 #include <ckpt/state_dict.hpp>
 #include <ckpt/types.hpp>
 
@@ -76,14 +75,6 @@ class SyncCheckpointer : public Checkpointer {
 /// Loads through `reader` and applies `strict` (shared by every checkpointer).
 StateDict load_checked(CheckpointReader& reader, const std::filesystem::path& path,
                        const LoadOptions& options, const Kwargs& kwargs);
-
-/// Upstream's CheckpointerConfig.
-struct CheckpointerConfig {
-  CheckpointWriterConfig writer_config;
-  CheckpointStagerConfig staging_config;
-  CheckpointProcessConfig process_config;
-  BarrierConfig barrier_config;
-};
 
 /// A SyncCheckpointer with the barrier `config.barrier_config` names (none by
 /// default), rank from `rank_info` or else rank_info_from_env(), and

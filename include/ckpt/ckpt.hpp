@@ -18,5 +18,6 @@
 #include <ckpt/format.hpp>
 #include <ckpt/staging.hpp>
 #include <ckpt/state_dict.hpp>
+#include <ckpt/tcp_store_barrier.hpp>
 #include <ckpt/types.hpp>
 #include <ckpt/writer_main.hpp>

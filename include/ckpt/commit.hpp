@@ -17,6 +17,9 @@
 
 namespace ckpt {
 
+/// Name of rank `rank`'s file inside a checkpoint directory (checkpoint_<rank>.pt).
+std::string checkpoint_file_name(std::int64_t rank);
+
 /// The marker's file name inside a checkpoint directory.
 inline constexpr const char* kCommitMarkerName = "ckpt_commit.json";
 /// The marker format version this library writes and reads.

@@ -12,10 +12,11 @@
 #include <torch/csrc/distributed/c10d/ProcessGroup.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
-#include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 
@@ -42,12 +43,16 @@ struct ProcessGroupHandle {
   c10::intrusive_ptr<c10d::ProcessGroup> group;
   RankInfo rank_info;
   std::chrono::milliseconds timeout{};
-  /// How many DistBarriers were made over this group (each keys its store
-  /// entries by its number: ranks make them in the same order).
-  std::atomic<std::int64_t> barriers_made{0};
-  /// How many DCP saves and loads ran over this group (each keys its step
-  /// marks in the store by its number: ranks run them in the same order).
-  std::atomic<std::int64_t> dcp_calls{0};
+
+  /// The next number in the sequence `name` (0, 1, ...: one counter per name).
+  /// Whatever keys its entries in the group's store per use (a DistBarrier,
+  /// one DCP save or load) takes a number here: ranks use the group in the same
+  /// order, so every rank draws the same number for the same use. Thread-safe.
+  std::int64_t next_sequence(const std::string& name);
+
+ private:
+  std::mutex sequences_mutex_;
+  std::map<std::string, std::int64_t> sequences_;
 };
 
 /// Creates the default group: a TCPStore (master on rank 0) and a Gloo group

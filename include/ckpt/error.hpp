@@ -7,6 +7,7 @@
 #include <map>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 
 namespace ckpt {
 
@@ -89,7 +90,18 @@ class CheckpointException : public Error {
   std::map<std::int64_t, RankFailure> failures_;
 };
 
-/// The type name and text of `error` (RankFailure's fields).
+/// The type name and text of `error` (RankFailure's fields): one of ckpt's
+/// error kinds ("NotFound", ..., "Error" for ckpt::Error itself), else the C++
+/// type of a foreign exception ("std::invalid_argument", "c10::Error", ...).
 RankFailure describe_failure(std::exception_ptr error);
+
+/// Whether `type` names one of ckpt's error kinds.
+bool is_error_kind(std::string_view type);
+
+/// Throws `failure` as the ckpt exception its kind names, with its message
+/// (the receiving side of describe_failure: a kind raised in another process
+/// or rank arrives as the same type). CheckpointException, which needs its
+/// rank map, and names that are no kind are thrown as Error.
+[[noreturn]] void throw_error_kind(const RankFailure& failure);
 
 }  // namespace ckpt

@@ -4,6 +4,7 @@
 // tensors: what is written is the state at the moment of the save.
 #pragma once
 
+#include <ckpt/config.hpp>
 #include <ckpt/state_dict.hpp>
 
 #include <boost/asio/any_completion_handler.hpp>
@@ -22,16 +23,6 @@ namespace ckpt {
 namespace detail {
 class Arena;
 }
-
-/// Upstream's CheckpointStagerConfig; all true by default, as upstream. On a
-/// build without CUDA, pinned memory degrades to mlock where the limits allow
-/// and non-blocking copies to plain copies, each logged once, instead of failing.
-struct CheckpointStagerConfig {
-  bool use_pinned_memory = true;
-  bool use_shared_memory = true;
-  bool use_async_staging = true;
-  bool use_non_blocking_copy = true;
-};
 
 /// One record of a staged file image.
 struct StagedRecord {
@@ -58,10 +49,11 @@ class CheckpointStager {
   using Signature = void(std::exception_ptr, StagedCheckpoint);
   virtual ~CheckpointStager() = default;
 
-  /// Stages `state_dict`. Completes with the staged checkpoint, or an exception.
-  template <boost::asio::completion_token_for<Signature> Token =
-                boost::asio::default_completion_token_t<boost::asio::any_io_executor>>
-  auto async_stage(const StateDict& state_dict, Token&& token = {}) {
+  /// Stages `state_dict`. Completes with the staged checkpoint, or an
+  /// exception, on the handler's associated executor (DefaultStager: a handler
+  /// with none runs on the stager's strand). A token is always passed.
+  template <boost::asio::completion_token_for<Signature> Token>
+  auto async_stage(const StateDict& state_dict, Token&& token) {
     return boost::asio::async_initiate<Token, Signature>(
         [this](auto handler, StateDict sd) {
           do_stage(std::move(sd), boost::asio::any_completion_handler<Signature>(std::move(handler)));

@@ -2,6 +2,7 @@
 
 #include <ckpt/error.hpp>
 
+#include "core/text.hpp"
 #include "dcp/serialize.hpp"
 
 #include <torch/csrc/distributed/c10d/Types.hpp>
@@ -15,6 +16,8 @@
 
 namespace ckpt::dcp::detail {
 
+using ckpt::detail::first_line;
+
 namespace {
 
 constexpr char kOk = 0;
@@ -24,10 +27,6 @@ constexpr char kFailed = 1;
 struct CollectiveFailure {
   std::string cause;
 };
-
-std::string first_line(const std::string& text) {
-  return text.substr(0, text.find('\n'));
-}
 
 std::vector<std::uint8_t> bytes_of(const std::string& s) {
   return {s.begin(), s.end()};
@@ -73,7 +72,7 @@ DistWrapper::DistWrapper(std::shared_ptr<dist::ProcessGroupHandle> group, bool u
   if (coordinator_ < 0 || coordinator_ >= world_)
     throw Error(
         fmt::format("coordinator rank {} is not a rank of the group (world size {})", coordinator_, world_));
-  call_ = group_->dcp_calls++;
+  call_ = group_->next_sequence("dcp");
   // Marks of two calls ago: every rank has finished the call after it, so
   // nobody reads them any more.
   if (call_ >= 2) {

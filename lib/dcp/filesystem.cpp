@@ -5,15 +5,16 @@
 #include <ckpt/error.hpp>
 #include <ckpt/format.hpp>
 
+#include "core/io.hpp"
 #include "dcp/serialize.hpp"
-#include "file_writer.hpp"
-#include "io.hpp"
-#include "layout.hpp"
+#include "dcp/volume.hpp"
+#include "format/file_writer.hpp"
+#include "format/plan_layout.hpp"
+#include "format/zip.hpp"
 
 #include <ATen/core/Dict.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
-#include <zlib.h>
 
 #include <cerrno>
 #include <cstring>
@@ -32,13 +33,9 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr std::uint64_t kMaxMetadataBytes = std::uint64_t{1} << 32;
+using detail::volume;
 
-std::int64_t volume(const std::vector<std::int64_t>& sizes) {
-  std::int64_t n = 1;
-  for (auto s : sizes) n *= s;
-  return n;
-}
+constexpr std::uint64_t kMaxMetadataBytes = std::uint64_t{1} << 32;
 
 std::string fresh_token() {
   std::random_device rd;
@@ -75,11 +72,6 @@ ckpt::detail::Fd open_regular(const fs::path& file, bool follow, std::uint64_t& 
   if (!S_ISREG(st.st_mode)) throw CorruptCheckpoint(fmt::format("{} is not a regular file", file.string()));
   size = static_cast<std::uint64_t>(st.st_size);
   return fd;
-}
-
-std::uint32_t crc_of(const void* p, std::size_t n) {
-  std::uint32_t crc = static_cast<std::uint32_t>(crc32_z(0, nullptr, 0));
-  return static_cast<std::uint32_t>(crc32_z(crc, static_cast<const Bytef*>(p), n));
 }
 
 }  // namespace
@@ -392,7 +384,7 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
           at[static_cast<std::size_t>(d)] = 0;
         }
       }
-      if (whole && info.length > 0 && crc_of(target.data_ptr(), info.length) != info.crc32)
+      if (whole && info.length > 0 && ckpt::detail::crc32_of(target.data_ptr(), info.length) != info.crc32)
         throw bad("CRC-32 mismatch: the data is not what was saved");
       if (!target.is_same(dest)) dest.copy_(target);
       planner.commit_tensor(item, dest);

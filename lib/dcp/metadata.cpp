@@ -1,5 +1,7 @@
 #include <ckpt/dcp/metadata.hpp>
 
+#include "dcp/volume.hpp"
+
 #include <ckpt/error.hpp>
 
 #include <fmt/format.h>
@@ -28,12 +30,6 @@ std::pair<std::int64_t, c10::Device> parse_placement(const std::string& placemen
   } catch (const c10::Error& e) {
     throw bad(e.what_without_backtrace());
   }
-}
-
-std::int64_t numel(const std::vector<std::int64_t>& sizes) {
-  std::int64_t n = 1;
-  for (auto s : sizes) n *= s;
-  return n;
 }
 
 }  // namespace
@@ -103,7 +99,7 @@ Metadata create_default_local_metadata(const DcpStateDict& state_dict) {
       // The global layout: every shard, wherever it lives (empty ones have
       // nothing to save).
       for (const auto& m : st->shards_metadata())
-        if (numel(m.sizes) > 0) tm.chunks.push_back({m.offsets, m.sizes});
+        if (detail::volume(m.sizes) > 0) tm.chunks.push_back({m.offsets, m.sizes});
       md.state_dict_metadata.emplace(fqn, std::move(tm));
     } else {
       md.state_dict_metadata.emplace(fqn, BytesStorageMetadata{});

@@ -1,5 +1,7 @@
 #include <ckpt/dcp/planner.hpp>
 
+#include "dcp/volume.hpp"
+
 #include <ckpt/error.hpp>
 
 #include <c10/core/GradMode.h>
@@ -15,11 +17,7 @@ namespace ckpt::dcp {
 
 namespace {
 
-std::int64_t volume(const std::vector<std::int64_t>& sizes) {
-  std::int64_t n = 1;
-  for (auto s : sizes) n *= s;
-  return n;
-}
+using detail::volume;
 
 std::string dims(const std::vector<std::int64_t>& v) {
   return fmt::format("[{}]", fmt::join(v, ", "));

@@ -1,5 +1,7 @@
 #include "dcp/serialize.hpp"
 
+#include "core/failures.hpp"
+
 #include <ckpt/dcp/storage.hpp>
 
 #include <fmt/format.h>
@@ -272,10 +274,7 @@ std::string encode(const Metadata& metadata) {
 }
 
 std::string encode(const std::map<std::int64_t, RankFailure>& failures) {
-  json::array a;
-  for (const auto& [rank, f] : failures)
-    a.push_back(json::object{{"rank", rank}, {"type", f.type}, {"message", f.message}});
-  return json::serialize(a);
+  return ckpt::detail::encode_failures(failures);
 }
 
 SavePlan decode_save_plan(std::string_view text) {
@@ -313,12 +312,7 @@ Metadata decode_metadata(std::string_view text) {
 }
 
 std::map<std::int64_t, RankFailure> decode_failures(std::string_view text) {
-  return parse(text, "failures", [](const json::value& v) {
-    std::map<std::int64_t, RankFailure> out;
-    for (const auto& f : v.as_array())
-      out[f.at("rank").to_number<std::int64_t>()] = {str(f.at("type")), str(f.at("message"))};
-    return out;
-  });
+  return ckpt::detail::decode_failures(text);
 }
 
 std::string encode_checkpoint_metadata(const CheckpointMetadata& metadata) {

@@ -2,6 +2,9 @@
 // torch, the ckpt CLI) and capturing what it prints, and tensor comparison.
 #pragma once
 
+#include <ckpt/log.hpp>
+#include <ckpt/state_dict.hpp>
+
 #include <ATen/ATen.h>
 
 #include <signal.h>
@@ -9,16 +12,22 @@
 #include <sys/wait.h>
 #include <unistd.h>
 #include <array>
+#include <cerrno>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <iterator>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace ckpt::test {
@@ -84,6 +93,105 @@ inline RunResult python_script(const std::string& script, const std::vector<std:
 /// What a failed Python run said, for a test's failure message.
 inline std::string describe(const RunResult& r) {
   return "python exited with status " + std::to_string(r.status) + ":\n" + r.output;
+}
+
+/// A guard against hanging, never a synchronisation: every wait in a test is on
+/// a completion, bounded by this.
+inline constexpr std::chrono::seconds kWaitBound{120};
+
+/// The value of `f`, which must complete within `bound` (else the test fails
+/// with "not completed within ..."): the future's own exception propagates.
+template <typename T>
+T wait_get(std::future<T>& f, std::chrono::seconds bound = kWaitBound) {
+  if (f.wait_for(bound) != std::future_status::ready)
+    throw std::runtime_error("not completed within " + std::to_string(bound.count()) + " s");
+  return f.get();
+}
+
+/// Whether no process `pid` exists (gone and reaped; a zombie still exists).
+/// Only for a real pid: kill(-1, 0) would ask about every process.
+inline bool process_gone(int pid) {
+  errno = 0;
+  return pid > 0 && ::kill(pid, 0) == -1 && errno == ESRCH;
+}
+
+/// The processes whose parent is this process; only those whose command name
+/// is `comm` when it is given.
+inline std::vector<int> child_processes(const std::string& comm = {}) {
+  std::vector<int> out;
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(it->path() / "stat");
+    const std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    const auto open = stat.find('(');
+    const auto close = stat.rfind(')');
+    if (open == std::string::npos || close == std::string::npos || close < open) continue;
+    std::istringstream rest(stat.substr(close + 1));
+    char state = 0;
+    int ppid = 0;
+    rest >> state >> ppid;
+    if (ppid != ::getpid()) continue;
+    if (!comm.empty() && stat.substr(open + 1, close - open - 1) != comm) continue;
+    out.push_back(std::stoi(name));
+  }
+  return out;
+}
+
+/// A list IValue of `items` (a state dict's Python list).
+inline c10::IValue list_of(std::vector<c10::IValue> items) {
+  c10::impl::GenericList l(c10::AnyType::get());
+  for (auto& x : items) l.push_back(std::move(x));
+  return c10::IValue(std::move(l));
+}
+
+/// upstream's test state dict: {"model": Linear(10, 5).state_dict(),
+/// "optimizer": {"param_groups": [{"lr": 0.01}]}, "epoch": 5, "step": 1000}.
+inline StateDict upstream_state_dict() {
+  StateDict model;
+  model.insert("weight", at::randn({5, 10}));
+  model.insert("bias", at::randn({5}));
+  StateDict group;
+  group.insert("lr", 0.01);
+  StateDict optimizer;
+  optimizer.insert("param_groups", list_of({group.to_ivalue()}));
+  StateDict sd;
+  sd.insert("model", model);
+  sd.insert("optimizer", optimizer);
+  sd.insert("epoch", 5);
+  sd.insert("step", 1000);
+  return sd;
+}
+
+/// Records every message logged (ckpt::log) while it lives; puts the previous
+/// handler back.
+class LogCapture {
+ public:
+  LogCapture()
+      : previous_(set_log_handler([this](LogLevel level, std::string_view text) {
+          std::lock_guard lock(mutex_);
+          messages_.emplace_back(level, std::string(text));
+        })) {}
+  ~LogCapture() { set_log_handler(std::move(previous_)); }
+  LogCapture(const LogCapture&) = delete;
+  LogCapture& operator=(const LogCapture&) = delete;
+
+  std::vector<std::pair<LogLevel, std::string>> messages() const {
+    std::lock_guard lock(mutex_);
+    return messages_;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<std::pair<LogLevel, std::string>> messages_;
+  LogHandler previous_;
+};
+
+/// Whether `e.what()` contains `text`: what a test checks of an error's message.
+inline bool mentions(const std::exception& e, std::string_view text) {
+  return std::string_view(e.what()).find(text) != std::string_view::npos;
 }
 
 /// XORs the byte at `at` of `file` with `mask`: one flipped byte, in place.

@@ -10,13 +10,23 @@
 //                             its parent (upstream's subprocess_init_fn checks)
 // Its writer factory records the arguments it got in the environment of the
 // writer it builds: a hook writes them into `<checkpoint dir>/factory_args.txt`.
+// The hook also obeys two keyword arguments of a save:
+//   hold_fifo=PATH   pre_commit waits until one byte can be read from the FIFO
+//                    PATH (a write the test holds open, and then releases);
+//   throw=KIND       pre_commit throws the ckpt error KIND ("Error", "Mismatch",
+//                    ...; "foreign" throws a std::runtime_error).
 #include <ckpt/writer_main.hpp>
+
+#include <ckpt/error.hpp>
 
 #include <fmt/format.h>
 
 #include <fstream>
 #include <stdexcept>
 
+#include <cerrno>
+
+#include <fcntl.h>
 #include <unistd.h>
 
 namespace {
@@ -28,6 +38,20 @@ class RecordingHook : public ckpt::WriterHook {
     std::ofstream out(path / "factory_args.txt");
     out << text_;
     for (const auto& [k, v] : kwargs) out << "kwarg " << k << "=" << v.repr() << "\n";
+    out.close();
+    if (const ckpt::Arg* fifo = kwargs.find("hold_fifo")) {
+      const int fd = ::open(fifo->as_string().c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) throw std::runtime_error("cannot open " + fifo->as_string());
+      char byte;
+      while (::read(fd, &byte, 1) < 0 && errno == EINTR) {
+      }
+      ::close(fd);
+    }
+    if (const ckpt::Arg* kind = kwargs.find("throw")) {
+      const std::string message = fmt::format("pre_commit of {} failed on purpose", path.string());
+      if (kind->as_string() == "foreign") throw std::runtime_error(message);
+      ckpt::throw_error_kind({kind->as_string(), message});
+    }
   }
 
  private:

@@ -1,0 +1,156 @@
+// The writer child: answers the parent's requests on the socket it inherited
+// (see the protocol in checkpoint_process.cpp), writing staged images from the
+// shared arena with its writer.
+#include <ckpt/writer_main.hpp>
+
+#include "async/arena.hpp"
+#include "async/protocol.hpp"
+
+#include <fmt/format.h>
+
+#include <charconv>
+#include <cstring>
+#include <string_view>
+
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace json = boost::json;
+
+namespace ckpt {
+namespace {
+
+/// The arena as the child sees it: mapped once, kept while the parent sends
+/// the same memfd (same inode, same size).
+class ArenaView {
+ public:
+  std::byte* map(int fd, std::uint64_t size) {
+    struct stat st {};
+    if (::fstat(fd, &st) != 0)
+      throw IoError(fmt::format("cannot stat the staging arena: {}", std::strerror(errno)));
+    if (static_cast<std::uint64_t>(st.st_size) < size)
+      throw IoError(fmt::format("the staging arena holds {} bytes, the image needs {}", st.st_size, size));
+    if (!(st.st_ino == inode_ && static_cast<std::uint64_t>(st.st_size) == mapping_.size)) {
+      mapping_.map(fd, static_cast<std::uint64_t>(st.st_size));
+      inode_ = st.st_ino;
+    }
+    return mapping_.base;
+  }
+
+ private:
+  detail::ArenaMapping mapping_;
+  ino_t inode_ = 0;
+};
+
+std::uint64_t u64(const json::object& o, const char* key) {
+  const auto& v = o.at(key);
+  if (v.is_uint64()) return v.as_uint64();
+  if (v.is_int64() && v.as_int64() >= 0) return static_cast<std::uint64_t>(v.as_int64());
+  throw WriterProcessError(fmt::format("protocol field '{}' is not a size", key));
+}
+
+int socket_fd_from(int argc, char** argv) {
+  for (int i = 1; i + 1 < argc; ++i) {
+    if (std::string_view(argv[i]) == "--fd") {
+      int fd = -1;
+      std::string_view s(argv[i + 1]);
+      auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), fd);
+      if (ec == std::errc() && p == s.data() + s.size()) return fd;
+    }
+  }
+  return -1;
+}
+
+}  // namespace
+
+int writer_main(int argc, char** argv, const WriterMainOptions& options) {
+  const int sock = socket_fd_from(argc, argv);
+  if (sock < 0) {
+    fmt::print(stderr, "{}: a ckpt writer process, started by ckpt's CheckpointProcess (usage: {} --fd N)\n",
+               argc > 0 ? argv[0] : "ckpt-writer", argc > 0 ? argv[0] : "ckpt-writer");
+    return 2;
+  }
+  std::shared_ptr<CheckpointWriter> writer;
+  ArenaView arena;
+  for (;;) {
+    int passed_fd = -1;
+    std::optional<json::object> message;
+    try {
+      message = detail::protocol::receive(sock, &passed_fd);
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "ckpt-writer: {}\n", e.what());
+      return 1;
+    }
+    if (!message) return 0;  // the parent is gone
+    struct CloseFd {
+      int& fd;
+      ~CloseFd() {
+        if (fd >= 0) ::close(fd);
+      }
+    } close_fd{passed_fd};
+
+    json::object reply;
+    std::string type;
+    try {
+      type = std::string(message->at("type").as_string());
+      if (type == "init") {
+        if (options.init_fn) options.init_fn(detail::protocol::args_from_json(message->at("init_args")));
+        WriterFactoryArgs args;
+        args.rank_info = {message->at("rank").as_int64(), message->at("world_size").as_int64()};
+        args.config.write_barrier_timeout =
+            std::chrono::milliseconds(message->at("write_barrier_timeout_ms").as_int64());
+        if (const auto& t = message->at("barrier_type"); t.is_string())
+          args.barrier_config.barrier_type = std::string(t.as_string());
+        args.barrier_config.barrier_args = detail::protocol::kwargs_from_json(message->at("barrier_args"));
+        args.writer_init_args = detail::protocol::kwargs_from_json(message->at("writer_args"));
+        writer = options.writer_factory
+                     ? options.writer_factory(args)
+                     : std::make_shared<CheckpointWriter>(
+                           args.config, args.rank_info,
+                           create_barrier_from_config(args.barrier_config, args.rank_info));
+        if (!writer) throw WriterProcessError("the writer factory returned no writer");
+        reply = detail::protocol::ok();
+      } else if (type == "ping") {
+        reply = detail::protocol::ok();
+      } else if (type == "write_checkpoint") {
+        if (!writer) throw WriterProcessError("write_checkpoint before init");
+        if (passed_fd < 0) throw WriterProcessError("write_checkpoint without the staging arena");
+        StagedImage image;
+        image.cd_offset = u64(*message, "cd_offset");
+        image.data = arena.map(passed_fd, u64(*message, "arena_size"));
+        for (const auto& r : message->at("records").as_array()) {
+          const auto& o = r.as_object();
+          RecordInfo info;
+          info.name = std::string(o.at("name").as_string());
+          info.header_offset = u64(o, "header_offset");
+          info.data_offset = u64(o, "data_offset");
+          info.size = u64(o, "size");
+          if (info.data_offset > image.cd_offset || info.size > image.cd_offset - info.data_offset)
+            throw WriterProcessError(fmt::format("record {} lies outside the staged image", info.name));
+          image.records.push_back(std::move(info));
+        }
+        if (const auto* seq = message->if_contains("sequence"))
+          writer->set_barrier_sequence(seq->to_number<std::int64_t>());
+        writer->write_staged(std::filesystem::path(std::string(message->at("path").as_string())), image,
+                             detail::protocol::kwargs_from_json(message->at("kwargs")));
+        reply = detail::protocol::ok();
+      } else if (type == "exit") {
+        if (writer) writer->close();
+        detail::protocol::send(sock, detail::protocol::ok());
+        return 0;
+      } else {
+        throw WriterProcessError(fmt::format("unknown request '{}'", type));
+      }
+    } catch (...) {
+      reply = detail::protocol::error_reply(std::current_exception());
+    }
+    try {
+      detail::protocol::send(sock, reply);
+    } catch (const std::exception& e) {
+      fmt::print(stderr, "ckpt-writer: {}\n", e.what());
+      return 1;
+    }
+  }
+}
+
+}  // namespace ckpt

@@ -1,0 +1,74 @@
+#include "core/io.hpp"
+
+#include <fmt/format.h>
+
+#include <fcntl.h>
+#include <unistd.h>
+#include <cerrno>
+#include <cstring>
+
+namespace ckpt::detail {
+
+void throw_errno(std::string_view what, const std::filesystem::path& path, int err) {
+  throw IoError(fmt::format("{} {}: {}", what, path.string(), std::strerror(err)));
+}
+
+void Fd::reset() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    fd_ = -1;
+  }
+}
+
+void pread_full(int fd, void* buf, std::size_t n, std::uint64_t offset, const std::filesystem::path& path) {
+  auto* p = static_cast<char*>(buf);
+  while (n > 0) {
+    // Linux transfers at most 0x7ffff000 bytes per call.
+    std::size_t chunk = n < (std::size_t{1} << 30) ? n : (std::size_t{1} << 30);
+    ssize_t got = ::pread(fd, p, chunk, static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      throw_errno("read", path, errno);
+    }
+    if (got == 0)
+      throw CorruptCheckpoint(
+          fmt::format("{}: file ends at offset {} while {} more bytes were expected "
+                      "(truncated file?)",
+                      path.string(), offset, n));
+    p += got;
+    n -= static_cast<std::size_t>(got);
+    offset += static_cast<std::uint64_t>(got);
+  }
+}
+
+void pwrite_full(int fd, const void* buf, std::size_t n, std::uint64_t offset,
+                 const std::filesystem::path& path) {
+  auto* p = static_cast<const char*>(buf);
+  while (n > 0) {
+    std::size_t chunk = n < (std::size_t{1} << 30) ? n : (std::size_t{1} << 30);
+    ssize_t put = ::pwrite(fd, p, chunk, static_cast<off_t>(offset));
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      throw_errno("write", path, errno);
+    }
+    if (put == 0) throw_errno("write", path, ENOSPC);
+    p += put;
+    n -= static_cast<std::size_t>(put);
+    offset += static_cast<std::uint64_t>(put);
+  }
+}
+
+void fsync_fd(int fd, const std::filesystem::path& path) {
+  while (::fsync(fd) != 0) {
+    if (errno != EINTR) throw_errno("fsync", path, errno);
+  }
+}
+
+void fsync_dir(const std::filesystem::path& dir) {
+  auto d = dir.empty() ? std::filesystem::path(".") : dir;
+  Fd fd(::open(d.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd) throw_errno("open directory", d, errno);
+  fsync_fd(fd.get(), d);
+}
+
+}  // namespace ckpt::detail

@@ -1,0 +1,443 @@
+// Writing a checkpoint file durably.
+//
+// The commit order:
+//   1. lay the file out (pickle, records, offsets) without copying tensor bytes;
+//   2. create `.<name>.tmp-<pid>-<n>` in the destination directory (O_EXCL);
+//   3. stream every record: the local header (CRC not yet known), then the data
+//      in slices, computing each slice's CRC-32 just before it is copied out, so
+//      the bytes are read from tensor memory once, while hot in cache;
+//   4. append the central directory (which carries the CRCs);
+//   5. patch each record's CRC into its local header;
+//   6. fsync the file, rename it over the destination, fsync the directory.
+// Any failure before step 6 completes removes the temporary file and leaves the
+// destination as it was.
+//
+// With O_DIRECT, bytes pass through a few page-aligned buffers that are kept for
+// the process's life (so a save touches no fresh memory) and an I/O thread
+// writes one buffer while the caller fills the next.
+#include <ckpt/format.hpp>
+
+#include "core/io.hpp"
+#include "format/file_writer.hpp"
+#include "format/plan_layout.hpp"
+#include "format/zip.hpp"
+
+#include <fmt/format.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+namespace ckpt {
+namespace detail {
+namespace {
+
+constexpr std::size_t kChunk = std::size_t{8} << 20;
+constexpr std::size_t kBuffersPerWrite = 3;
+constexpr std::size_t kCrcSlice = std::size_t{1} << 20;
+
+/// Page-aligned, pre-faulted buffers, kept once allocated.
+class BufferPool {
+ public:
+  static BufferPool& instance() {
+    static BufferPool pool;
+    return pool;
+  }
+  char* acquire() {
+    {
+      std::lock_guard lock(mutex_);
+      if (!free_.empty()) {
+        char* b = free_.back();
+        free_.pop_back();
+        return b;
+      }
+    }
+    void* p =
+        ::mmap(nullptr, kChunk, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (p == MAP_FAILED)
+      throw IoError(fmt::format("mmap of a {} byte I/O buffer: {}", kChunk, std::strerror(errno)));
+    return static_cast<char*>(p);
+  }
+  void release(char* b) {
+    std::lock_guard lock(mutex_);
+    free_.push_back(b);
+  }
+
+ private:
+  std::mutex mutex_;
+  std::vector<char*> free_;
+};
+
+/// Receives the file's bytes in order and writes them at increasing offsets.
+class Sink {
+ public:
+  Sink(int fd, const std::filesystem::path& path, bool direct) : fd_(fd), path_(path), direct_(direct) {
+    if (direct_) {
+      for (std::size_t i = 0; i < kBuffersPerWrite; ++i) free_.push_back(BufferPool::instance().acquire());
+      current_ = take_free();
+      io_ = std::thread([this] { io_loop(); });
+    }
+  }
+  ~Sink() {
+    if (direct_) {
+      {
+        std::lock_guard lock(mutex_);
+        stop_ = true;
+      }
+      cv_.notify_all();
+      io_.join();
+      if (current_) free_.push_back(current_);
+      for (auto& [off, buf, n] : queue_) free_.push_back(buf);
+      for (char* b : free_) BufferPool::instance().release(b);
+    }
+  }
+
+  /// The 4 bytes at `offset` will be rewritten by patch(); keeps a copy of the
+  /// block(s) holding them as they pass.
+  void will_patch(std::uint64_t offset) {
+    if (!direct_) return;
+    for (std::uint64_t b : {offset / kAlign * kAlign, (offset + 3) / kAlign * kAlign}) {
+      if (blocks_.count(b) == 0) {
+        blocks_[b] = std::string();
+        pending_blocks_.push_back(b);
+      }
+    }
+  }
+
+  void put(const void* data, std::size_t n) {
+    if (!direct_) {
+      pwrite_full(fd_, data, n, offset_, path_);
+      offset_ += n;
+      return;
+    }
+    auto* p = static_cast<const char*>(data);
+    while (n > 0) {
+      const std::size_t room = kChunk - fill_;
+      const std::size_t take = n < room ? n : room;
+      std::memcpy(current_ + fill_, p, take);
+      fill_ += take;
+      p += take;
+      n -= take;
+      if (fill_ == kChunk) submit();
+    }
+  }
+
+  /// Writes out what is buffered and waits for the I/O thread.
+  void flush() {
+    if (!direct_) return;
+    if (fill_ > 0) {
+      const std::size_t padded = align_up(fill_, kAlign);
+      std::memset(current_ + fill_, 0, padded - fill_);
+      fill_ = padded;
+      submit();
+    }
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return (queue_.empty() && !busy_) || error_; });
+    if (error_) std::rethrow_exception(error_);
+  }
+
+  void patch(std::uint64_t offset, const unsigned char (&bytes)[4]) {
+    if (!direct_) {
+      pwrite_full(fd_, bytes, 4, offset, path_);
+      return;
+    }
+    for (int i = 0; i < 4; ++i) {
+      const std::uint64_t at = offset + static_cast<std::uint64_t>(i);
+      blocks_.at(at / kAlign * kAlign)[at % kAlign] = static_cast<char>(bytes[i]);
+    }
+  }
+
+  /// Writes the patched blocks back.
+  void write_patches() {
+    if (!direct_ || blocks_.empty()) return;
+    char* buf = take_free_wait();
+    for (const auto& [off, block] : blocks_) {
+      std::memcpy(buf, block.data(), kAlign);
+      direct_write(buf, kAlign, off);
+    }
+    std::lock_guard lock(mutex_);
+    free_.push_back(buf);
+  }
+
+ private:
+  char* take_free() {
+    char* b = free_.back();
+    free_.pop_back();
+    return b;
+  }
+  char* take_free_wait() {
+    std::unique_lock lock(mutex_);
+    cv_.wait(lock, [&] { return !free_.empty() || error_; });
+    if (error_) std::rethrow_exception(error_);
+    return take_free();
+  }
+
+  void submit() {
+    const std::uint64_t end = offset_ + fill_;
+    while (!pending_blocks_.empty() && pending_blocks_.front() < end) {
+      const std::uint64_t b = pending_blocks_.front();
+      blocks_[b].assign(current_ + (b - offset_), kAlign);
+      pending_blocks_.pop_front();
+    }
+    {
+      std::lock_guard lock(mutex_);
+      if (error_) std::rethrow_exception(error_);
+      queue_.push_back({offset_, current_, fill_});
+    }
+    cv_.notify_all();
+    offset_ = end;
+    fill_ = 0;
+    current_ = nullptr;
+    current_ = take_free_wait();
+  }
+
+  void direct_write(const char* buf, std::size_t n, std::uint64_t off) {
+    write_maybe_direct(fd_, buf, n, off, path_);
+  }
+
+  void io_loop() {
+    for (;;) {
+      Job job;
+      {
+        std::unique_lock lock(mutex_);
+        cv_.wait(lock, [&] { return !queue_.empty() || stop_; });
+        if (queue_.empty()) return;
+        job = queue_.front();
+        queue_.pop_front();
+        busy_ = true;
+      }
+      std::exception_ptr err;
+      bool failed;
+      {
+        std::lock_guard lock(mutex_);
+        failed = error_ != nullptr;
+      }
+      if (!failed) {  // after a failure the file is abandoned: skip the rest
+        try {
+          direct_write(job.buf, job.n, job.off);
+        } catch (...) {
+          err = std::current_exception();
+        }
+      }
+      {
+        std::lock_guard lock(mutex_);
+        busy_ = false;
+        free_.push_back(job.buf);
+        if (err && !error_) error_ = err;
+      }
+      cv_.notify_all();
+    }
+  }
+
+  struct Job {
+    std::uint64_t off = 0;
+    char* buf = nullptr;
+    std::size_t n = 0;
+  };
+
+  int fd_;
+  const std::filesystem::path& path_;
+  bool direct_;
+  std::uint64_t offset_ = 0;  // file offset of current_[0]
+  char* current_ = nullptr;
+  std::size_t fill_ = 0;
+  std::map<std::uint64_t, std::string> blocks_;
+  std::deque<std::uint64_t> pending_blocks_;
+
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::deque<Job> queue_;
+  std::vector<char*> free_;
+  bool busy_ = false;
+  bool stop_ = false;
+  std::exception_ptr error_;
+  std::thread io_;
+};
+
+/// Streams `layout` to `fd` (steps 3–5 of the commit order); returns the size.
+std::uint64_t stream(int fd, Layout& layout, const std::filesystem::path& path, bool direct) {
+  Sink sink(fd, path, direct);
+  for (auto& r : layout.records) {
+    sink.will_patch(r.header_offset + kLocalCrcOffset);
+    const std::string header = local_header(r.name, r.header_offset, r.size, 0);
+    sink.put(header.data(), header.size());
+    std::uint32_t crc = 0;
+    const auto* p = static_cast<const char*>(r.data);
+    for (std::uint64_t left = r.size; left > 0;) {
+      const std::size_t n = left < kCrcSlice ? static_cast<std::size_t>(left) : kCrcSlice;
+      crc = crc32_of(p, n, crc);
+      sink.put(p, n);
+      p += n;
+      left -= n;
+    }
+    r.crc32 = crc;
+  }
+  std::vector<RecordInfo> infos;
+  infos.reserve(layout.records.size());
+  for (const auto& r : layout.records)
+    infos.push_back({r.name, r.header_offset, r.data_offset, r.size, r.crc32});
+  const std::string cd = central_directory(infos, layout.cd_offset);
+  sink.put(cd.data(), cd.size());
+  sink.flush();
+  for (const auto& r : layout.records) {
+    const unsigned char crc[4] = {
+        static_cast<unsigned char>(r.crc32), static_cast<unsigned char>(r.crc32 >> 8),
+        static_cast<unsigned char>(r.crc32 >> 16), static_cast<unsigned char>(r.crc32 >> 24)};
+    sink.patch(r.header_offset + kLocalCrcOffset, crc);
+  }
+  sink.write_patches();
+  return layout.cd_offset + cd.size();
+}
+
+std::atomic<unsigned> temp_counter{0};
+
+}  // namespace
+
+void write_maybe_direct(int fd, const void* data, std::size_t n, std::uint64_t off,
+                        const std::filesystem::path& path) {
+  auto* buf = static_cast<const char*>(data);
+  while (n > 0) {
+    const std::size_t chunk = n < (std::size_t{1} << 30) ? n : (std::size_t{1} << 30);
+    ssize_t put = ::pwrite(fd, buf, chunk, static_cast<off_t>(off));
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      // A filesystem may accept O_DIRECT at open and refuse it at write time;
+      // then write through the page cache instead.
+      if (errno == EINVAL) {
+        const int flags = ::fcntl(fd, F_GETFL);
+        if (flags >= 0 && (flags & O_DIRECT) && ::fcntl(fd, F_SETFL, flags & ~O_DIRECT) == 0) continue;
+      }
+      throw_errno("write", path, errno);
+    }
+    if (put == 0) throw_errno("write", path, ENOSPC);
+    buf += put;
+    n -= static_cast<std::size_t>(put);
+    off += static_cast<std::uint64_t>(put);
+  }
+}
+
+void write_durably(
+    const std::filesystem::path& file, const WriteOptions& options,
+    const std::function<std::uint64_t(int fd, bool direct, const std::filesystem::path& temp)>& body) {
+  const auto dir = file.parent_path();
+  const auto temp = (dir.empty() ? std::filesystem::path(".") : dir) /
+                    fmt::format(".{}.tmp-{}-{}", file.filename().string(), ::getpid(), temp_counter++);
+  const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+  Fd fd;
+  bool direct = options.direct_io;
+  if (direct) {
+    fd = Fd(::open(temp.c_str(), flags | O_DIRECT, 0644));
+    if (!fd && errno == EINVAL)
+      direct = false;  // tmpfs and friends
+    else if (!fd)
+      throw_errno("create", temp, errno);
+  }
+  if (!fd) {
+    fd = Fd(::open(temp.c_str(), flags, 0644));
+    if (!fd) throw_errno("create", temp, errno);
+  }
+  try {
+    const std::uint64_t size = body(fd.get(), direct, temp);
+    if (direct && ::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) throw_errno("truncate", temp, errno);
+    if (options.fsync) fsync_fd(fd.get(), temp);
+    fd.reset();
+    if (::rename(temp.c_str(), file.c_str()) != 0)
+      throw_errno("rename to " + file.string() + ":", temp, errno);
+  } catch (const IoError& e) {
+    fd.reset();
+    ::unlink(temp.c_str());
+    throw IoError(
+        fmt::format("cannot write checkpoint {} (nothing was changed there): {}", file.string(), e.what()));
+  } catch (...) {
+    fd.reset();
+    ::unlink(temp.c_str());
+    throw;
+  }
+  if (options.fsync) fsync_dir(dir);
+}
+
+std::uint64_t write_image(int fd, bool direct, const std::filesystem::path& path, std::byte* image,
+                          std::vector<RecordInfo>& records, std::uint64_t cd_offset) {
+  // CRCs on a second thread while the bodies (the 4096-aligned runs of record
+  // data that share no block with a header) go to disk from the image.
+  std::vector<std::uint32_t> crcs(records.size());
+  std::exception_ptr crc_error;
+  std::thread crc_thread([&] {
+    try {
+      for (std::size_t i = 0; i < records.size(); ++i)
+        crcs[i] = crc32_of(image + records[i].data_offset, records[i].size);
+    } catch (...) {
+      crc_error = std::current_exception();
+    }
+  });
+  struct Join {
+    std::thread& t;
+    ~Join() {
+      if (t.joinable()) t.join();
+    }
+  } join{crc_thread};
+
+  std::uint64_t seam_start = 0;  // the block run holding the next header
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> seams;
+  for (const auto& r : records) {
+    const std::uint64_t body_end = (r.data_offset + r.size) / kAlign * kAlign;
+    seams.emplace_back(seam_start, r.data_offset);
+    if (body_end > r.data_offset) {
+      write_maybe_direct(fd, image + r.data_offset, body_end - r.data_offset, r.data_offset, path);
+      seam_start = body_end;
+    } else {
+      seam_start = r.data_offset;
+    }
+  }
+  crc_thread.join();
+  if (crc_error) std::rethrow_exception(crc_error);
+
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    records[i].crc32 = crcs[i];
+    unsigned char* field =
+        reinterpret_cast<unsigned char*>(image) + records[i].header_offset + kLocalCrcOffset;
+    for (int b = 0; b < 4; ++b) field[b] = static_cast<unsigned char>(crcs[i] >> (8 * b));
+  }
+  for (const auto& [from, to] : seams)
+    if (to > from) write_maybe_direct(fd, image + from, to - from, from, path);
+
+  // The tail: what is left of the last record, then the central directory, in
+  // one aligned buffer.
+  const std::string cd = central_directory(records, cd_offset);
+  const std::uint64_t tail_len = cd_offset - seam_start + cd.size();
+  const std::size_t padded = static_cast<std::size_t>(align_up(tail_len, kAlign));
+  void* raw = nullptr;
+  if (::posix_memalign(&raw, kAlign, padded) != 0) throw IoError("out of memory for the checkpoint's tail");
+  std::unique_ptr<char, decltype(&std::free)> tail(static_cast<char*>(raw), &std::free);
+  std::memcpy(tail.get(), image + seam_start, cd_offset - seam_start);
+  std::memcpy(tail.get() + (cd_offset - seam_start), cd.data(), cd.size());
+  std::memset(tail.get() + tail_len, 0, padded - tail_len);
+  write_maybe_direct(fd, tail.get(), direct ? padded : static_cast<std::size_t>(tail_len), seam_start, path);
+  return cd_offset + cd.size();
+}
+
+}  // namespace detail
+
+namespace detail {
+void write_layout(const std::filesystem::path& file, Layout& layout, const WriteOptions& options) {
+  write_durably(file, options, [&](int fd, bool direct, const std::filesystem::path& temp) {
+    return stream(fd, layout, temp, direct);
+  });
+}
+}  // namespace detail
+
+void write_file(const std::filesystem::path& file, const c10::IValue& value, const WriteOptions& options) {
+  detail::Layout layout = detail::plan_layout(value);
+  detail::write_layout(file, layout, options);
+}
+
+}  // namespace ckpt

@@ -1,0 +1,46 @@
+// The layout of a checkpoint file: the pickle, the records and the offset of
+// every header and every record's data (plan_layout makes one). The layout
+// refers to tensor memory; it does not copy it. Streaming the layout to a file
+// (file_writer.cpp) and copying it into a staging arena both start from here.
+#pragma once
+
+#include <ckpt/format.hpp>
+
+#include <ATen/core/ivalue.h>
+
+#include <cstdint>
+#include <deque>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+namespace ckpt::detail {
+
+struct LayoutRecord {
+  std::string name;
+  const void* data = nullptr;  ///< source bytes: tensor memory or Layout::owned
+  std::uint64_t size = 0;
+  std::uint64_t header_offset = 0;
+  std::uint64_t data_offset = 0;
+  std::uint32_t crc32 = 0;  ///< set once the data was read
+  /// Set instead of `data` when the bytes live on an accelerator and the copy
+  /// to host memory was deferred (plan_layout's `defer_device_copies`).
+  at::Storage device_source;
+  c10::Device device = c10::Device(c10::kCPU);
+};
+
+struct Layout {
+  std::vector<LayoutRecord> records;
+  std::deque<std::string> owned;      ///< pickle and small records
+  std::vector<at::Storage> storages;  ///< keeps the tensor memory alive
+  std::uint64_t cd_offset = 0;        ///< where the central directory starts
+  /// Which record holds each tensor storage of the value laid out.
+  std::unordered_map<const c10::StorageImpl*, std::size_t> record_of_storage;
+};
+
+/// The archive prefix ckpt writes (as torch 2.x does).
+inline constexpr const char* kArchivePrefix = "archive";
+/// The `version` record ckpt writes (what torch 1.13 and 2.x write for tensors).
+inline constexpr const char* kFormatVersion = "3\n";
+
+}  // namespace ckpt::detail

@@ -1,0 +1,66 @@
+// The subset of the zip format PyTorch archives use: stored (uncompressed)
+// records, zip64 for large files, no encryption, one disk.
+#pragma once
+
+#include <ckpt/format.hpp>
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace ckpt::detail {
+
+inline constexpr std::uint64_t kAlign = 4096;
+inline constexpr std::uint32_t kLocalSig = 0x04034b50;
+inline constexpr std::uint32_t kCentralSig = 0x02014b50;
+inline constexpr std::uint32_t kEocdSig = 0x06054b50;
+inline constexpr std::uint32_t kEocd64Sig = 0x06064b50;
+inline constexpr std::uint32_t kLocator64Sig = 0x07064b50;
+inline constexpr std::size_t kLocalHeaderSize = 30;
+/// Offset of the CRC-32 field inside a local header.
+inline constexpr std::size_t kLocalCrcOffset = 14;
+
+constexpr std::uint64_t align_up(std::uint64_t v, std::uint64_t a) {
+  return (v + a - 1) / a * a;
+}
+
+/// Appends little-endian integers.
+void put16(std::string& out, std::uint16_t v);
+void put32(std::string& out, std::uint32_t v);
+void put64(std::string& out, std::uint64_t v);
+std::uint16_t get16(const unsigned char* p);
+std::uint32_t get32(const unsigned char* p);
+std::uint64_t get64(const unsigned char* p);
+
+/// The zip CRC-32 of `data[0, size)`, continuing from `crc` (0 to start).
+std::uint32_t crc32_of(const void* data, std::size_t size, std::uint32_t crc = 0);
+
+/// The local header of a record whose header starts at `header_offset`, padded
+/// through its extra field so that the data that follows starts on a 4096-byte
+/// boundary. The CRC field holds `crc` (patched later when not yet known).
+std::string local_header(std::string_view name, std::uint64_t header_offset, std::uint64_t size,
+                         std::uint32_t crc);
+
+/// Size of local_header(name, header_offset, size, crc) without building it.
+std::uint64_t local_header_size(std::string_view name, std::uint64_t header_offset, std::uint64_t size);
+
+/// The central directory and end records for `records` (names, offsets, sizes
+/// and CRCs set), placed at `cd_offset`. Zip64 records are added when needed.
+std::string central_directory(const std::vector<RecordInfo>& records, std::uint64_t cd_offset);
+
+/// The parsed directory of an archive.
+struct Directory {
+  std::vector<RecordInfo> records;
+  std::uint64_t cd_offset = 0;  ///< record data must end before this
+};
+
+/// Reads and checks the zip directory of the file open on `fd` (of `file_size`
+/// bytes). Throws CorruptCheckpoint naming `path` and what is wrong.
+Directory read_directory(int fd, std::uint64_t file_size, const std::filesystem::path& path);
+
+/// Reads the local header of `rec` and sets its data_offset, after checking it
+/// against the directory. Throws CorruptCheckpoint.
+void read_local_header(int fd, RecordInfo& rec, const Directory& dir, const std::filesystem::path& path);
+
+}  // namespace ckpt::detail
