@@ -831,7 +831,8 @@ class ReadyStager : public ckpt::CheckpointStager {
   void close() override {}
 
  protected:
-  void do_stage(ckpt::StateDict, boost::asio::any_completion_handler<Signature> handler) override {
+  void do_stage(ckpt::StateDict, ckpt::StagingFences,
+                boost::asio::any_completion_handler<Signature> handler) override {
     ckpt::StagedCheckpoint staged;
     staged.state_dict.insert("staged", "data");
     std::move(handler)(nullptr, std::move(staged));

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ckpt/config.hpp>
+#include <ckpt/format.hpp>
 #include <ckpt/state_dict.hpp>
 
 #include <boost/asio/any_completion_handler.hpp>
@@ -22,15 +23,31 @@ namespace ckpt {
 
 namespace detail {
 class Arena;
-}
+class DeviceFences;
+}  // namespace detail
 
-/// One record of a staged file image.
-struct StagedRecord {
-  std::string name;
-  std::uint64_t header_offset = 0;
-  std::uint64_t data_offset = 0;
-  std::uint64_t size = 0;
+/// What staging must come after on accelerators: an event recorded on the
+/// current stream of every device a state dict has tensors on, on the thread
+/// that asks for the save (only there are the trainer's current streams
+/// known). Staging started later, on any thread, copies after the work that
+/// was queued then. Empty for CPU tensors, and on a CPU-only libtorch.
+class StagingFences {
+ public:
+  StagingFences() = default;
+  /// Records the fences of `state_dict` now, on this thread. Throws
+  /// Unsupported for tensors on a device this libtorch cannot stage from.
+  static StagingFences record(const StateDict& state_dict);
+  bool empty() const;
+  /// The fences themselves (null when empty).
+  const detail::DeviceFences* get() const { return fences_.get(); }
+
+ private:
+  std::shared_ptr<const detail::DeviceFences> fences_;
 };
+
+/// One record of a staged file image: the format's one record description
+/// (name, header and data offsets, size; the CRC is computed by the writer).
+using StagedRecord = RecordInfo;
 
 /// A staged state dict: the checkpoint file's image in the stager's arena
 /// (local headers with their CRC fields still zero, record data, no central
@@ -38,7 +55,7 @@ struct StagedRecord {
 /// the arena. Valid until the stager stages again or closes.
 struct StagedCheckpoint {
   std::shared_ptr<detail::Arena> arena;  ///< null for a stager without an arena
-  std::vector<StagedRecord> records;
+  std::vector<RecordInfo> records;
   std::uint64_t cd_offset = 0;  ///< where the central directory goes
   StateDict state_dict;
 };
@@ -49,16 +66,29 @@ class CheckpointStager {
   using Signature = void(std::exception_ptr, StagedCheckpoint);
   virtual ~CheckpointStager() = default;
 
-  /// Stages `state_dict`. Completes with the staged checkpoint, or an
-  /// exception, on the handler's associated executor (DefaultStager: a handler
-  /// with none runs on the stager's strand). A token is always passed.
+  /// Stages `state_dict` after the work queued on its devices' current
+  /// streams now (fences recorded on this thread). Completes with the staged
+  /// checkpoint, or an exception, on the handler's associated executor
+  /// (DefaultStager: a handler with none runs on the stager's strand). A token
+  /// is always passed.
   template <boost::asio::completion_token_for<Signature> Token>
   auto async_stage(const StateDict& state_dict, Token&& token) {
     return boost::asio::async_initiate<Token, Signature>(
         [this](auto handler, StateDict sd) {
-          do_stage(std::move(sd), boost::asio::any_completion_handler<Signature>(std::move(handler)));
+          record_and_stage(std::move(sd), boost::asio::any_completion_handler<Signature>(std::move(handler)));
         },
         token, state_dict);
+  }
+  /// The same after `fences` recorded earlier, maybe on another thread (the
+  /// asynchronous checkpointer records them when the save is asked for).
+  template <boost::asio::completion_token_for<Signature> Token>
+  auto async_stage(const StateDict& state_dict, StagingFences fences, Token&& token) {
+    return boost::asio::async_initiate<Token, Signature>(
+        [this](auto handler, StateDict sd, StagingFences f) {
+          do_stage(std::move(sd), std::move(f),
+                   boost::asio::any_completion_handler<Signature>(std::move(handler)));
+        },
+        token, state_dict, std::move(fences));
   }
   /// Stages and waits (the blocking form).
   StagedCheckpoint stage(const StateDict& state_dict);
@@ -66,7 +96,12 @@ class CheckpointStager {
   virtual void close() = 0;
 
  protected:
-  virtual void do_stage(StateDict state_dict, boost::asio::any_completion_handler<Signature> handler) = 0;
+  /// Stages `state_dict` after `fences` and completes `handler`.
+  virtual void do_stage(StateDict state_dict, StagingFences fences,
+                        boost::asio::any_completion_handler<Signature> handler) = 0;
+
+ private:
+  void record_and_stage(StateDict state_dict, boost::asio::any_completion_handler<Signature> handler);
 };
 
 /// The default stager: one arena in shared memory (memfd), allocated and
@@ -91,7 +126,8 @@ class DefaultStager : public CheckpointStager {
   void close() override;
 
  protected:
-  void do_stage(StateDict state_dict, boost::asio::any_completion_handler<Signature> handler) override;
+  void do_stage(StateDict state_dict, StagingFences fences,
+                boost::asio::any_completion_handler<Signature> handler) override;
 
  private:
   struct Impl;

@@ -8,8 +8,9 @@
 //   2. stop here if the save was cancelled;
 //   3. co_await staging (the stager's strand owns the arena), ordered after the
 //      work the caller had queued on its devices' current streams when it
-//      asked for the save (fences taken on its thread: this coroutine runs on
-//      the checkpointer's strand, whose current streams are not the caller's);
+//      asked for the save: the fences are recorded on its thread and handed to
+//      the stager (this coroutine runs on the checkpointer's strand, whose
+//      current streams are not the caller's);
 //   4. hand the image to the writer child and complete with a PendingWrite:
 //      the caller may now change its tensors; the write goes on.
 #include <ckpt/async_checkpointer.hpp>
@@ -17,12 +18,9 @@
 #include <ckpt/log.hpp>
 
 #include "async/blocking.hpp"
-#include "async/device_copy.hpp"
 #include "async/event.hpp"
 
 #include <fmt/format.h>
-
-#include <c10/core/StreamGuard.h>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
@@ -36,7 +34,6 @@
 #include <boost/asio/use_future.hpp>
 
 #include <future>
-#include <list>
 #include <optional>
 #include <thread>
 
@@ -99,7 +96,7 @@ struct AsyncCheckpointer::Impl {
   /// frame holds `self`, never a raw Impl*.
   static asio::awaitable<PendingWrite> save(std::shared_ptr<Impl> self, std::filesystem::path path,
                                             StateDict state_dict, Kwargs kwargs,
-                                            std::shared_ptr<Cancel> cancel, detail::DeviceFences fences,
+                                            std::shared_ptr<Cancel> cancel, StagingFences fences,
                                             std::exception_ptr fence_error) {
     if (self->closed) throw Error(fmt::format("cannot save {}: the checkpointer is closed", path.string()));
     // 0.
@@ -131,17 +128,10 @@ struct AsyncCheckpointer::Impl {
     if (cancel->cancelled || cs.cancelled() != asio::cancellation_type::none)
       throw boost::system::system_error(asio::error::operation_aborted,
                                         "save of " + path.string() + " cancelled");
-    // 3. The stager fences on this thread's current streams when it starts:
-    // while it starts, those are streams that wait for the caller's fences.
+    // 3. After the fences the caller's thread recorded.
     if (fence_error) std::rethrow_exception(fence_error);
     StagedCheckpoint staged =
-        co_await asio::async_initiate<const asio::use_awaitable_t<>&, CheckpointStager::Signature>(
-            [&](auto handler) {
-              std::list<c10::StreamGuard> current;
-              for (const auto& stream : fences.waiting_streams()) current.emplace_back(stream);
-              self->stager->async_stage(state_dict, std::move(handler));
-            },
-            asio::use_awaitable);
+        co_await self->stager->async_stage(state_dict, std::move(fences), asio::use_awaitable);
     // 4.
     auto event = mine->written;
     release.handed = true;
@@ -174,10 +164,10 @@ void AsyncCheckpointer::do_save(std::filesystem::path path, StateDict state_dict
                                 asio::any_completion_handler<SaveSignature> handler) {
   // On the caller's thread: the work it has queued on its devices' streams is
   // what staging must see (reported, if it fails, as the save's error).
-  detail::DeviceFences fences;
+  StagingFences fences;
   std::exception_ptr fence_error;
   try {
-    fences = detail::DeviceFences(state_dict.to_ivalue());
+    fences = StagingFences::record(state_dict);
   } catch (...) {
     fence_error = std::current_exception();
   }

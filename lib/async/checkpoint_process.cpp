@@ -399,13 +399,7 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     request["path"] = path.string();
     request["arena_size"] = staged.arena->size();
     request["cd_offset"] = staged.cd_offset;
-    json::array records;
-    for (const auto& r : staged.records)
-      records.push_back(json::object{{"name", r.name},
-                                     {"header_offset", r.header_offset},
-                                     {"data_offset", r.data_offset},
-                                     {"size", r.size}});
-    request["records"] = std::move(records);
+    request["records"] = detail::protocol::records_to_json(staged.records);
     request["kwargs"] = detail::protocol::kwargs_to_json(kwargs);
     request["sequence"] = sequence;
 

@@ -84,16 +84,6 @@ void DeviceFences::block(const c10::Stream& stream) const {
     if (device == stream.device()) event->block(stream);
 }
 
-std::vector<c10::Stream> DeviceFences::waiting_streams() const {
-  std::vector<c10::Stream> streams;
-  for (const auto& [device, event] : fences_) {
-    c10::impl::VirtualGuardImpl impl(device.type());
-    streams.push_back(impl.getStreamFromGlobalPool(device));
-    event->block(streams.back());
-  }
-  return streams;
-}
-
 bool has_device_records(const Layout& layout) {
   for (const auto& r : layout.records)
     if (r.device_source) return true;

@@ -32,12 +32,6 @@ class DeviceFences {
   bool empty() const { return fences_.empty(); }
   /// Makes `stream` wait for the fence taken on its device, if any.
   void block(const c10::Stream& stream) const;
-  /// For staging started on another thread than the one that took the fences
-  /// (AsyncCheckpointer's strand, whose current streams are not the
-  /// trainer's): a stream from the pool per fenced device, made to wait for
-  /// that device's fence. Made current there while the stager is started,
-  /// whatever the stager orders its copies after comes after the caller's work.
-  std::vector<c10::Stream> waiting_streams() const;
 
  private:
   std::vector<std::pair<c10::Device, std::shared_ptr<c10::Event>>> fences_;

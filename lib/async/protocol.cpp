@@ -128,6 +128,39 @@ json::object parse(std::string_view body) {
   return std::move(o);
 }
 
+json::array records_to_json(const std::vector<RecordInfo>& records) {
+  json::array out;
+  out.reserve(records.size());
+  for (const auto& r : records)
+    out.push_back(json::object{{"name", r.name},
+                               {"header_offset", r.header_offset},
+                               {"data_offset", r.data_offset},
+                               {"size", r.size}});
+  return out;
+}
+
+std::vector<RecordInfo> records_from_json(const json::value& v, std::uint64_t cd_offset) {
+  std::vector<RecordInfo> out;
+  try {
+    for (const auto& r : v.as_array()) {
+      const auto& o = r.as_object();
+      RecordInfo info;
+      info.name = std::string(o.at("name").as_string());
+      info.header_offset = o.at("header_offset").to_number<std::uint64_t>();
+      info.data_offset = o.at("data_offset").to_number<std::uint64_t>();
+      info.size = o.at("size").to_number<std::uint64_t>();
+      if (info.data_offset > cd_offset || info.size > cd_offset - info.data_offset)
+        throw WriterProcessError(fmt::format("record {} lies outside the staged image", info.name));
+      out.push_back(std::move(info));
+    }
+  } catch (const WriterProcessError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw WriterProcessError(fmt::format("the writer protocol carried malformed records: {}", e.what()));
+  }
+  return out;
+}
+
 json::object kwargs_to_json(const Kwargs& kwargs) {
   json::object o;
   for (const auto& [k, a] : kwargs) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ckpt/error.hpp>
+#include <ckpt/format.hpp>
 #include <ckpt/types.hpp>
 
 #include <boost/json.hpp>
@@ -42,6 +43,12 @@ std::optional<boost::json::object> receive(int fd, int* received_fd);
 
 /// Parses a frame body; throws WriterProcessError on a bad or foreign message.
 boost::json::object parse(std::string_view body);
+
+/// The records of a staged image, as write_checkpoint carries them.
+boost::json::array records_to_json(const std::vector<RecordInfo>& records);
+/// Throws WriterProcessError for a record that does not lie within
+/// [0, cd_offset) (a message that would make the child write outside the image).
+std::vector<RecordInfo> records_from_json(const boost::json::value& v, std::uint64_t cd_offset);
 
 boost::json::object kwargs_to_json(const Kwargs& kwargs);
 Kwargs kwargs_from_json(const boost::json::value& v);

@@ -38,6 +38,34 @@ namespace asio = boost::asio;
 
 namespace ckpt {
 
+StagingFences StagingFences::record(const StateDict& state_dict) {
+  StagingFences out;
+  auto fences = std::make_shared<detail::DeviceFences>(state_dict.to_ivalue());
+  if (!fences->empty()) out.fences_ = std::move(fences);
+  return out;
+}
+
+bool StagingFences::empty() const {
+  return !fences_;
+}
+
+void CheckpointStager::record_and_stage(StateDict state_dict,
+                                        asio::any_completion_handler<Signature> handler) {
+  // On the caller's thread: what it has queued on its devices' streams is what
+  // staging must see (a failure to record is the staging's error).
+  StagingFences fences;
+  try {
+    fences = StagingFences::record(state_dict);
+  } catch (...) {
+    auto ex = asio::get_associated_executor(handler, asio::system_executor());
+    asio::dispatch(ex, [h = std::move(handler), e = std::current_exception()]() mutable {
+      std::move(h)(e, StagedCheckpoint{});
+    });
+    return;
+  }
+  do_stage(std::move(state_dict), std::move(fences), std::move(handler));
+}
+
 StagedCheckpoint CheckpointStager::stage(const StateDict& state_dict) {
   std::promise<StagedCheckpoint> done;
   auto result = done.get_future();
@@ -52,10 +80,7 @@ StagedCheckpoint CheckpointStager::stage(const StateDict& state_dict) {
 
 std::uint64_t checkpoint_file_size(const StateDict& state_dict) {
   const auto layout = detail::plan_layout(state_dict.to_ivalue(), /*defer_device_copies=*/true);
-  std::vector<RecordInfo> infos(layout.records.size());
-  for (std::size_t i = 0; i < infos.size(); ++i)
-    infos[i] = {layout.records[i].name, layout.records[i].header_offset};
-  return layout.cd_offset + detail::central_directory(infos, layout.cd_offset).size();
+  return layout.cd_offset + detail::central_directory(detail::record_infos(layout), layout.cd_offset).size();
 }
 
 namespace {
@@ -200,8 +225,7 @@ struct DefaultStager::Impl {
     StagedCheckpoint staged;
     staged.arena = a;
     staged.cd_offset = layout.cd_offset;
-    for (const auto& r : layout.records)
-      staged.records.push_back({r.name, r.header_offset, r.data_offset, r.size});
+    staged.records = detail::record_infos(layout);
     staged.state_dict = StateDict::from_ivalue(StagedView(layout, a).value(state_dict.to_ivalue()));
     return staged;
   }
@@ -243,23 +267,14 @@ void DefaultStager::close() {
   impl_->pool.join();
 }
 
-void DefaultStager::do_stage(StateDict state_dict, asio::any_completion_handler<Signature> handler) {
-  // On the caller's thread: what the trainer has queued on its devices' streams
-  // is what staging must see.
-  detail::DeviceFences fences;
-  std::exception_ptr fence_error;
-  try {
-    fences = detail::DeviceFences(state_dict.to_ivalue());
-  } catch (...) {
-    fence_error = std::current_exception();  // reported as the staging's error
-  }
-  auto run = [impl = impl_, sd = std::move(state_dict), fences = std::move(fences), fence_error,
+void DefaultStager::do_stage(StateDict state_dict, StagingFences fences,
+                             asio::any_completion_handler<Signature> handler) {
+  auto run = [impl = impl_, sd = std::move(state_dict), fences = std::move(fences),
               handler = std::move(handler)]() mutable {
     std::exception_ptr error;
     StagedCheckpoint staged;
     try {
-      if (fence_error) std::rethrow_exception(fence_error);
-      staged = impl->stage(sd, fences);
+      staged = impl->stage(sd, fences.get() ? *fences.get() : detail::DeviceFences());
     } catch (...) {
       error = std::current_exception();
     }

@@ -118,17 +118,7 @@ int writer_main(int argc, char** argv, const WriterMainOptions& options) {
         StagedImage image;
         image.cd_offset = u64(*message, "cd_offset");
         image.data = arena.map(passed_fd, u64(*message, "arena_size"));
-        for (const auto& r : message->at("records").as_array()) {
-          const auto& o = r.as_object();
-          RecordInfo info;
-          info.name = std::string(o.at("name").as_string());
-          info.header_offset = u64(o, "header_offset");
-          info.data_offset = u64(o, "data_offset");
-          info.size = u64(o, "size");
-          if (info.data_offset > image.cd_offset || info.size > image.cd_offset - info.data_offset)
-            throw WriterProcessError(fmt::format("record {} lies outside the staged image", info.name));
-          image.records.push_back(std::move(info));
-        }
+        image.records = detail::protocol::records_from_json(message->at("records"), image.cd_offset);
         if (const auto* seq = message->if_contains("sequence"))
           writer->set_barrier_sequence(seq->to_number<std::int64_t>());
         writer->write_staged(std::filesystem::path(std::string(message->at("path").as_string())), image,

@@ -39,4 +39,12 @@ Layout plan_layout(const c10::IValue& value, bool defer_device_copies) {
   return layout;
 }
 
+std::vector<RecordInfo> record_infos(const Layout& layout) {
+  std::vector<RecordInfo> out;
+  out.reserve(layout.records.size());
+  for (const auto& r : layout.records)
+    out.push_back({r.name, r.header_offset, r.data_offset, r.size, r.crc32});
+  return out;
+}
+
 }  // namespace ckpt::detail

@@ -5,6 +5,8 @@
 
 #include <ATen/core/ivalue.h>
 
+#include <vector>
+
 namespace ckpt::detail {
 
 /// Serializes `value` to the pickle torch.save would write and lays out every
@@ -13,5 +15,9 @@ namespace ckpt::detail {
 /// `defer_device_copies`: then their records name the device storage and the
 /// caller copies them (staging does, on a side stream, into the arena).
 Layout plan_layout(const c10::IValue& value, bool defer_device_copies = false);
+
+/// The records of `layout` as the format describes them (name, offsets, size;
+/// crc32 as known so far): what travels from staging to the writer.
+std::vector<RecordInfo> record_infos(const Layout& layout);
 
 }  // namespace ckpt::detail
