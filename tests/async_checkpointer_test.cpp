@@ -22,6 +22,7 @@
 #include <ckpt/format.hpp>
 #include <ckpt/staging.hpp>
 
+#include "support/io_threads.hpp"
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>
@@ -62,8 +63,8 @@
 #include <fcntl.h>
 #include <malloc.h>
 #include <poll.h>
-#include <sys/stat.h>
 #include <sys/inotify.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 namespace asio = boost::asio;
@@ -73,11 +74,12 @@ using c10::IValue;
 using ckpt::test::identical;
 using ckpt::test::TempDir;
 
-using ckpt::test::mentions;
-using ckpt::test::wait_get;
 using ckpt::test::child_processes;
+using ckpt::test::IoThreads;
 using ckpt::test::kWaitBound;
+using ckpt::test::mentions;
 using ckpt::test::process_gone;
+using ckpt::test::wait_get;
 namespace {
 
 const ckpt::RankInfo kRank{0, 1};
@@ -187,46 +189,6 @@ IValue deep_clone(const IValue& v) {
 ckpt::StateDict read_back(const fs::path& dir) {
   return ckpt::StateDict::from_ivalue(ckpt::read_file(file_in(dir)));
 }
-
-/// An io_context run by `n` threads of their own, kept running by a work guard
-/// until destruction; then it is let run dry (and stopped only if it does not).
-class IoThreads {
- public:
-  IoThreads(asio::io_context& io, int n) : io_(io), work_(io.get_executor()) {
-    for (int i = 0; i < n; ++i) runs_.push_back(std::async(std::launch::async, [this] { return run(); }));
-  }
-  ~IoThreads() {
-    work_.reset();
-    for (auto& r : runs_) {
-      if (r.wait_for(60s) != std::future_status::ready) {
-        BOOST_ERROR("the io_context did not run dry");
-        io_.stop();
-      }
-      for (const auto& e : r.get()) BOOST_ERROR("a handler threw on an io thread: " << e);
-    }
-  }
-  IoThreads(const IoThreads&) = delete;
-  IoThreads& operator=(const IoThreads&) = delete;
-
- private:
-  /// Runs the io_context until it runs dry; a handler that throws is recorded
-  /// and the thread goes on (so one fault does not stall every later wait).
-  std::vector<std::string> run() {
-    std::vector<std::string> thrown;
-    for (;;) {
-      try {
-        io_.run();
-        return thrown;
-      } catch (const std::exception& e) {
-        thrown.emplace_back(e.what());
-      }
-    }
-  }
-
-  asio::io_context& io_;
-  asio::executor_work_guard<asio::io_context::executor_type> work_;
-  std::vector<std::future<std::vector<std::string>>> runs_;
-};
 
 /// A checkpointer on an io_context of the test's own, run by `threads` threads.
 /// (Not the builder without an executor: destroying what it builds frees its
@@ -835,13 +797,15 @@ BOOST_AUTO_TEST_CASE(a_wait_raced_against_a_timer_returns_at_the_timer_and_the_w
         auto written = co_await ck->async_save(tmp / "held", sd, hold, asio::use_awaitable);
         // The child holds the write in pre_commit until the FIFO yields a byte.
         asio::steady_timer timer(co_await asio::this_coro::executor, 50ms);
-        auto first = co_await (written.async_wait(asio::use_awaitable) || timer.async_wait(asio::use_awaitable));
+        auto first =
+            co_await (written.async_wait(asio::use_awaitable) || timer.async_wait(asio::use_awaitable));
         winner = first.index();
         done_at_timer = written.done();
         // Release it (O_RDWR never blocks on a FIFO; kept open until the write
         // is done, so the byte waits for the child however late it opens).
         release = ::open(fifo.c_str(), O_RDWR | O_CLOEXEC);
-        if (release < 0 || ::write(release, "x", 1) != 1) throw std::runtime_error("cannot release the write");
+        if (release < 0 || ::write(release, "x", 1) != 1)
+          throw std::runtime_error("cannot release the write");
         co_await written.async_wait(asio::use_awaitable);  // the same write, now durable
         done_at_end = written.done();
       },
@@ -850,9 +814,9 @@ BOOST_AUTO_TEST_CASE(a_wait_raced_against_a_timer_returns_at_the_timer_and_the_w
   if (release >= 0) ::close(release);
   BOOST_REQUIRE(done.wait_for(0s) == std::future_status::ready);
   done.get();
-  BOOST_CHECK_EQUAL(winner, 1u);    // the timer's branch won; the wait was cancelled
-  BOOST_CHECK(!done_at_timer);      // and the write went on
-  BOOST_CHECK(done_at_end);         // until it completed
+  BOOST_CHECK_EQUAL(winner, 1u);  // the timer's branch won; the wait was cancelled
+  BOOST_CHECK(!done_at_timer);    // and the write went on
+  BOOST_CHECK(done_at_end);       // until it completed
   BOOST_CHECK(same_state(read_back(tmp / "held"), sd));
   ck->close();
 }
@@ -880,8 +844,9 @@ BOOST_AUTO_TEST_CASE(a_ckpt_error_thrown_by_a_custom_writer_in_the_child_arrives
     BOOST_CHECK_NO_THROW(wait_get(futures.staged));
     std::string what;
     BOOST_CHECK_EQUAL(error_of(futures.written, what), type);
-    BOOST_CHECK_MESSAGE(what.find("pre_commit of " + dir.string() + " failed on purpose") != std::string::npos,
-                        kind << ": " << what);
+    BOOST_CHECK_MESSAGE(
+        what.find("pre_commit of " + dir.string() + " failed on purpose") != std::string::npos,
+        kind << ": " << what);
     // The error is reported once more, to the next save (as any write error):
     // take it here so the next kind's save starts clean.
     auto next = ck->save(tmp / "after", sd);

@@ -16,6 +16,7 @@
 #include "async/arena.hpp"
 #include "async/protocol.hpp"
 #include "format/zip.hpp"
+#include "support/io_threads.hpp"
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>
@@ -59,12 +60,13 @@ using ckpt::test::identical;
 using ckpt::test::TempDir;
 
 using ckpt::test::child_processes;
+using ckpt::test::IoThread;
 using ckpt::test::kWaitBound;
 using ckpt::test::list_of;
 using ckpt::test::mentions;
 using ckpt::test::process_gone;
-using ckpt::test::wait_get;
 using ckpt::test::upstream_state_dict;
+using ckpt::test::wait_get;
 namespace {
 
 /// The tests' writer executable, beside this test program.
@@ -91,29 +93,6 @@ int parent_of(int pid) {
   rest >> state >> ppid;
   return ppid;
 }
-
-/// An io_context run by a thread of its own: the processes' strands run there.
-/// On the way out it lets the context run dry, and stops it only if it does not.
-struct IoThread {
-  asio::io_context io;
-  asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
-  std::promise<void> ran_dry;
-  std::future<void> ran_dry_future = ran_dry.get_future();
-  std::thread thread{[this] {
-    try {
-      io.run();
-    } catch (const std::exception& e) {
-      BOOST_ERROR("a handler threw on the io thread: " << e.what());
-    }
-    ran_dry.set_value();
-  }};
-  ~IoThread() {
-    work.reset();
-    if (ran_dry_future.wait_for(60s) != std::future_status::ready) io.stop();
-    thread.join();
-  }
-  asio::any_io_executor executor() { return io.get_executor(); }
-};
 
 ckpt::CheckpointStagerConfig stager_config() {
   ckpt::CheckpointStagerConfig c;

@@ -16,6 +16,7 @@
 #include <ckpt/async_checkpointer.hpp>
 #include <ckpt/format.hpp>
 
+#include "support/io_threads.hpp"
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>
@@ -53,6 +54,7 @@ using ckpt::test::mentions;
 using ckpt::test::TempDir;
 using ckpt::test::wait_get;
 
+using ckpt::test::IoThread;
 namespace {
 
 bool is_ready(std::future<void>& f) {
@@ -259,30 +261,6 @@ std::string read_text(const fs::path& file) {
   std::ifstream in(file, std::ios::binary);
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
 }
-
-/// An io_context run by a thread of its own, so that the blocking save()'s
-/// futures complete. On the way out it lets the context run dry, and stops it
-/// only if it does not.
-struct IoThread {
-  boost::asio::io_context io;
-  boost::asio::executor_work_guard<boost::asio::io_context::executor_type> work{io.get_executor()};
-  std::promise<void> ran_dry;
-  std::future<void> ran_dry_future = ran_dry.get_future();
-  std::thread thread{[this] {
-    try {
-      io.run();
-    } catch (const std::exception& e) {
-      BOOST_ERROR("a handler threw on the io thread: " << e.what());
-    }
-    ran_dry.set_value();
-  }};
-  ~IoThread() {
-    work.reset();
-    if (ran_dry_future.wait_for(60s) != std::future_status::ready) io.stop();
-    thread.join();
-  }
-  boost::asio::any_io_executor executor() { return io.get_executor(); }
-};
 
 /// upstream's setUp and _create_async_checkpointer, built as upstream builds
 /// it: a stager with async staging in shared memory (not pinned, not

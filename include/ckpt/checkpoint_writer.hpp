@@ -29,6 +29,7 @@
 #include <cstddef>
 #include <exception>
 #include <filesystem>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -43,14 +44,6 @@ class WriterHook {
   virtual void pre_commit(const std::filesystem::path& path, const Kwargs& kwargs) {}
   /// Runs after the barrier: every rank's file is durable.
   virtual void post_commit(const std::filesystem::path& path, const Kwargs& kwargs) {}
-};
-
-/// A file image staged in memory (see StagedCheckpoint): every record's local
-/// header (CRC fields zero) and data at their offsets in `data[0, cd_offset)`.
-struct StagedImage {
-  std::byte* data = nullptr;
-  std::vector<RecordInfo> records;  ///< name, header_offset, data_offset, size
-  std::uint64_t cd_offset = 0;
 };
 
 class CheckpointWriter {
@@ -68,9 +61,14 @@ class CheckpointWriter {
   /// hook or the barrier throws, unchanged.
   virtual void write(const std::filesystem::path& path, const StateDict& state_dict,
                      const Kwargs& kwargs = {});
-  /// The same commit order for a staged image (the writer child's path): the
-  /// file is written from `image` (CRCs computed and patched in it).
-  virtual void write_staged(const std::filesystem::path& path, StagedImage& image, const Kwargs& kwargs = {});
+  /// The same commit order for a rank file that `write_rank_file` writes:
+  /// it gets the file's path (`path/checkpoint_<rank>.pt`) and must leave it
+  /// durable, or throw (then the failure is reported at the barrier and
+  /// rethrown, as write()'s). write() is this with write_file(); the writer
+  /// child passes a function that writes its staged image.
+  virtual void write_with(const std::filesystem::path& path,
+                          const std::function<void(const std::filesystem::path& file)>& write_rank_file,
+                          const Kwargs& kwargs = {});
   /// Releases what the writer holds. Idempotent.
   virtual void close();
   /// The barrier round the next write joins (Barrier::set_sequence).

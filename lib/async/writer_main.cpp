@@ -5,6 +5,7 @@
 
 #include "async/arena.hpp"
 #include "async/protocol.hpp"
+#include "format/file_writer.hpp"
 
 #include <fmt/format.h>
 
@@ -115,14 +116,23 @@ int writer_main(int argc, char** argv, const WriterMainOptions& options) {
       } else if (type == "write_checkpoint") {
         if (!writer) throw WriterProcessError("write_checkpoint before init");
         if (passed_fd < 0) throw WriterProcessError("write_checkpoint without the staging arena");
-        StagedImage image;
-        image.cd_offset = u64(*message, "cd_offset");
-        image.data = arena.map(passed_fd, u64(*message, "arena_size"));
-        image.records = detail::protocol::records_from_json(message->at("records"), image.cd_offset);
+        // The staged image: local headers (CRC fields zero) and record data
+        // at their offsets in the arena, the central directory to come at
+        // cd_offset. write_image computes the CRCs, patches them in and
+        // appends the directory.
+        const std::uint64_t cd_offset = u64(*message, "cd_offset");
+        std::byte* image = arena.map(passed_fd, u64(*message, "arena_size"));
+        auto records = detail::protocol::records_from_json(message->at("records"), cd_offset);
         if (const auto* seq = message->if_contains("sequence"))
           writer->set_barrier_sequence(seq->to_number<std::int64_t>());
-        writer->write_staged(std::filesystem::path(std::string(message->at("path").as_string())), image,
-                             detail::protocol::kwargs_from_json(message->at("kwargs")));
+        writer->write_with(
+            std::filesystem::path(std::string(message->at("path").as_string())),
+            [&](const std::filesystem::path& file) {
+              detail::write_durably(file, {}, [&](int fd, bool direct, const std::filesystem::path& temp) {
+                return detail::write_image(fd, direct, temp, image, records, cd_offset);
+              });
+            },
+            detail::protocol::kwargs_from_json(message->at("kwargs")));
         reply = detail::protocol::ok();
       } else if (type == "exit") {
         if (writer) writer->close();

@@ -6,8 +6,6 @@
 #include "core/failures.hpp"
 #include "core/log_once.hpp"
 
-#include "format/file_writer.hpp"
-
 #include <fmt/format.h>
 #include <boost/json.hpp>
 
@@ -44,25 +42,16 @@ void make_directory(const std::filesystem::path& path) {
 
 void CheckpointWriter::write(const std::filesystem::path& path, const StateDict& state_dict,
                              const Kwargs& kwargs) {
-  try {
-    make_directory(path);
-    write_file(path / checkpoint_file_name(rank_info_.global_rank), state_dict.to_ivalue());
-  } catch (...) {
-    report_failure(std::current_exception());
-    throw;
-  }
-  commit(path, kwargs);
+  write_with(
+      path, [&](const std::filesystem::path& file) { write_file(file, state_dict.to_ivalue()); }, kwargs);
 }
 
-void CheckpointWriter::write_staged(const std::filesystem::path& path, StagedImage& image,
-                                    const Kwargs& kwargs) {
+void CheckpointWriter::write_with(
+    const std::filesystem::path& path,
+    const std::function<void(const std::filesystem::path& file)>& write_rank_file, const Kwargs& kwargs) {
   try {
     make_directory(path);
-    detail::write_durably(path / checkpoint_file_name(rank_info_.global_rank), {},
-                          [&](int fd, bool direct, const std::filesystem::path& temp) {
-                            return detail::write_image(fd, direct, temp, image.data, image.records,
-                                                       image.cd_offset);
-                          });
+    write_rank_file(path / checkpoint_file_name(rank_info_.global_rank));
   } catch (...) {
     report_failure(std::current_exception());
     throw;
