@@ -567,6 +567,45 @@ BOOST_AUTO_TEST_CASE(shared_memory_tensor_ipc) {
   BOOST_CHECK(identical(loaded.at("regular_tensor").toTensor(), regular_tensor));
 }
 
+BOOST_AUTO_TEST_CASE(a_write_whose_records_are_not_where_the_image_puts_them_is_refused) {
+  // The child writes from shared memory at offsets that come over the socket:
+  // it checks them against the zip image before it writes a byte.
+  auto checkpoint_process = create_checkpoint_process();
+  Closer closer{*checkpoint_process};
+  wait_ready(*checkpoint_process);
+  ckpt::StateDict test_sd;
+  test_sd.insert("weight", at::randn({64, 64}));
+  test_sd.insert("bias", at::randn({64}));
+  const auto staged = stager.stage(test_sd);
+  BOOST_REQUIRE_GE(staged.records.size(), 3u);
+
+  auto moved = staged;
+  moved.records[2].data_offset += ckpt::detail::kAlign;
+  auto past_end = staged;
+  past_end.records[2].size += past_end.cd_offset;
+  for (const auto* bad : {&moved, &past_end}) {
+    const fs::path dir = temp_dir.path() / (bad == &moved ? "moved" : "past_end");
+    fs::create_directories(dir);
+    auto written = checkpoint_process->async_write(*bad, dir, {}, asio::use_future);
+    try {
+      wait_get(written);
+      BOOST_ERROR("a write of a misplaced record succeeded");
+    } catch (const ckpt::WriterProcessError& e) {
+      BOOST_TEST_CONTEXT(e.what()) {
+        BOOST_CHECK(mentions(e, staged.records[2].name));
+        BOOST_CHECK(mentions(e, "bad image"));
+      }
+    }
+    BOOST_CHECK(fs::is_empty(dir));  // no file, no temporary
+  }
+
+  // The child is still there and writes the sound image.
+  auto written = checkpoint_process->async_write(staged, temp_dir.path(), {}, asio::use_future);
+  wait_get(written);
+  const auto loaded = ckpt::StateDict::from_ivalue(ckpt::read_file(file_in(temp_dir.path())));
+  BOOST_CHECK(identical(loaded.at("bias").toTensor(), test_sd.at("bias").toTensor()));
+}
+
 BOOST_AUTO_TEST_SUITE_END()
 
 // --- a writer executable of one's own (subprocess_init_fn, checkpoint_writer_init_fn)

@@ -13,6 +13,7 @@
 #include <boost/core/demangle.hpp>
 
 #include "format/zip.hpp"
+#include "format/zip_image.hpp"
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>
@@ -87,19 +88,23 @@ struct Entry {
 
 /// A sound stored zip of `entries`, laid out as ckpt lays out its files.
 std::string build_zip(const std::vector<Entry>& entries) {
-  std::string out;
   std::vector<ckpt::RecordInfo> records;
+  std::uint64_t at = 0;
   for (const auto& e : entries) {
     ckpt::RecordInfo r;
     r.name = e.name;
-    r.header_offset = out.size();
     r.size = e.data.size();
     r.crc32 = crc32_of(e.data);
-    out += ckpt::detail::local_header(r.name, r.header_offset, r.size, r.crc32);
-    out += e.data;
+    at = ckpt::detail::ZipImage::place(r, at);
     records.push_back(std::move(r));
   }
-  out += ckpt::detail::central_directory(records, out.size());
+  const ckpt::detail::ZipImage zip(std::move(records), at);
+  std::string out;
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    out += zip.local_header(i);
+    out += entries[i].data;
+  }
+  out += zip.central_directory();
   return out;
 }
 

@@ -46,9 +46,9 @@ boost::json::object parse(std::string_view body);
 
 /// The records of a staged image, as write_checkpoint carries them.
 boost::json::array records_to_json(const std::vector<RecordInfo>& records);
-/// Throws WriterProcessError for a record that does not lie within
-/// [0, cd_offset) (a message that would make the child write outside the image).
-std::vector<RecordInfo> records_from_json(const boost::json::value& v, std::uint64_t cd_offset);
+/// Throws WriterProcessError for a malformed list; where the records lie is
+/// checked by the ZipImage the child makes of them.
+std::vector<RecordInfo> records_from_json(const boost::json::value& v);
 
 boost::json::object kwargs_to_json(const Kwargs& kwargs);
 Kwargs kwargs_from_json(const boost::json::value& v);

@@ -16,7 +16,7 @@
 #include "async/device_copy.hpp"
 #include "core/log_once.hpp"
 #include "format/plan_layout.hpp"
-#include "format/zip.hpp"
+#include "format/zip_image.hpp"
 
 #include <fmt/format.h>
 
@@ -80,7 +80,7 @@ StagedCheckpoint CheckpointStager::stage(const StateDict& state_dict) {
 
 std::uint64_t checkpoint_file_size(const StateDict& state_dict) {
   const auto layout = detail::plan_layout(state_dict.to_ivalue(), /*defer_device_copies=*/true);
-  return layout.cd_offset + detail::central_directory(detail::record_infos(layout), layout.cd_offset).size();
+  return detail::zip_image(layout).file_size();
 }
 
 namespace {
@@ -190,12 +190,14 @@ struct DefaultStager::Impl {
     const bool from_device = detail::has_device_records(layout);
     if (from_device && config.use_pinned_memory) a->register_with_device();
 
+    // The image: local headers (CRC fields zero: the child computes the CRCs
+    // as it writes), then each record's data at its offset.
+    detail::ZipImage zip = detail::zip_image(layout);
     std::byte* base = a->data();
+    zip.put_local_headers(base);
     const auto copy_range = [&](std::size_t from, std::size_t to) {
       for (std::size_t i = from; i < to; ++i) {
         const auto& r = layout.records[i];
-        const std::string header = detail::local_header(r.name, r.header_offset, r.size, 0);
-        std::memcpy(base + r.header_offset, header.data(), header.size());
         if (r.size > 0 && r.data) std::memcpy(base + r.data_offset, r.data, r.size);
       }
     };
@@ -224,8 +226,8 @@ struct DefaultStager::Impl {
 
     StagedCheckpoint staged;
     staged.arena = a;
-    staged.cd_offset = layout.cd_offset;
-    staged.records = detail::record_infos(layout);
+    staged.cd_offset = zip.cd_offset();
+    staged.records = zip.records();
     staged.state_dict = StateDict::from_ivalue(StagedView(layout, a).value(state_dict.to_ivalue()));
     return staged;
   }

@@ -6,6 +6,7 @@
 #include "async/arena.hpp"
 #include "async/protocol.hpp"
 #include "format/file_writer.hpp"
+#include "format/zip_image.hpp"
 
 #include <fmt/format.h>
 
@@ -118,18 +119,30 @@ int writer_main(int argc, char** argv, const WriterMainOptions& options) {
         if (passed_fd < 0) throw WriterProcessError("write_checkpoint without the staging arena");
         // The staged image: local headers (CRC fields zero) and record data
         // at their offsets in the arena, the central directory to come at
-        // cd_offset. write_image computes the CRCs, patches them in and
-        // appends the directory.
-        const std::uint64_t cd_offset = u64(*message, "cd_offset");
-        std::byte* image = arena.map(passed_fd, u64(*message, "arena_size"));
-        auto records = detail::protocol::records_from_json(message->at("records"), cd_offset);
+        // cd_offset. ZipImage checks the records' placement, then write()
+        // computes the CRCs, patches them in and appends the directory.
+        const std::uint64_t arena_size = u64(*message, "arena_size");
+        detail::ZipImage zip = [&] {
+          try {
+            return detail::ZipImage(detail::protocol::records_from_json(message->at("records")),
+                                    u64(*message, "cd_offset"));
+          } catch (const WriterProcessError&) {
+            throw;
+          } catch (const Error& e) {
+            throw WriterProcessError(fmt::format("write_checkpoint carried a bad image: {}", e.what()));
+          }
+        }();
+        if (zip.cd_offset() > arena_size)
+          throw WriterProcessError(fmt::format("the staged image ends at {}, past the arena's {} bytes",
+                                               zip.cd_offset(), arena_size));
+        std::byte* image = arena.map(passed_fd, arena_size);
         if (const auto* seq = message->if_contains("sequence"))
           writer->set_barrier_sequence(seq->to_number<std::int64_t>());
         writer->write_with(
             std::filesystem::path(std::string(message->at("path").as_string())),
             [&](const std::filesystem::path& file) {
               detail::write_durably(file, {}, [&](int fd, bool direct, const std::filesystem::path& temp) {
-                return detail::write_image(fd, direct, temp, image, records, cd_offset);
+                return zip.write(fd, direct, temp, image);
               });
             },
             detail::protocol::kwargs_from_json(message->at("kwargs")));

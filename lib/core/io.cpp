@@ -71,4 +71,27 @@ void fsync_dir(const std::filesystem::path& dir) {
   fsync_fd(fd.get(), d);
 }
 
+void write_maybe_direct(int fd, const void* data, std::size_t n, std::uint64_t off,
+                        const std::filesystem::path& path) {
+  auto* buf = static_cast<const char*>(data);
+  while (n > 0) {
+    const std::size_t chunk = n < (std::size_t{1} << 30) ? n : (std::size_t{1} << 30);
+    ssize_t put = ::pwrite(fd, buf, chunk, static_cast<off_t>(off));
+    if (put < 0) {
+      if (errno == EINTR) continue;
+      // A filesystem may accept O_DIRECT at open and refuse it at write time;
+      // then write through the page cache instead.
+      if (errno == EINVAL) {
+        const int flags = ::fcntl(fd, F_GETFL);
+        if (flags >= 0 && (flags & O_DIRECT) && ::fcntl(fd, F_SETFL, flags & ~O_DIRECT) == 0) continue;
+      }
+      throw_errno("write", path, errno);
+    }
+    if (put == 0) throw_errno("write", path, ENOSPC);
+    buf += put;
+    n -= static_cast<std::size_t>(put);
+    off += static_cast<std::uint64_t>(put);
+  }
+}
+
 }  // namespace ckpt::detail

@@ -46,6 +46,11 @@ void pread_full(int fd, void* buf, std::size_t n, std::uint64_t offset, const st
 /// Writes exactly `n` bytes at `offset`.
 void pwrite_full(int fd, const void* buf, std::size_t n, std::uint64_t offset,
                  const std::filesystem::path& path);
+/// Writes `n` bytes at `off` on a file that may be open with O_DIRECT; when the
+/// filesystem refuses O_DIRECT at write time, clears it and writes buffered.
+void write_maybe_direct(int fd, const void* buf, std::size_t n, std::uint64_t off,
+                        const std::filesystem::path& path);
+
 void fsync_fd(int fd, const std::filesystem::path& path);
 /// fsyncs the directory holding an entry, so a rename in it is durable.
 void fsync_dir(const std::filesystem::path& dir);

@@ -3,7 +3,8 @@
 // The commit order:
 //   1. lay the file out (pickle, records, offsets) without copying tensor bytes;
 //   2. create `.<name>.tmp-<pid>-<n>` in the destination directory (O_EXCL);
-//   3. stream every record: the local header (CRC not yet known), then the data
+//   3. stream every record (a ZipImage, zip_image.hpp, makes the bytes around
+//      the data): the local header (CRC not yet known), then the data
 //      in slices, computing each slice's CRC-32 just before it is copied out, so
 //      the bytes are read from tensor memory once, while hot in cache;
 //   4. append the central directory (which carries the CRCs);
@@ -21,9 +22,11 @@
 #include "format/file_writer.hpp"
 #include "format/plan_layout.hpp"
 #include "format/zip.hpp"
+#include "format/zip_image.hpp"
 
 #include <fmt/format.h>
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstring>
@@ -145,9 +148,9 @@ class Sink {
     if (error_) std::rethrow_exception(error_);
   }
 
-  void patch(std::uint64_t offset, const unsigned char (&bytes)[4]) {
+  void patch(std::uint64_t offset, const std::array<unsigned char, 4>& bytes) {
     if (!direct_) {
-      pwrite_full(fd_, bytes, 4, offset, path_);
+      pwrite_full(fd_, bytes.data(), bytes.size(), offset, path_);
       return;
     }
     for (int i = 0; i < 4; ++i) {
@@ -265,10 +268,12 @@ class Sink {
 
 /// Streams `layout` to `fd` (steps 3–5 of the commit order); returns the size.
 std::uint64_t stream(int fd, Layout& layout, const std::filesystem::path& path, bool direct) {
+  ZipImage zip = zip_image(layout);
   Sink sink(fd, path, direct);
-  for (auto& r : layout.records) {
-    sink.will_patch(r.header_offset + kLocalCrcOffset);
-    const std::string header = local_header(r.name, r.header_offset, r.size, 0);
+  for (std::size_t i = 0; i < layout.records.size(); ++i) {
+    const auto& r = layout.records[i];
+    sink.will_patch(zip.crc_field_offset(i));
+    const std::string header = zip.local_header(i);
     sink.put(header.data(), header.size());
     std::uint32_t crc = 0;
     const auto* p = static_cast<const char*>(r.data);
@@ -279,51 +284,22 @@ std::uint64_t stream(int fd, Layout& layout, const std::filesystem::path& path, 
       p += n;
       left -= n;
     }
-    r.crc32 = crc;
+    zip.set_crc(i, crc);
   }
-  std::vector<RecordInfo> infos;
-  infos.reserve(layout.records.size());
-  for (const auto& r : layout.records)
-    infos.push_back({r.name, r.header_offset, r.data_offset, r.size, r.crc32});
-  const std::string cd = central_directory(infos, layout.cd_offset);
+  const std::string cd = zip.central_directory();
   sink.put(cd.data(), cd.size());
   sink.flush();
-  for (const auto& r : layout.records) {
-    const unsigned char crc[4] = {
-        static_cast<unsigned char>(r.crc32), static_cast<unsigned char>(r.crc32 >> 8),
-        static_cast<unsigned char>(r.crc32 >> 16), static_cast<unsigned char>(r.crc32 >> 24)};
-    sink.patch(r.header_offset + kLocalCrcOffset, crc);
+  for (std::size_t i = 0; i < layout.records.size(); ++i) {
+    sink.patch(zip.crc_field_offset(i), zip.crc_field(i));
+    layout.records[i].crc32 = zip.records()[i].crc32;
   }
   sink.write_patches();
-  return layout.cd_offset + cd.size();
+  return zip.cd_offset() + cd.size();
 }
 
 std::atomic<unsigned> temp_counter{0};
 
 }  // namespace
-
-void write_maybe_direct(int fd, const void* data, std::size_t n, std::uint64_t off,
-                        const std::filesystem::path& path) {
-  auto* buf = static_cast<const char*>(data);
-  while (n > 0) {
-    const std::size_t chunk = n < (std::size_t{1} << 30) ? n : (std::size_t{1} << 30);
-    ssize_t put = ::pwrite(fd, buf, chunk, static_cast<off_t>(off));
-    if (put < 0) {
-      if (errno == EINTR) continue;
-      // A filesystem may accept O_DIRECT at open and refuse it at write time;
-      // then write through the page cache instead.
-      if (errno == EINVAL) {
-        const int flags = ::fcntl(fd, F_GETFL);
-        if (flags >= 0 && (flags & O_DIRECT) && ::fcntl(fd, F_SETFL, flags & ~O_DIRECT) == 0) continue;
-      }
-      throw_errno("write", path, errno);
-    }
-    if (put == 0) throw_errno("write", path, ENOSPC);
-    buf += put;
-    n -= static_cast<std::size_t>(put);
-    off += static_cast<std::uint64_t>(put);
-  }
-}
 
 void write_durably(
     const std::filesystem::path& file, const WriteOptions& options,
@@ -363,66 +339,6 @@ void write_durably(
     throw;
   }
   if (options.fsync) fsync_dir(dir);
-}
-
-std::uint64_t write_image(int fd, bool direct, const std::filesystem::path& path, std::byte* image,
-                          std::vector<RecordInfo>& records, std::uint64_t cd_offset) {
-  // CRCs on a second thread while the bodies (the 4096-aligned runs of record
-  // data that share no block with a header) go to disk from the image.
-  std::vector<std::uint32_t> crcs(records.size());
-  std::exception_ptr crc_error;
-  std::thread crc_thread([&] {
-    try {
-      for (std::size_t i = 0; i < records.size(); ++i)
-        crcs[i] = crc32_of(image + records[i].data_offset, records[i].size);
-    } catch (...) {
-      crc_error = std::current_exception();
-    }
-  });
-  struct Join {
-    std::thread& t;
-    ~Join() {
-      if (t.joinable()) t.join();
-    }
-  } join{crc_thread};
-
-  std::uint64_t seam_start = 0;  // the block run holding the next header
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> seams;
-  for (const auto& r : records) {
-    const std::uint64_t body_end = (r.data_offset + r.size) / kAlign * kAlign;
-    seams.emplace_back(seam_start, r.data_offset);
-    if (body_end > r.data_offset) {
-      write_maybe_direct(fd, image + r.data_offset, body_end - r.data_offset, r.data_offset, path);
-      seam_start = body_end;
-    } else {
-      seam_start = r.data_offset;
-    }
-  }
-  crc_thread.join();
-  if (crc_error) std::rethrow_exception(crc_error);
-
-  for (std::size_t i = 0; i < records.size(); ++i) {
-    records[i].crc32 = crcs[i];
-    unsigned char* field =
-        reinterpret_cast<unsigned char*>(image) + records[i].header_offset + kLocalCrcOffset;
-    for (int b = 0; b < 4; ++b) field[b] = static_cast<unsigned char>(crcs[i] >> (8 * b));
-  }
-  for (const auto& [from, to] : seams)
-    if (to > from) write_maybe_direct(fd, image + from, to - from, from, path);
-
-  // The tail: what is left of the last record, then the central directory, in
-  // one aligned buffer.
-  const std::string cd = central_directory(records, cd_offset);
-  const std::uint64_t tail_len = cd_offset - seam_start + cd.size();
-  const std::size_t padded = static_cast<std::size_t>(align_up(tail_len, kAlign));
-  void* raw = nullptr;
-  if (::posix_memalign(&raw, kAlign, padded) != 0) throw IoError("out of memory for the checkpoint's tail");
-  std::unique_ptr<char, decltype(&std::free)> tail(static_cast<char*>(raw), &std::free);
-  std::memcpy(tail.get(), image + seam_start, cd_offset - seam_start);
-  std::memcpy(tail.get() + (cd_offset - seam_start), cd.data(), cd.size());
-  std::memset(tail.get() + tail_len, 0, padded - tail_len);
-  write_maybe_direct(fd, tail.get(), direct ? padded : static_cast<std::size_t>(tail_len), seam_start, path);
-  return cd_offset + cd.size();
 }
 
 }  // namespace detail

@@ -16,13 +16,10 @@
 
 namespace ckpt::detail {
 
-struct LayoutRecord {
-  std::string name;
+/// A record as the format describes it (RecordInfo: name, offsets, size,
+/// crc32 once the data was read) and where its bytes come from.
+struct LayoutRecord : RecordInfo {
   const void* data = nullptr;  ///< source bytes: tensor memory or Layout::owned
-  std::uint64_t size = 0;
-  std::uint64_t header_offset = 0;
-  std::uint64_t data_offset = 0;
-  std::uint32_t crc32 = 0;  ///< set once the data was read
   /// Set instead of `data` when the bytes live on an accelerator and the copy
   /// to host memory was deferred (plan_layout's `defer_device_copies`).
   at::Storage device_source;

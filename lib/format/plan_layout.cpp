@@ -1,7 +1,6 @@
 #include "format/plan_layout.hpp"
 
 #include "format/pickle_writer.hpp"
-#include "format/zip.hpp"
 
 #include <fmt/format.h>
 
@@ -30,21 +29,13 @@ Layout plan_layout(const c10::IValue& value, bool defer_device_copies) {
   layout.records.push_back(small(fmt::format("{}/version", kArchivePrefix), kFormatVersion));
 
   std::uint64_t at = 0;
-  for (auto& r : layout.records) {
-    r.header_offset = at;
-    r.data_offset = at + local_header_size(r.name, at, r.size);
-    at = r.data_offset + r.size;
-  }
+  for (auto& r : layout.records) at = ZipImage::place(r, at);
   layout.cd_offset = at;
   return layout;
 }
 
-std::vector<RecordInfo> record_infos(const Layout& layout) {
-  std::vector<RecordInfo> out;
-  out.reserve(layout.records.size());
-  for (const auto& r : layout.records)
-    out.push_back({r.name, r.header_offset, r.data_offset, r.size, r.crc32});
-  return out;
+ZipImage zip_image(const Layout& layout) {
+  return ZipImage(std::vector<RecordInfo>(layout.records.begin(), layout.records.end()), layout.cd_offset);
 }
 
 }  // namespace ckpt::detail

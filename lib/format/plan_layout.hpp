@@ -2,6 +2,7 @@
 #pragma once
 
 #include "format/layout.hpp"
+#include "format/zip_image.hpp"
 
 #include <ATen/core/ivalue.h>
 
@@ -16,8 +17,8 @@ namespace ckpt::detail {
 /// caller copies them (staging does, on a side stream, into the arena).
 Layout plan_layout(const c10::IValue& value, bool defer_device_copies = false);
 
-/// The records of `layout` as the format describes them (name, offsets, size;
-/// crc32 as known so far): what travels from staging to the writer.
-std::vector<RecordInfo> record_infos(const Layout& layout);
+/// The zip image of `layout`: its records (crc32 as known so far) and its
+/// directory offset.
+ZipImage zip_image(const Layout& layout);
 
 }  // namespace ckpt::detail

@@ -16,17 +16,6 @@ std::uint32_t crc32_of(const void* data, std::size_t size, std::uint32_t crc) {
 }
 namespace {
 
-constexpr std::uint32_t k32Max = 0xffffffffu;
-constexpr std::uint16_t kZip64ExtraId = 0x0001;
-// PyTorch pads with an extra field of id "FB" filled with 'Z'; so do we.
-constexpr std::uint16_t kPadExtraId = 0x4246;
-constexpr std::uint16_t kVersionStored = 20;
-constexpr std::uint16_t kVersionZip64 = 45;
-
-bool needs_zip64(std::uint64_t size) {
-  return size >= k32Max;
-}
-
 [[noreturn]] void corrupt(const std::filesystem::path& path, std::string_view what) {
   throw CorruptCheckpoint(fmt::format("{}: corrupt zip archive: {}", path.string(), what));
 }
@@ -53,109 +42,6 @@ std::uint32_t get32(const unsigned char* p) {
 }
 std::uint64_t get64(const unsigned char* p) {
   return static_cast<std::uint64_t>(get32(p)) | (static_cast<std::uint64_t>(get32(p + 4)) << 32);
-}
-
-std::uint64_t local_header_size(std::string_view name, std::uint64_t header_offset, std::uint64_t size) {
-  std::uint64_t fixed = kLocalHeaderSize + name.size() + (needs_zip64(size) ? 20 : 0) + 4;
-  return align_up(header_offset + fixed, kAlign) - header_offset;
-}
-
-std::string local_header(std::string_view name, std::uint64_t header_offset, std::uint64_t size,
-                         std::uint32_t crc) {
-  const bool z64 = needs_zip64(size);
-  const std::uint64_t total = local_header_size(name, header_offset, size);
-  const std::uint64_t extra_len = total - kLocalHeaderSize - name.size();
-  const std::uint64_t pad = extra_len - 4 - (z64 ? 20 : 0);
-  std::string h;
-  h.reserve(total);
-  put32(h, kLocalSig);
-  put16(h, z64 ? kVersionZip64 : kVersionStored);
-  put16(h, 0);     // flags
-  put16(h, 0);     // method: stored
-  put16(h, 0);     // time
-  put16(h, 0x21);  // date: 1980-01-01
-  put32(h, crc);
-  put32(h, z64 ? k32Max : static_cast<std::uint32_t>(size));
-  put32(h, z64 ? k32Max : static_cast<std::uint32_t>(size));
-  put16(h, static_cast<std::uint16_t>(name.size()));
-  put16(h, static_cast<std::uint16_t>(extra_len));
-  h.append(name);
-  if (z64) {
-    put16(h, kZip64ExtraId);
-    put16(h, 16);
-    put64(h, size);
-    put64(h, size);
-  }
-  put16(h, kPadExtraId);
-  put16(h, static_cast<std::uint16_t>(pad));
-  h.append(pad, 'Z');
-  return h;
-}
-
-std::string central_directory(const std::vector<RecordInfo>& records, std::uint64_t cd_offset) {
-  std::string cd;
-  for (const auto& r : records) {
-    const bool size64 = needs_zip64(r.size);
-    const bool off64 = r.header_offset >= k32Max;
-    std::string extra;
-    if (size64 || off64) {
-      put16(extra, kZip64ExtraId);
-      put16(extra, static_cast<std::uint16_t>((size64 ? 16 : 0) + (off64 ? 8 : 0)));
-      if (size64) {
-        put64(extra, r.size);
-        put64(extra, r.size);
-      }
-      if (off64) put64(extra, r.header_offset);
-    }
-    put32(cd, kCentralSig);
-    put16(cd, kVersionZip64);  // made by
-    put16(cd, (size64 || off64) ? kVersionZip64 : kVersionStored);
-    put16(cd, 0);
-    put16(cd, 0);
-    put16(cd, 0);
-    put16(cd, 0x21);
-    put32(cd, r.crc32);
-    put32(cd, size64 ? k32Max : static_cast<std::uint32_t>(r.size));
-    put32(cd, size64 ? k32Max : static_cast<std::uint32_t>(r.size));
-    put16(cd, static_cast<std::uint16_t>(r.name.size()));
-    put16(cd, static_cast<std::uint16_t>(extra.size()));
-    put16(cd, 0);  // comment
-    put16(cd, 0);  // disk
-    put16(cd, 0);  // internal attributes
-    put32(cd, 0);  // external attributes
-    put32(cd, off64 ? k32Max : static_cast<std::uint32_t>(r.header_offset));
-    cd.append(r.name);
-    cd.append(extra);
-  }
-  const std::uint64_t cd_size = cd.size();
-  const std::uint64_t n = records.size();
-  const bool z64 = n >= 0xffff || cd_offset >= k32Max || cd_size >= k32Max;
-  if (z64) {
-    const std::uint64_t eocd64_offset = cd_offset + cd_size;
-    put32(cd, kEocd64Sig);
-    put64(cd, 44);
-    put16(cd, kVersionZip64);
-    put16(cd, kVersionZip64);
-    put32(cd, 0);
-    put32(cd, 0);
-    put64(cd, n);
-    put64(cd, n);
-    put64(cd, cd_size);
-    put64(cd, cd_offset);
-    put32(cd, kLocator64Sig);
-    put32(cd, 0);
-    put64(cd, eocd64_offset);
-    put32(cd, 1);
-  }
-  put32(cd, kEocdSig);
-  put16(cd, 0);
-  put16(cd, 0);
-  put16(cd, z64 ? 0xffff : static_cast<std::uint16_t>(n));
-  put16(cd, z64 ? 0xffff : static_cast<std::uint16_t>(n));
-  put32(cd, z64 ? k32Max : static_cast<std::uint32_t>(cd_size));
-  put32(cd, z64 ? k32Max : static_cast<std::uint32_t>(cd_offset));
-  put16(cd, 0);
-  return cd;
 }
 
 Directory read_directory(int fd, std::uint64_t file_size, const std::filesystem::path& path) {

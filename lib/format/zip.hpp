@@ -1,5 +1,6 @@
 // The subset of the zip format PyTorch archives use: stored (uncompressed)
-// records, zip64 for large files, no encryption, one disk.
+// records, zip64 for large files, no encryption, one disk. This header holds
+// the constants and the reading side; ZipImage (zip_image.hpp) writes.
 #pragma once
 
 #include <ckpt/format.hpp>
@@ -20,6 +21,17 @@ inline constexpr std::uint32_t kLocator64Sig = 0x07064b50;
 inline constexpr std::size_t kLocalHeaderSize = 30;
 /// Offset of the CRC-32 field inside a local header.
 inline constexpr std::size_t kLocalCrcOffset = 14;
+inline constexpr std::uint32_t k32Max = 0xffffffffu;
+inline constexpr std::uint16_t kZip64ExtraId = 0x0001;
+/// PyTorch pads with an extra field of id "FB" filled with 'Z'; so do we.
+inline constexpr std::uint16_t kPadExtraId = 0x4246;
+inline constexpr std::uint16_t kVersionStored = 20;
+inline constexpr std::uint16_t kVersionZip64 = 45;
+
+/// Whether a record of `size` bytes needs zip64 size fields.
+constexpr bool needs_zip64(std::uint64_t size) {
+  return size >= k32Max;
+}
 
 constexpr std::uint64_t align_up(std::uint64_t v, std::uint64_t a) {
   return (v + a - 1) / a * a;
@@ -35,19 +47,6 @@ std::uint64_t get64(const unsigned char* p);
 
 /// The zip CRC-32 of `data[0, size)`, continuing from `crc` (0 to start).
 std::uint32_t crc32_of(const void* data, std::size_t size, std::uint32_t crc = 0);
-
-/// The local header of a record whose header starts at `header_offset`, padded
-/// through its extra field so that the data that follows starts on a 4096-byte
-/// boundary. The CRC field holds `crc` (patched later when not yet known).
-std::string local_header(std::string_view name, std::uint64_t header_offset, std::uint64_t size,
-                         std::uint32_t crc);
-
-/// Size of local_header(name, header_offset, size, crc) without building it.
-std::uint64_t local_header_size(std::string_view name, std::uint64_t header_offset, std::uint64_t size);
-
-/// The central directory and end records for `records` (names, offsets, sizes
-/// and CRCs set), placed at `cd_offset`. Zip64 records are added when needed.
-std::string central_directory(const std::vector<RecordInfo>& records, std::uint64_t cd_offset);
 
 /// The parsed directory of an archive.
 struct Directory {
