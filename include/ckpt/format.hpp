@@ -115,6 +115,11 @@ class FileReader {
   /// Opens and parses `file`. Throws NotFound when it does not exist and
   /// CorruptCheckpoint (naming the file and the fault) when it is not sound.
   explicit FileReader(const std::filesystem::path& file, ReadOptions options = {});
+  /// Opens the archive that occupies bytes [offset, offset + length) of `file`
+  /// (an item of a PyTorch DCP data file: each is a whole torch.save archive).
+  /// Record offsets are relative to the archive's start.
+  FileReader(const std::filesystem::path& file, std::uint64_t offset, std::uint64_t length,
+             ReadOptions options = {});
   ~FileReader();
   FileReader(FileReader&&) noexcept;
   FileReader& operator=(FileReader&&) noexcept;
@@ -126,10 +131,15 @@ class FileReader {
   const Node& root() const;
   /// All records, in directory order.
   const std::vector<RecordInfo>& records() const;
+  /// Where the archive starts in the file (0 unless opened on a slice).
+  std::uint64_t archive_offset() const;
 
   /// The tensor `info`, read (or mapped) now, passed through map_tensor. Throws CorruptCheckpoint on a bad
   /// record, Mismatch when the location cannot be mapped to a device here.
   at::Tensor tensor(const TensorInfo& info);
+  /// The record holding `info`'s storage, its offsets absolute in the file
+  /// (its local header read): where a caller may pread the bytes itself.
+  RecordInfo storage_record(const TensorInfo& info);
   /// Reads `info` in place into `target` (same sizes and dtype, else Mismatch
   /// naming `key`), straight into its memory when it is contiguous on the CPU.
   void read_into(const TensorInfo& info, at::Tensor& target, std::string_view key);

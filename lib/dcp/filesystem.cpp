@@ -7,6 +7,7 @@
 
 #include "core/io.hpp"
 #include "dcp/serialize.hpp"
+#include "dcp/torch_metadata.hpp"
 #include "dcp/volume.hpp"
 #include "format/file_writer.hpp"
 #include "format/plan_layout.hpp"
@@ -20,6 +21,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <set>
 
@@ -224,6 +226,7 @@ CheckpointMetadata read_checkpoint_metadata(const fs::path& directory) {
     throw CorruptCheckpoint(fmt::format("{}: {} bytes is too large", file.string(), size));
   std::string text(size, '\0');
   ckpt::detail::pread_full(fd.get(), text.data(), text.size(), 0, file);
+  if (detail::is_torch_metadata(text)) return detail::decode_torch_metadata(text, file.string());
   return detail::decode_checkpoint_metadata(text, file.string());
 }
 
@@ -258,7 +261,22 @@ struct OpenFile {
   ckpt::detail::Fd fd;
   std::uint64_t size = 0;
   std::unique_ptr<FileReader> archive;  // only when a value is read from it
+  /// The torch.save archives of PyTorch's DCP items, by offset, once opened.
+  std::map<std::uint64_t, std::unique_ptr<FileReader>> items;
 };
+
+/// Whether `strides` lay `sizes` out row-major without gaps (dims of size 1
+/// may have any stride; an empty tensor is laid out any way).
+bool row_major(const std::vector<std::int64_t>& sizes, const std::vector<std::int64_t>& strides) {
+  if (sizes.size() != strides.size()) return false;
+  std::int64_t expect = 1;
+  for (std::size_t d = sizes.size(); d-- > 0;) {
+    if (sizes[d] == 0) return true;
+    if (sizes[d] != 1 && strides[d] != expect) return false;
+    expect *= sizes[d];
+  }
+  return true;
+}
 
 /// The saved chunk a read item names, checked against its storage.
 const ChunkStorageMetadata& saved_chunk(const CheckpointMetadata& md, const MetadataIndex& index) {
@@ -302,6 +320,30 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
       OpenFile& file = open(info.relative_path);
       const fs::path file_path = path_ / info.relative_path;
 
+      // PyTorch's items are whole torch.save archives at [offset, offset + length).
+      const auto item_archive = [&]() -> FileReader& {
+        if (info.offset > file.size || info.length > file.size - info.offset)
+          throw CorruptCheckpoint(fmt::format(
+              "{}: item '{}' at bytes [{}, {}) lies past the end of the file ({} bytes): truncated",
+              file_path.string(), detail::item_name(item.storage_index), info.offset,
+              info.offset + info.length, file.size));
+        auto& slot = file.items[info.offset];
+        if (!slot) {
+          slot = std::make_unique<FileReader>(file_path, info.offset, info.length,
+                                              ReadOptions{.verify_crc = true});
+          bytes_read_ += slot->bytes_read();
+        }
+        return *slot;
+      };
+
+      if (item.type == LoadItemType::bytes && info.archive) {
+        FileReader& archive = item_archive();
+        const std::uint64_t before = archive.bytes_read();
+        c10::IValue value = archive.to_ivalue(archive.root());
+        bytes_read_ += archive.bytes_read() - before;
+        planner.load_value(item, std::move(value));
+        continue;
+      }
       if (item.type == LoadItemType::bytes) {
         std::uint64_t before = 0;  // a fresh reader's count includes its headers
         if (file.archive)
@@ -327,18 +369,61 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
         return CorruptCheckpoint(fmt::format("{}: chunk '{}': {}", file_path.string(),
                                              detail::item_name(item.storage_index), why));
       };
-      if (info.length != static_cast<std::uint64_t>(volume(chunk.sizes)) * elem)
-        throw bad(
-            fmt::format("{} bytes stored for a chunk of {} bytes", info.length, volume(chunk.sizes) * elem));
-      if (info.offset > file.size || info.length > file.size - info.offset)
-        throw bad(fmt::format("bytes [{}, {}) lie past the end of the file ({} bytes): truncated",
-                              info.offset, info.offset + info.length, file.size));
       if (item.storage_offsets.size() != dims || item.lengths.size() != dims)
         throw Error(fmt::format("read item for '{}' has the wrong number of dims", item.storage_index.fqn));
       for (std::size_t d = 0; d < dims; ++d)
         if (item.storage_offsets[d] < 0 || item.lengths[d] < 0 ||
             item.storage_offsets[d] + item.lengths[d] > chunk.sizes[d])
           throw Error(fmt::format("read item for '{}' lies outside its saved chunk", item.storage_index.fqn));
+      const std::uint64_t chunk_bytes = static_cast<std::uint64_t>(volume(chunk.sizes)) * elem;
+      // Where the chunk's bytes start in the file, and the CRC-32 they have
+      // when read whole (if one covers exactly them).
+      std::uint64_t data_start = info.offset;
+      std::optional<std::uint32_t> whole_crc;
+      if (info.archive) {
+        FileReader& archive = item_archive();
+        const Node& root = archive.root();
+        if (root.kind != Node::Kind::tensor || !root.tensor)
+          throw bad(fmt::format("the item's archive holds a {}, not a tensor", kind_name(root.kind)));
+        const TensorInfo& t = *root.tensor;
+        if (t.dtype != tmd.properties.dtype || t.sizes != chunk.sizes)
+          throw bad(fmt::format("the item is a {} {} tensor, the metadata says {} {}", c10::toString(t.dtype),
+                                fmt::join(t.sizes, "x"), c10::toString(tmd.properties.dtype),
+                                fmt::join(chunk.sizes, "x")));
+        if (!row_major(t.sizes, t.strides)) {
+          // Saved as a strided view (torch writes a view whole when it spans
+          // its storage): read the tensor, copy out the part asked for.
+          const std::uint64_t before = archive.bytes_read();
+          at::Tensor src = archive.tensor(t);
+          bytes_read_ += archive.bytes_read() - before;
+          for (std::size_t d = 0; d < dims; ++d)
+            src = src.narrow(static_cast<std::int64_t>(d), item.storage_offsets[d], item.lengths[d]);
+          at::Tensor dest = planner.resolve_tensor(item);
+          if (dest.sizes() != src.sizes() || dest.scalar_type() != src.scalar_type())
+            throw Mismatch(fmt::format("resolve_tensor for '{}' gave a {} {} tensor, not {} {}",
+                                       item.dest_index.fqn, c10::toString(dest.scalar_type()),
+                                       fmt::join(dest.sizes(), "x"), c10::toString(src.scalar_type()),
+                                       fmt::join(src.sizes(), "x")));
+          dest.copy_(src);
+          planner.commit_tensor(item, dest);
+          continue;
+        }
+        const std::uint64_t before = archive.bytes_read();
+        const RecordInfo rec = archive.storage_record(t);
+        bytes_read_ += archive.bytes_read() - before;
+        const std::uint64_t skip = static_cast<std::uint64_t>(t.storage_offset) * elem;
+        if (skip > rec.size || chunk_bytes > rec.size - skip)
+          throw bad(fmt::format("the tensor reaches past its storage record of {} bytes", rec.size));
+        data_start = rec.data_offset + skip;
+        if (skip == 0 && chunk_bytes == rec.size) whole_crc = rec.crc32;
+      } else {
+        if (info.length != chunk_bytes)
+          throw bad(fmt::format("{} bytes stored for a chunk of {} bytes", info.length, chunk_bytes));
+        if (info.offset > file.size || info.length > file.size - info.offset)
+          throw bad(fmt::format("bytes [{}, {}) lie past the end of the file ({} bytes): truncated",
+                                info.offset, info.offset + info.length, file.size));
+        whole_crc = info.crc32;
+      }
 
       at::Tensor dest = planner.resolve_tensor(item);
       if (!dest.device().is_cpu() || dest.sizes().vec() != item.lengths ||
@@ -376,7 +461,7 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
           start += (item.storage_offsets[static_cast<std::size_t>(d)] + at[static_cast<std::size_t>(d)]) *
                    stride[static_cast<std::size_t>(d)];
         ckpt::detail::pread_full(file.fd.get(), out, run_bytes,
-                                 info.offset + static_cast<std::uint64_t>(start) * elem, file_path);
+                                 data_start + static_cast<std::uint64_t>(start) * elem, file_path);
         bytes_read_ += run_bytes;
         out += run_bytes;
         for (std::ptrdiff_t d = k - 1; d >= 0; --d) {  // next index, last dim fastest
@@ -384,7 +469,8 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
           at[static_cast<std::size_t>(d)] = 0;
         }
       }
-      if (whole && info.length > 0 && ckpt::detail::crc32_of(target.data_ptr(), info.length) != info.crc32)
+      if (whole && whole_crc && chunk_bytes > 0 &&
+          ckpt::detail::crc32_of(target.data_ptr(), chunk_bytes) != *whole_crc)
         throw bad("CRC-32 mismatch: the data is not what was saved");
       if (!target.is_same(dest)) dest.copy_(target);
       planner.commit_tensor(item, dest);

@@ -1,6 +1,7 @@
 #include "dcp/serialize.hpp"
 
 #include "core/failures.hpp"
+#include "format/dtypes.hpp"
 
 #include <ckpt/dcp/storage.hpp>
 
@@ -18,25 +19,11 @@ namespace json = boost::json;
 
 namespace {
 
-constexpr std::array<std::pair<c10::ScalarType, const char*>, 12> kDtypes{{
-    {c10::ScalarType::Float, "float32"},
-    {c10::ScalarType::Double, "float64"},
-    {c10::ScalarType::Half, "float16"},
-    {c10::ScalarType::BFloat16, "bfloat16"},
-    {c10::ScalarType::Byte, "uint8"},
-    {c10::ScalarType::Char, "int8"},
-    {c10::ScalarType::Short, "int16"},
-    {c10::ScalarType::Int, "int32"},
-    {c10::ScalarType::Long, "int64"},
-    {c10::ScalarType::Bool, "bool"},
-    {c10::ScalarType::ComplexFloat, "complex64"},
-    {c10::ScalarType::ComplexDouble, "complex128"},
-}};
-
 c10::ScalarType dtype_from(std::string_view name) {
-  for (const auto& [t, n] : kDtypes)
-    if (name == n) return t;
-  throw Error(fmt::format("unknown dtype '{}'", name));
+  const c10::ScalarType t = ckpt::detail::dtype_of_torch_name(name);
+  if (t == c10::ScalarType::Undefined || !ckpt::detail::storage_type_name(t))
+    throw Error(fmt::format("unknown dtype '{}'", name));
+  return t;
 }
 
 // --- writing -------------------------------------------------------------------
@@ -242,8 +229,7 @@ bool plain_name(const std::string& name) {
 }  // namespace
 
 const char* dtype_name(c10::ScalarType dtype) {
-  for (const auto& [t, n] : kDtypes)
-    if (t == dtype) return n;
+  if (ckpt::detail::storage_type_name(dtype)) return ckpt::detail::torch_dtype_name(dtype);
   throw Unsupported(fmt::format("dtype {} cannot be saved by the DCP core", c10::toString(dtype)));
 }
 
@@ -354,6 +340,14 @@ CheckpointMetadata decode_checkpoint_metadata(std::string_view text, const std::
   } catch (const std::exception& e) {
     throw bad(fmt::format("malformed ({})", e.what()));
   }
+  check_checkpoint_metadata(out, source);
+  return out;
+}
+
+void check_checkpoint_metadata(const CheckpointMetadata& out, const std::string& source) {
+  const auto bad = [&](const std::string& why) {
+    return CorruptCheckpoint(fmt::format("{}: {}", source, why));
+  };
   // Every number checked before anything is sized or read from it.
   for (const auto& [fqn, sm] : out.metadata.state_dict_metadata) {
     const auto* t = std::get_if<TensorStorageMetadata>(&sm);
@@ -387,7 +381,6 @@ CheckpointMetadata decode_checkpoint_metadata(std::string_view text, const std::
     if (info.length > (std::uint64_t{1} << 62) || info.offset > (std::uint64_t{1} << 62))
       throw bad(fmt::format("item '{}' has an impossible offset or length", item_name(index)));
   }
-  return out;
 }
 
 }  // namespace ckpt::dcp::detail

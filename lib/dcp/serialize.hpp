@@ -34,6 +34,10 @@ std::string encode_checkpoint_metadata(const CheckpointMetadata& metadata);
 /// (unknown format, newer version, bad dtype, negative sizes, chunks out of
 /// bounds, file names that leave the directory, ...).
 CheckpointMetadata decode_checkpoint_metadata(std::string_view text, const std::string& source);
+/// The checks every metadata gets, whichever dialect it was read from: sizes
+/// and chunks within their tensor, chunks tiling each tensor, plain file names
+/// and sane offsets. Throws CorruptCheckpoint naming `source`.
+void check_checkpoint_metadata(const CheckpointMetadata& metadata, const std::string& source);
 
 /// "float32", "bfloat16", ... (throws Unsupported for a dtype DCP does not save).
 const char* dtype_name(c10::ScalarType dtype);

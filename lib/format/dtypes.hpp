@@ -1,6 +1,7 @@
-// The one table between torch dtypes and the storage class names a pickle
-// names them by (torch.FloatStorage, ...): the pickle writer and the unpickler
-// both use it.
+// The one table between torch dtypes, the storage class names a pickle names
+// them by (torch.FloatStorage, ...) and their names as attributes of module
+// torch (torch.float32, ...): the pickle writer, the unpickler and DCP's
+// metadata use it.
 #pragma once
 
 #include <c10/core/ScalarType.h>
@@ -16,5 +17,11 @@ const char* storage_type_name(c10::ScalarType dtype);
 /// The dtype of a storage class name read from a pickle; Undefined when the
 /// name is not one torch.save writes.
 c10::ScalarType dtype_of_storage(std::string_view name);
+
+/// "float32", "bfloat16", ... for `dtype`; nullptr for a dtype not in the table.
+const char* torch_dtype_name(c10::ScalarType dtype);
+
+/// The dtype named `torch.<name>`; Undefined when the name is not in the table.
+c10::ScalarType dtype_of_torch_name(std::string_view name);
 
 }  // namespace ckpt::detail

@@ -51,6 +51,7 @@ namespace {
 struct Mapping {
   void* base = MAP_FAILED;
   std::size_t size = 0;
+  char* archive = nullptr;  // where the archive starts in the mapping
   ~Mapping() {
     if (base != MAP_FAILED) ::munmap(base, size);
   }
@@ -66,7 +67,9 @@ struct FileReader::Impl {
   std::filesystem::path path;
   ReadOptions options;
   detail::Fd fd;
-  std::uint64_t file_size = 0;
+  std::uint64_t file_size = 0;         // of the archive: the file's, or the slice's
+  std::uint64_t base = 0;              // where the archive starts in the file
+  std::optional<std::uint64_t> slice;  // the archive's length, when it is part of the file
   detail::Directory dir;
   std::unordered_map<std::string, std::size_t> by_name;
   std::string prefix;
@@ -90,7 +93,14 @@ struct FileReader::Impl {
     if (::fstat(fd.get(), &st) != 0) detail::throw_errno("stat", path, errno);
     if (S_ISDIR(st.st_mode)) corrupt("is a directory, not a checkpoint file");
     file_size = static_cast<std::uint64_t>(st.st_size);
-    if (file_size == 0) corrupt("the file is empty");
+    if (slice) {
+      if (base > file_size || *slice > file_size - base)
+        corrupt(
+            fmt::format("the archive at bytes [{}, {}) lies past the end of the file ({} bytes): truncated",
+                        base, base + *slice, file_size));
+      file_size = *slice;
+    }
+    if (file_size == 0) corrupt(slice ? "the archive is empty" : "the file is empty");
 
     unsigned char magic[4] = {};
     const std::size_t n = file_size < 4 ? file_size : 4;
@@ -102,7 +112,7 @@ struct FileReader::Impl {
             "re-save it with a current torch.save");
       corrupt("not a PyTorch checkpoint (no zip archive header)");
     }
-    dir = detail::read_directory(fd.get(), file_size, path);
+    dir = detail::read_directory(fd.get(), file_size, path, base);
     for (std::size_t i = 0; i < dir.records.size(); ++i) by_name.emplace(dir.records[i].name, i);
     if (dir.records.empty()) corrupt("the archive has no records");
 
@@ -139,12 +149,12 @@ struct FileReader::Impl {
   }
 
   void read(void* buf, std::size_t n, std::uint64_t offset) {
-    detail::pread_full(fd.get(), buf, n, offset, path);
+    detail::pread_full(fd.get(), buf, n, base + offset, path);
     bytes_read += n;
   }
 
   void ensure_data_offset(RecordInfo& rec) {
-    if (rec.data_offset == 0) detail::read_local_header(fd.get(), rec, dir, path);
+    if (rec.data_offset == 0) detail::read_local_header(fd.get(), rec, dir, path, base);
   }
 
   /// Reads bytes [from, from + n) of `rec` into `buf`; checks the CRC when the
@@ -189,7 +199,7 @@ struct FileReader::Impl {
     if (options.mmap && device.is_cpu()) {
       map_file();
       ensure_data_offset(rec);
-      auto* base = static_cast<char*>(mapping->base) + rec.data_offset;
+      auto* base = mapping->archive + rec.data_offset;
       if (options.verify_crc && detail::crc32_of(base, rec.size) != rec.crc32)
         corrupt(fmt::format("record {} fails its CRC-32 check (the file is damaged)", rec.name));
       c10::DataPtr ptr(base, new std::shared_ptr<Mapping>(mapping), &release_mapping, c10::Device(c10::kCPU));
@@ -215,9 +225,14 @@ struct FileReader::Impl {
   void map_file() {
     if (mapping) return;
     auto m = std::make_shared<Mapping>();
-    m->size = static_cast<std::size_t>(file_size);
-    m->base = ::mmap(nullptr, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.get(), 0);
+    // mmap maps from a page boundary: from the one at or before the archive.
+    const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+    const std::uint64_t from = base / page * page;
+    m->size = static_cast<std::size_t>(file_size + (base - from));
+    m->base =
+        ::mmap(nullptr, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd.get(), static_cast<off_t>(from));
     if (m->base == MAP_FAILED) detail::throw_errno("mmap", path, errno);
+    m->archive = static_cast<char*>(m->base) + (base - from);
     mapping = std::move(m);
   }
 
@@ -342,6 +357,20 @@ FileReader::FileReader(const std::filesystem::path& file, ReadOptions options)
   impl_->options = std::move(options);
   impl_->open();
 }
+
+FileReader::FileReader(const std::filesystem::path& file, std::uint64_t offset, std::uint64_t length,
+                       ReadOptions options)
+    : impl_(std::make_unique<Impl>()) {
+  impl_->path = file;
+  impl_->options = std::move(options);
+  impl_->base = offset;
+  impl_->slice = length;
+  impl_->open();
+}
+
+std::uint64_t FileReader::archive_offset() const {
+  return impl_->base;
+}
 FileReader::~FileReader() = default;
 FileReader::FileReader(FileReader&&) noexcept = default;
 FileReader& FileReader::operator=(FileReader&&) noexcept = default;
@@ -358,6 +387,16 @@ const Node& FileReader::root() const {
 const std::vector<RecordInfo>& FileReader::records() const {
   return impl_->dir.records;
 }
+RecordInfo FileReader::storage_record(const TensorInfo& info) {
+  RecordInfo* rec = impl_->find(impl_->record_name(info.storage_key));
+  if (!rec) impl_->corrupt(fmt::format("no record holds storage {}", info.storage_key));
+  impl_->ensure_data_offset(*rec);
+  RecordInfo out = *rec;
+  out.header_offset += impl_->base;
+  out.data_offset += impl_->base;
+  return out;
+}
+
 at::Tensor FileReader::tensor(const TensorInfo& info) {
   return impl_->tensor(info);
 }

@@ -2,6 +2,8 @@
 
 #include "format/dtypes.hpp"
 #include "format/layout.hpp"
+#include "format/pickle_stream.hpp"
+#include "format/tree_check.hpp"
 #include "format/zip.hpp"
 
 #include <fmt/format.h>
@@ -10,7 +12,6 @@
 #include <c10/core/ScalarType.h>
 
 #include <algorithm>
-#include <bit>
 #include <cctype>
 #include <cstring>
 #include <memory>
@@ -58,12 +59,12 @@ bool plain_key(std::string_view key) {
 class Unpickler {
  public:
   Unpickler(std::string_view data, const std::filesystem::path& path, const StorageCheck& check)
-      : data_(data), path_(path), check_(check) {}
+      : in_(data, fmt::format("{}: bad pickle in data.pkl", path.string())), check_(check) {}
 
   Pickle run() {
     for (;;) {
-      const std::size_t at = pos_;
-      const auto opcode = static_cast<unsigned char>(byte());
+      const std::size_t at = in_.pos();
+      const auto opcode = in_.byte();
       if (opcode == '.') break;
       dispatch(opcode, at);
     }
@@ -76,41 +77,7 @@ class Unpickler {
   }
 
  private:
-  [[noreturn]] void fail(std::string_view what) const {
-    throw CorruptCheckpoint(fmt::format("{}: bad pickle in data.pkl: {}", path_.string(), what));
-  }
-
-  // --- reading the byte stream -------------------------------------------
-  void need(std::size_t n) const {
-    if (data_.size() - pos_ < n)
-      fail(fmt::format("needs {} bytes at offset {} but only {} remain (truncated, or no STOP opcode)", n,
-                       pos_, data_.size() - pos_));
-  }
-  char byte() {
-    need(1);
-    return data_[pos_++];
-  }
-  const unsigned char* take(std::size_t n) {
-    need(n);
-    auto p = reinterpret_cast<const unsigned char*>(data_.data() + pos_);
-    pos_ += n;
-    return p;
-  }
-  std::string_view line() {
-    auto end = data_.find('\n', pos_);
-    if (end == std::string_view::npos) fail("GLOBAL without a newline");
-    auto s = data_.substr(pos_, end - pos_);
-    pos_ = end + 1;
-    return s;
-  }
-  std::string_view text(std::uint64_t n) {
-    if (n > data_.size() - pos_)
-      fail(fmt::format("a string claims {} bytes at offset {} but only {} remain", n, pos_,
-                       data_.size() - pos_));
-    auto s = data_.substr(pos_, n);
-    pos_ += n;
-    return s;
-  }
+  [[noreturn]] void fail(std::string_view what) const { in_.fail(what); }
 
   // --- the stack -----------------------------------------------------------
   Node* make(Node::Kind k) {
@@ -192,11 +159,11 @@ class Unpickler {
   void dispatch(unsigned char op, std::size_t at) {
     switch (op) {
       case 0x80: {  // PROTO
-        auto v = static_cast<unsigned char>(byte());
+        auto v = in_.byte();
         if (v > 5) fail(fmt::format("pickle protocol {} is unknown", v));
         break;
       }
-      case 0x95: take(8); break;  // FRAME: a hint only
+      case 0x95: in_.take(8); break;  // FRAME: a hint only
       case '(': marks_.push_back(stack_.size()); break;
       case '}': push_node(make(Node::Kind::dict)); break;
       case ']': push_node(make(Node::Kind::list)); break;
@@ -250,31 +217,23 @@ class Unpickler {
         break;
       }
       case 'J': {
-        auto p = take(4);
+        auto p = in_.take(4);
         push_int(static_cast<std::int32_t>(get32(p)));
         break;
       }
-      case 'K': push_int(*take(1)); break;
-      case 'M': push_int(get16(take(2))); break;
-      case 0x8a: long_int(*take(1)); break;
-      case 0x8b: {
-        const std::uint32_t n = get32(take(4));
-        if (n > 8) fail(fmt::format("an integer of {} bytes does not fit 64 bits", n));
-        long_int(n);
-        break;
-      }
+      case 'K': push_int(*in_.take(1)); break;
+      case 'M': push_int(get16(in_.take(2))); break;
+      case 0x8a: push_int(in_.long_int(*in_.take(1))); break;
+      case 0x8b: push_int(in_.long_int(get32(in_.take(4)))); break;
       case 'G': {
-        auto p = take(8);
-        std::uint64_t u = 0;
-        for (int i = 0; i < 8; ++i) u = (u << 8) | p[i];
         Node* n = make(Node::Kind::real);
-        n->d = std::bit_cast<double>(u);
+        n->d = in_.binfloat();
         push_node(n);
         break;
       }
-      case 'X': push_str(text(get32(take(4)))); break;
-      case 0x8c: push_str(text(*take(1))); break;
-      case 0x8d: push_str(text(get64(take(8)))); break;
+      case 'X': push_str(in_.text(get32(in_.take(4)))); break;
+      case 0x8c: push_str(in_.text(*in_.take(1))); break;
+      case 0x8d: push_str(in_.text(get64(in_.take(8)))); break;
       case 'N': push_node(make(Node::Kind::none)); break;
       case 0x88:
       case 0x89: {
@@ -284,8 +243,8 @@ class Unpickler {
         break;
       }
       case 'c': {
-        auto module = std::string(line());
-        auto name = std::string(line());
+        auto module = std::string(in_.line());
+        auto name = std::string(in_.line());
         global(module, name);
         break;
       }
@@ -299,11 +258,11 @@ class Unpickler {
         global(m->s, n->s);
         break;
       }
-      case 'q': memo_put(*take(1)); break;
-      case 'r': memo_put(get32(take(4))); break;
+      case 'q': memo_put(*in_.take(1)); break;
+      case 'r': memo_put(get32(in_.take(4))); break;
       case 0x94: memo_put(memo_.size()); break;
-      case 'h': memo_get(*take(1)); break;
-      case 'j': memo_get(get32(take(4))); break;
+      case 'h': memo_get(*in_.take(1)); break;
+      case 'j': memo_get(get32(in_.take(4))); break;
       case 'Q': persistent_id(pop()); break;
       case 'R': {
         Slot args = pop();
@@ -333,14 +292,6 @@ class Unpickler {
     Node* n = make(Node::Kind::integer);
     n->i = v;
     push_node(n);
-  }
-  void long_int(std::uint32_t n) {
-    if (n > 8) fail(fmt::format("an integer of {} bytes does not fit 64 bits", n));
-    auto p = take(n);
-    std::uint64_t u = 0;
-    for (std::uint32_t i = 0; i < n; ++i) u |= static_cast<std::uint64_t>(p[i]) << (8 * i);
-    if (n > 0 && n < 8 && (p[n - 1] & 0x80)) u |= ~std::uint64_t{0} << (8 * n);  // sign-extend
-    push_int(static_cast<std::int64_t>(u));
   }
   void push_str(std::string_view s) {
     Node* n = make(Node::Kind::string);
@@ -517,59 +468,21 @@ class Unpickler {
                        t.storage_numel));
   }
 
-  /// No cycles, bounded depth, and a bounded size once shared references are
-  /// expanded (a few bytes of memo references can describe 2^64 values), so that
-  /// every later walk of the tree may recurse safely.
   void check_structure(const Node* root) const {
-    // Iterative post-order DFS; `expanded` holds each finished node's size as
-    // a tree (saturating), `on_path` the nodes of the current path.
-    constexpr std::uint64_t kLimit = std::uint64_t{1} << 62;
-    std::unordered_map<const Node*, std::uint64_t> expanded;
-    std::unordered_map<const Node*, bool> on_path;
-    struct Frame {
-      const Node* n;
-      std::size_t next;
-      std::uint64_t size;
-    };
-    auto child_at = [](const Node* n, std::size_t k) {
-      const std::size_t n_items = n->items.size();
-      if (k < n_items) return n->items[k];
-      const auto& e = n->entries[(k - n_items) / 2];
-      return (k - n_items) % 2 == 0 ? e.first : e.second;
-    };
-    std::vector<Frame> path{{root, 0, 1}};
-    on_path[root] = true;
-    while (!path.empty()) {
-      Frame& f = path.back();
-      const std::size_t n_children = f.n->items.size() + 2 * f.n->entries.size();
-      if (f.next == n_children) {
-        const Frame done = f;
-        on_path[done.n] = false;
-        expanded[done.n] = done.size;
-        path.pop_back();
-        if (!path.empty()) path.back().size = std::min(kLimit, path.back().size + done.size);
-        continue;
-      }
-      const Node* child = child_at(f.n, f.next++);
-      if (on_path[child]) fail("the object contains itself (a reference cycle)");
-      if (auto it = expanded.find(child); it != expanded.end()) {
-        f.size = std::min(kLimit, f.size + it->second);
-        continue;
-      }
-      if (path.size() >= static_cast<std::size_t>(kMaxNesting))
-        fail(fmt::format("containers nest deeper than {} levels", kMaxNesting));
-      on_path[child] = true;
-      path.push_back({child, 0, 1});
-    }
-    const std::uint64_t limit = std::max<std::uint64_t>(std::uint64_t{1} << 24, 64 * out_.nodes.size());
-    if (expanded[root] > limit)
-      fail(fmt::format("{} values, shared by memo references, expand to over {} values", out_.nodes.size(),
-                       limit));
+    check_tree(
+        root, out_.nodes.size(),
+        [](const Node* n) {
+          std::vector<const Node*> c(n->items.begin(), n->items.end());
+          for (const auto& [k, v] : n->entries) {
+            c.push_back(k);
+            c.push_back(v);
+          }
+          return c;
+        },
+        [this](std::string_view what) { fail(what); });
   }
 
-  std::string_view data_;
-  std::size_t pos_ = 0;
-  const std::filesystem::path& path_;
+  PickleStream in_;
   const StorageCheck& check_;
   std::vector<Slot> stack_;
   std::vector<std::size_t> marks_;

@@ -3,15 +3,14 @@
 
 #include <ckpt/format.hpp>
 
+#include "format/tree_check.hpp"
+
 #include <deque>
 #include <filesystem>
 #include <functional>
 #include <string_view>
 
 namespace ckpt::detail {
-
-/// Deepest nesting of containers a checkpoint may have.
-inline constexpr int kMaxNesting = 1000;
 
 struct Pickle {
   std::deque<Node> nodes;  ///< owns every node; addresses are stable

@@ -44,12 +44,21 @@ std::uint64_t get64(const unsigned char* p) {
   return static_cast<std::uint64_t>(get32(p)) | (static_cast<std::uint64_t>(get32(p + 4)) << 32);
 }
 
-Directory read_directory(int fd, std::uint64_t file_size, const std::filesystem::path& path) {
+Directory read_directory(int fd, std::uint64_t file_size, const std::filesystem::path& path,
+                         std::uint64_t base) {
   constexpr std::uint64_t kEocdSize = 22;
   if (file_size < kEocdSize) corrupt(path, fmt::format("file of {} bytes is too short", file_size));
-  const std::uint64_t tail_len = std::min<std::uint64_t>(file_size, kEocdSize + 0xffff);
+  // The end record sits at the very end unless the archive has a comment
+  // (writers of checkpoints add none): try those 22 bytes first, and search
+  // the last 64 KiB only when they are not it.
+  std::uint64_t tail_len = kEocdSize;
   std::vector<unsigned char> tail(tail_len);
-  pread_full(fd, tail.data(), tail_len, file_size - tail_len, path);
+  pread_full(fd, tail.data(), tail_len, base + file_size - tail_len, path);
+  if (get32(tail.data()) != kEocdSig || get16(tail.data() + 20) != 0) {
+    tail_len = std::min<std::uint64_t>(file_size, kEocdSize + 0xffff);
+    tail.resize(tail_len);
+    pread_full(fd, tail.data(), tail_len, base + file_size - tail_len, path);
+  }
 
   // The end record is the last signature whose comment length fits exactly.
   std::int64_t pos = -1;
@@ -72,13 +81,13 @@ Directory read_directory(int fd, std::uint64_t file_size, const std::filesystem:
   // Zip64: a locator right before the end record points at the zip64 end record.
   if (eocd_offset >= 20) {
     unsigned char loc[20];
-    pread_full(fd, loc, sizeof loc, eocd_offset - 20, path);
+    pread_full(fd, loc, sizeof loc, base + eocd_offset - 20, path);
     if (get32(loc) == kLocator64Sig) {
       const std::uint64_t off64 = get64(loc + 8);
       if (off64 > eocd_offset - 20 || eocd_offset - 20 - off64 < 56)
         corrupt(path, "zip64 locator points outside the file");
       unsigned char e64[56];
-      pread_full(fd, e64, sizeof e64, off64, path);
+      pread_full(fd, e64, sizeof e64, base + off64, path);
       if (get32(e64) != kEocd64Sig) corrupt(path, "zip64 end record has a bad signature");
       entries = get64(e64 + 32);
       cd_size = get64(e64 + 40);
@@ -93,7 +102,7 @@ Directory read_directory(int fd, std::uint64_t file_size, const std::filesystem:
     corrupt(path, fmt::format("directory claims {} entries in {} bytes", entries, cd_size));
 
   std::vector<unsigned char> cd(cd_size);
-  if (cd_size > 0) pread_full(fd, cd.data(), cd_size, cd_offset, path);
+  if (cd_size > 0) pread_full(fd, cd.data(), cd_size, base + cd_offset, path);
 
   Directory dir;
   dir.cd_offset = cd_offset;
@@ -155,16 +164,17 @@ Directory read_directory(int fd, std::uint64_t file_size, const std::filesystem:
   return dir;
 }
 
-void read_local_header(int fd, RecordInfo& rec, const Directory& dir, const std::filesystem::path& path) {
+void read_local_header(int fd, RecordInfo& rec, const Directory& dir, const std::filesystem::path& path,
+                       std::uint64_t base) {
   unsigned char h[kLocalHeaderSize];
-  pread_full(fd, h, sizeof h, rec.header_offset, path);
+  pread_full(fd, h, sizeof h, base + rec.header_offset, path);
   if (get32(h) != kLocalSig) corrupt(path, fmt::format("record {}: bad local header signature", rec.name));
   const std::uint64_t name_len = get16(h + 26);
   const std::uint64_t extra_len = get16(h + 28);
   if (name_len != rec.name.size())
     corrupt(path, fmt::format("record {}: local header names another record", rec.name));
   std::string name(name_len, '\0');
-  pread_full(fd, name.data(), name_len, rec.header_offset + kLocalHeaderSize, path);
+  pread_full(fd, name.data(), name_len, base + rec.header_offset + kLocalHeaderSize, path);
   if (name != rec.name) corrupt(path, fmt::format("record {}: local header names {}", rec.name, name));
   const std::uint64_t data = rec.header_offset + kLocalHeaderSize + name_len + extra_len;
   if (data > dir.cd_offset || rec.size > dir.cd_offset - data)

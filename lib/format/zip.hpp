@@ -54,12 +54,16 @@ struct Directory {
   std::uint64_t cd_offset = 0;  ///< record data must end before this
 };
 
-/// Reads and checks the zip directory of the file open on `fd` (of `file_size`
-/// bytes). Throws CorruptCheckpoint naming `path` and what is wrong.
-Directory read_directory(int fd, std::uint64_t file_size, const std::filesystem::path& path);
+/// Reads and checks the zip directory of the archive that occupies bytes
+/// [base, base + size) of the file open on `fd` (the whole file, or one item
+/// of a DCP data file). Offsets in the result are relative to `base`. Throws
+/// CorruptCheckpoint naming `path` and what is wrong.
+Directory read_directory(int fd, std::uint64_t size, const std::filesystem::path& path,
+                         std::uint64_t base = 0);
 
 /// Reads the local header of `rec` and sets its data_offset, after checking it
 /// against the directory. Throws CorruptCheckpoint.
-void read_local_header(int fd, RecordInfo& rec, const Directory& dir, const std::filesystem::path& path);
+void read_local_header(int fd, RecordInfo& rec, const Directory& dir, const std::filesystem::path& path,
+                       std::uint64_t base = 0);
 
 }  // namespace ckpt::detail

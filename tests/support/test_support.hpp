@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -228,6 +229,14 @@ inline bool identical(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0) return true;
   if (a.is_complex()) return at::equal(at::view_as_real(a.contiguous()), at::view_as_real(b.contiguous()));
   return at::equal(a, b);
+}
+
+/// Bit for bit the same: dtype, sizes and the bytes of every element (NaNs
+/// compare by their bits; -0.0 differs from 0.0).
+inline bool same_bits(const at::Tensor& a, const at::Tensor& b) {
+  if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
+  const at::Tensor ca = a.contiguous(), cb = b.contiguous();
+  return std::memcmp(ca.data_ptr(), cb.data_ptr(), ca.nbytes()) == 0;
 }
 
 /// Makes orphans re-parent to this process rather than to init, so that a

@@ -66,9 +66,28 @@ struct MetadataIndex {
   }
 };
 
+/// Where a flattened key sits in the nested state dict it came from: the dict
+/// keys and list indices from the root (upstream's planner_data values).
+using ObjectPath = std::vector<std::variant<std::string, std::int64_t>>;
+
+/// Upstream's StorageMeta (torch >= 2.4): which checkpoint and save this is.
+struct StorageMeta {
+  std::string checkpoint_id;
+  std::string save_id;
+  std::string load_id;
+  friend bool operator==(const StorageMeta&, const StorageMeta&) = default;
+};
+
 /// A checkpoint's global metadata: every key and what it holds.
 struct Metadata {
   std::map<std::string, StorageMetadata> state_dict_metadata;
+  /// For each flattened key, its path in the nested state dict (empty when
+  /// the save flattened nothing, as torch 1.13 and ckpt's JSON dialect).
+  std::map<std::string, ObjectPath> planner_data;
+  /// Set when the checkpoint records one (torch >= 2.4 writers).
+  std::optional<StorageMeta> storage_meta;
+  /// Upstream's format version ("1.0.0" from torch 2.9 on; empty before).
+  std::string version;
 };
 
 // --- sharded tensors ---------------------------------------------------------------

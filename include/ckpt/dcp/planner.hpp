@@ -32,6 +32,9 @@ struct StorageInfo {
   std::uint64_t offset = 0;
   std::uint64_t length = 0;
   std::uint32_t crc32 = 0;
+  /// The bytes are a whole torch.save archive holding the item (PyTorch's DCP
+  /// files); false: a tensor chunk's raw bytes, with `crc32` (ckpt's JSON dialect).
+  bool archive = false;
   friend bool operator==(const StorageInfo&, const StorageInfo&) = default;
 };
 
