@@ -13,6 +13,8 @@
 
 #include <ATen/ATen.h>
 
+#include <boost/json.hpp>
+
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -178,6 +180,36 @@ BOOST_AUTO_TEST_CASE(a_damaged_chunk_fails_its_crc) {
     BOOST_TEST_CONTEXT(e.what()) {
       BOOST_CHECK(mentions(e, "CRC-32"));
       BOOST_CHECK(mentions(e, "pattern_f64"));
+    }
+  }
+  // `ckpt verify` finds it too, names the key and exits 1.
+  const auto r =
+      ckpt::test::run(std::string(CKPT_CLI) + " verify " + ckpt::test::sh_quote(copy.path().string()));
+  BOOST_CHECK_EQUAL(r.status, 1);
+  BOOST_CHECK_MESSAGE(r.output.find("BAD pattern_f64") != std::string::npos, r.output);
+}
+
+BOOST_AUTO_TEST_CASE(the_cli_inspects_and_verifies_a_python_dcp_directory) {
+  const std::string cli = CKPT_CLI;
+  const auto listed = ckpt::test::run(
+      cli + " inspect " + ckpt::test::sh_quote((python_dcp() / "one_file").string()) + " --json 2>/dev/null");
+  BOOST_REQUIRE_EQUAL(listed.status, 0);
+  const auto doc = boost::json::parse(listed.output).as_object();
+  BOOST_CHECK_EQUAL(doc.at("dialect").as_string(), "pytorch");
+  const auto values = ckpt::StateDict::from_ivalue(ckpt::read_file(python_dcp() / "values.pt"));
+  BOOST_CHECK_EQUAL(doc.at("keys").as_array().size(), values.size());
+  for (const auto& k : doc.at("keys").as_array()) {
+    const auto& o = k.as_object();
+    if (o.at("key").as_string() != "big") continue;
+    BOOST_CHECK_EQUAL(o.at("dtype").as_string(), "Float");
+    BOOST_CHECK_EQUAL(boost::json::serialize(o.at("shape")), "[256,1024]");
+    BOOST_CHECK_EQUAL(o.at("chunks").as_array().at(0).at("file").as_string(), "__0_0.distcp");
+  }
+  for (const char* name : {"one_file", "per_item"}) {
+    BOOST_TEST_CONTEXT(name) {
+      const auto r = ckpt::test::run(cli + " verify " + ckpt::test::sh_quote((python_dcp() / name).string()));
+      BOOST_CHECK_MESSAGE(r.status == 0, r.output);
+      BOOST_CHECK(r.output.find("ok ") != std::string::npos);
     }
   }
 }
