@@ -19,6 +19,7 @@
 #include <ATen/ATen.h>
 
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -538,6 +539,13 @@ BOOST_AUTO_TEST_CASE(directory_instead_of_file) {
   const auto p = dir / "adir.pt";
   fs::create_directory(p);
   BOOST_CHECK_EXCEPTION(ckpt::read_file(p), ckpt::CorruptCheckpoint, says(p, {"is a directory"}));
+}
+
+BOOST_AUTO_TEST_CASE(fifo_instead_of_file_is_refused_without_waiting_for_a_writer) {
+  TempDir dir;
+  const auto p = dir / "fifo.pt";
+  BOOST_REQUIRE(::mkfifo(p.c_str(), 0600) == 0);
+  BOOST_CHECK_EXCEPTION(ckpt::read_file(p), ckpt::CorruptCheckpoint, says(p, {"not a regular file"}));
 }
 
 BOOST_AUTO_TEST_CASE(empty_file) {

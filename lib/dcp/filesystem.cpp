@@ -68,6 +68,9 @@ at::Tensor exact_cpu(at::Tensor t) {
 /// errno set when it cannot be opened.
 ckpt::detail::Fd open_regular(const fs::path& file, bool follow, std::uint64_t& size) {
   ckpt::detail::Fd fd(::open(file.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | (follow ? 0 : O_NOFOLLOW)));
+  if (!fd && errno == ELOOP && !follow)
+    throw CorruptCheckpoint(fmt::format(
+        "{} is a symbolic link; a checkpoint's data files are regular files in it", file.string()));
   if (!fd) return fd;
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) ckpt::detail::throw_errno("stat", file, errno);

@@ -353,8 +353,13 @@ void check_checkpoint_metadata(const CheckpointMetadata& out, const std::string&
     const auto* t = std::get_if<TensorStorageMetadata>(&sm);
     if (!t) continue;
     const auto dims = t->size.size();
-    for (auto s : t->size)
+    std::int64_t bytes = static_cast<std::int64_t>(c10::elementSize(t->properties.dtype));
+    for (auto s : t->size) {
       if (s < 0) throw bad(fmt::format("key '{}' has a negative size", fqn));
+      if (__builtin_mul_overflow(bytes, s, &bytes) || bytes > (std::int64_t{1} << 62))
+        throw bad(fmt::format("key '{}' of size [{}] is larger than any tensor can be", fqn,
+                              fmt::join(t->size, ", ")));
+    }
     for (const auto& c : t->chunks) {
       if (c.offsets.size() != dims || c.sizes.size() != dims)
         throw bad(fmt::format("a chunk of '{}' has {} dims, the tensor {}", fqn, c.sizes.size(), dims));

@@ -84,7 +84,8 @@ struct FileReader::Impl {
   }
 
   void open() {
-    fd = detail::Fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+    // O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused below).
+    fd = detail::Fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK));
     if (!fd) {
       if (errno == ENOENT) throw NotFound(fmt::format("checkpoint file {} does not exist", path.string()));
       detail::throw_errno("open", path, errno);
@@ -92,6 +93,7 @@ struct FileReader::Impl {
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0) detail::throw_errno("stat", path, errno);
     if (S_ISDIR(st.st_mode)) corrupt("is a directory, not a checkpoint file");
+    if (!S_ISREG(st.st_mode)) corrupt("is not a regular file");
     file_size = static_cast<std::uint64_t>(st.st_size);
     if (slice) {
       if (base > file_size || *slice > file_size - base)
