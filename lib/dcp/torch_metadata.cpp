@@ -174,6 +174,8 @@ class Decoder {
     if (dtype->kind != Kind::global || !dtype->s.starts_with("torch."))
       fail(fmt::format("{}'s dtype is a {}, not a torch dtype", what, describe(dtype)));
     p.dtype = ckpt::detail::dtype_of_torch_name(std::string_view(dtype->s).substr(6));
+    if (p.dtype == c10::ScalarType::Undefined)
+      fail(fmt::format("{}'s dtype is {}, not a torch dtype", what, dtype->s));
     if (layout && !none(layout)) {
       if (!layout->is(Kind::call, "torch.serialization._get_layout") || layout->items.size() != 1)
         fail(fmt::format("{}'s layout is a {}, not a torch layout", what, describe(layout)));

@@ -93,6 +93,10 @@ def main():
     write(meta, "absolute_path", tensor_metadata([4], [0], [4], path="/etc/passwd"))
     write(meta, "storage_data_not_a_dict",
           md.Metadata(state_dict_metadata={}, planner_data=None, storage_data=[1, 2]))
+    write(meta, "dtype_that_is_not_a_dtype",
+          md.Metadata(state_dict_metadata={"w": md.TensorStorageMetadata(
+              properties=TensorProperties(dtype=torch.Size), size=torch.Size([4]), chunks=[])},
+              planner_data=None, storage_data={}))
     write(meta, "size_not_a_torch_size",
           md.Metadata(state_dict_metadata={"w": md.TensorStorageMetadata(
               properties=TensorProperties(dtype=torch.float32), size=[4], chunks=[])},
