@@ -235,6 +235,7 @@ inline bool identical(const at::Tensor& a, const at::Tensor& b) {
 /// compare by their bits; -0.0 differs from 0.0).
 inline bool same_bits(const at::Tensor& a, const at::Tensor& b) {
   if (a.scalar_type() != b.scalar_type() || a.sizes() != b.sizes()) return false;
+  if (a.numel() == 0) return true;  // an empty tensor may have no data pointer
   const at::Tensor ca = a.contiguous(), cb = b.contiguous();
   return std::memcmp(ca.data_ptr(), cb.data_ptr(), ca.nbytes()) == 0;
 }
