@@ -499,14 +499,15 @@ void check_values_file(const fs::path& file, const ckpt::ReadOptions& options) {
   check_sharing(loaded);
 }
 
-/// data_offset of every record, after reading every local header.
+/// Every tensor record starts on a 4096 boundary (checked after reading
+/// every local header).
 void check_aligned(const fs::path& file) {
   ckpt::FileReader reader(file);
   reader.verify();  // reads every local header and checks every CRC
   BOOST_TEST(reader.records().size() >= 3u);
   for (const auto& r : reader.records()) {
     BOOST_TEST_INFO("record " << r.name);
-    BOOST_TEST(r.data_offset % 4096 == 0u);
+    if (r.name.find("/data/") != std::string::npos) BOOST_TEST(r.data_offset % 4096 == 0u);
     BOOST_TEST(r.data_offset > r.header_offset);
   }
 }

@@ -4,9 +4,9 @@
 //   1. lay the file out (pickle, records, offsets) without copying tensor bytes;
 //   2. create `.<name>.tmp-<pid>-<n>` in the destination directory (O_EXCL);
 //   3. stream every record (a ZipImage, zip_image.hpp, makes the bytes around
-//      the data): the local header (CRC not yet known), then the data
-//      in slices, computing each slice's CRC-32 just before it is copied out, so
-//      the bytes are read from tensor memory once, while hot in cache;
+//      the data): the local header, then the data in slices; a small record's
+//      CRC-32 is computed first (its header carries it), a large one's on a
+//      second thread while its slices are copied out;
 //   4. append the central directory (which carries the CRCs);
 //   5. patch each record's CRC into its local header;
 //   6. fsync the file, rename it over the destination, fsync the directory.
@@ -266,35 +266,73 @@ class Sink {
   std::thread io_;
 };
 
-/// Streams `layout` to `fd` (steps 3–5 of the commit order); returns the size.
-std::uint64_t stream(int fd, Layout& layout, const std::filesystem::path& path, bool direct) {
+/// Streams `layout` through `sink` as an archive starting at file offset
+/// `base` (steps 3–5 of the commit order; the CRC fields are patched by
+/// finish_patches once the sink is flushed); returns the archive's size.
+/// Small records get their CRC before their header is written, so only large
+/// ones are patched; a large record's CRC is computed on a second thread
+/// while its bytes are written.
+struct Patch {
+  std::uint64_t offset;
+  std::array<unsigned char, 4> bytes;
+};
+std::uint64_t stream(Sink& sink, Layout& layout, std::uint64_t base, std::vector<Patch>& patches) {
   ZipImage zip = zip_image(layout);
-  Sink sink(fd, path, direct);
+  std::vector<std::size_t> patched;
   for (std::size_t i = 0; i < layout.records.size(); ++i) {
     const auto& r = layout.records[i];
-    sink.will_patch(zip.crc_field_offset(i));
+    const auto* p = static_cast<const char*>(r.data);
+    const bool small = r.size <= kCrcSlice;
+    if (small)
+      zip.set_crc(i, crc32_of(p, static_cast<std::size_t>(r.size)));
+    else
+      sink.will_patch(base + zip.crc_field_offset(i));
     const std::string header = zip.local_header(i);
     sink.put(header.data(), header.size());
+    if (small) {
+      sink.put(p, static_cast<std::size_t>(r.size));
+      continue;
+    }
+    // The CRC on a second thread while the bytes go out (two passes over
+    // memory, but on two cores: the copy-out no longer waits for the CRC).
     std::uint32_t crc = 0;
-    const auto* p = static_cast<const char*>(r.data);
+    std::exception_ptr crc_error;
+    std::thread crc_thread([&, data = p, size = r.size] {
+      try {
+        crc = crc32_of(data, static_cast<std::size_t>(size));
+      } catch (...) {
+        crc_error = std::current_exception();
+      }
+    });
+    struct Join {
+      std::thread& t;
+      ~Join() {
+        if (t.joinable()) t.join();
+      }
+    } join{crc_thread};
     for (std::uint64_t left = r.size; left > 0;) {
       const std::size_t n = left < kCrcSlice ? static_cast<std::size_t>(left) : kCrcSlice;
-      crc = crc32_of(p, n, crc);
       sink.put(p, n);
       p += n;
       left -= n;
     }
+    crc_thread.join();
+    if (crc_error) std::rethrow_exception(crc_error);
     zip.set_crc(i, crc);
+    patched.push_back(i);
   }
   const std::string cd = zip.central_directory();
   sink.put(cd.data(), cd.size());
-  sink.flush();
-  for (std::size_t i = 0; i < layout.records.size(); ++i) {
-    sink.patch(zip.crc_field_offset(i), zip.crc_field(i));
-    layout.records[i].crc32 = zip.records()[i].crc32;
-  }
-  sink.write_patches();
+  for (std::size_t i : patched) patches.push_back({base + zip.crc_field_offset(i), zip.crc_field(i)});
+  for (std::size_t i = 0; i < layout.records.size(); ++i) layout.records[i].crc32 = zip.records()[i].crc32;
   return zip.cd_offset() + cd.size();
+}
+
+/// Flushes `sink` and writes the CRC fields `patches` into what it wrote.
+void finish_patches(Sink& sink, const std::vector<Patch>& patches) {
+  sink.flush();
+  for (const auto& p : patches) sink.patch(p.offset, p.bytes);
+  sink.write_patches();
 }
 
 std::atomic<unsigned> temp_counter{0};
@@ -346,8 +384,40 @@ void write_durably(
 namespace detail {
 void write_layout(const std::filesystem::path& file, Layout& layout, const WriteOptions& options) {
   write_durably(file, options, [&](int fd, bool direct, const std::filesystem::path& temp) {
-    return stream(fd, layout, temp, direct);
+    Sink sink(fd, temp, direct);
+    std::vector<Patch> patches;
+    const std::uint64_t size = stream(sink, layout, 0, patches);
+    finish_patches(sink, patches);
+    return size;
   });
+}
+
+std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std::vector<Layout>& layouts,
+                                          const std::vector<const std::string*>& raw,
+                                          const WriteOptions& options) {
+  std::vector<ArchiveExtent> extents;
+  write_durably(file, options, [&](int fd, bool direct, const std::filesystem::path& temp) {
+    Sink sink(fd, temp, direct);
+    std::vector<Patch> patches;
+    static const std::array<char, kAlign> zeros{};
+    std::uint64_t at = 0;
+    for (std::size_t i = 0; i < layouts.size(); ++i) {
+      const std::uint64_t base = align_up(at, kAlign);
+      sink.put(zeros.data(), static_cast<std::size_t>(base - at));
+      std::uint64_t size = 0;
+      if (i < raw.size() && raw[i]) {
+        sink.put(raw[i]->data(), raw[i]->size());
+        size = raw[i]->size();
+      } else {
+        size = stream(sink, layouts[i], base, patches);
+      }
+      extents.push_back({base, size});
+      at = base + size;
+    }
+    finish_patches(sink, patches);
+    return at;
+  });
+  return extents;
 }
 }  // namespace detail
 

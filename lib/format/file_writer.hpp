@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <vector>
 
 namespace ckpt::detail {
 
@@ -25,5 +26,22 @@ void write_durably(
 /// write_file() of a layout made by plan_layout(): on return the file is
 /// durable and every record's crc32 is set (record offsets are the layout's).
 void write_layout(const std::filesystem::path& file, Layout& layout, const WriteOptions& options);
+
+/// Where one archive lies in a file of several.
+struct ArchiveExtent {
+  std::uint64_t offset = 0;
+  std::uint64_t length = 0;
+};
+
+/// Writes `layouts` (each made by plan_layout()) one after another into one
+/// file, durably as write_layout does: each a whole archive on its own (its
+/// offsets counted from its first byte, as torch.load of the slice reads it),
+/// starting on a kAlign boundary so its records stay aligned in the file;
+/// zeros between. Every record's crc32 is set. Where `raw[i]` is not null,
+/// archive i is those bytes, written as they are (layouts[i] is unused).
+/// Returns each archive's extent.
+std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std::vector<Layout>& layouts,
+                                          const std::vector<const std::string*>& raw,
+                                          const WriteOptions& options);
 
 }  // namespace ckpt::detail

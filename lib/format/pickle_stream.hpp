@@ -19,8 +19,10 @@ class PickleStream {
   /// `context` starts every error ("<file>: bad pickle in data.pkl").
   PickleStream(std::string_view data, std::string context) : data_(data), context_(std::move(context)) {}
 
+  /// Throws E (a CorruptCheckpoint by default) saying `what` after the context.
+  template <class E = CorruptCheckpoint>
   [[noreturn]] void fail(std::string_view what) const {
-    throw CorruptCheckpoint(fmt::format("{}: {}", context_, what));
+    throw E(fmt::format("{}: {}", context_, what));
   }
   std::size_t pos() const { return pos_; }
 

@@ -10,13 +10,13 @@
 #include "core/key_path.hpp"
 #include "format/dtypes.hpp"
 #include "format/layout.hpp"
+#include "format/pickle_emit.hpp"
 #include "format/zip.hpp"
 
 #include <fmt/format.h>
 
 #include <ATen/ATen.h>
 
-#include <bit>
 #include <cstring>
 #include <unordered_map>
 
@@ -27,17 +27,16 @@ namespace {
 constexpr int kMaxDepth = 1000;
 constexpr std::size_t kBatch = 1000;  // pickle batches APPENDS/SETITEMS as Python does
 
-class Pickler {
+class Pickler : PickleEmitter {
  public:
   Pickler(Layout& layout, bool defer_device_copies) : layout_(layout), defer_(defer_device_copies) {}
 
   std::string run(const c10::IValue& v) {
-    out_.push_back('\x80');
-    out_.push_back(2);
+    proto(2);
     std::string path;
     value(v, path, 0);
-    out_.push_back('.');
-    return std::move(out_);
+    stop();
+    return take();
   }
 
  private:
@@ -45,69 +44,6 @@ class Pickler {
     std::string key;
     c10::ScalarType dtype;
   };
-
-  void op(char c) { out_.push_back(c); }
-  void global(std::string_view module, std::string_view name) {
-    op('c');
-    out_.append(module);
-    op('\n');
-    out_.append(name);
-    op('\n');
-  }
-  void str(std::string_view s) {
-    op('X');
-    put32(out_, static_cast<std::uint32_t>(s.size()));
-    out_.append(s);
-  }
-  void integer(std::int64_t v) {
-    if (v >= 0 && v < 256) {
-      op('K');
-      out_.push_back(static_cast<char>(v));
-    } else if (v >= 0 && v < 65536) {
-      op('M');
-      put16(out_, static_cast<std::uint16_t>(v));
-    } else if (v >= INT32_MIN && v <= INT32_MAX) {
-      op('J');
-      put32(out_, static_cast<std::uint32_t>(static_cast<std::int32_t>(v)));
-    } else {
-      // LONG1: minimal little-endian two's complement.
-      std::string bytes;
-      std::uint64_t u = static_cast<std::uint64_t>(v);
-      for (int i = 0; i < 8; ++i) bytes.push_back(static_cast<char>((u >> (8 * i)) & 0xff));
-      while (bytes.size() > 1) {
-        auto last = static_cast<unsigned char>(bytes.back());
-        auto prev = static_cast<unsigned char>(bytes[bytes.size() - 2]);
-        if ((last == 0x00 && !(prev & 0x80)) || (last == 0xff && (prev & 0x80)))
-          bytes.pop_back();
-        else
-          break;
-      }
-      op('\x8a');
-      out_.push_back(static_cast<char>(bytes.size()));
-      out_.append(bytes);
-    }
-  }
-  void real(double d) {
-    op('G');
-    auto u = std::bit_cast<std::uint64_t>(d);
-    for (int i = 7; i >= 0; --i) out_.push_back(static_cast<char>((u >> (8 * i)) & 0xff));
-  }
-  void int_tuple(c10::IntArrayRef xs) {
-    if (xs.empty()) {
-      op(')');
-      return;
-    }
-    if (xs.size() > 3) op('(');
-    for (auto x : xs) integer(x);
-    if (xs.size() == 1)
-      op('\x85');
-    else if (xs.size() == 2)
-      op('\x86');
-    else if (xs.size() == 3)
-      op('\x87');
-    else
-      op('t');
-  }
 
   [[noreturn]] void unsupported(const std::string& path, std::string_view what) {
     throw Unsupported(fmt::format("cannot save '{}': {}", path.empty() ? "<root>" : path, what));
@@ -173,21 +109,14 @@ class Pickler {
         op(')');
         return;
       }
-      if (elems.size() > 3) op('(');
+      if (tuple_needs_mark(elems.size())) mark();
       for (std::size_t i = 0; i < elems.size(); ++i) {
         const auto saved = path.size();
         path += fmt::format("[{}]", i);
         value(elems[i], path, depth + 1);
         path.resize(saved);
       }
-      if (elems.size() == 1)
-        op('\x85');
-      else if (elems.size() == 2)
-        op('\x86');
-      else if (elems.size() == 3)
-        op('\x87');
-      else
-        op('t');
+      tuple(elems.size());
     } else {
       unsupported(path, fmt::format("values of type {} are not part of a state dict", v.tagKind()));
     }
@@ -267,7 +196,6 @@ class Pickler {
 
   Layout& layout_;
   bool defer_;
-  std::string out_;
   std::unordered_map<const c10::StorageImpl*, StorageRec> storages_;
 };
 

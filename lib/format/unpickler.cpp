@@ -337,8 +337,8 @@ class Unpickler {
       s.global = Global::storage_type;
       s.dtype = dtype_of_storage(name);
     } else {
-      fail(fmt::format("refusing global '{}.{}': not a state-dict type (loading never runs code)", module,
-                       name));
+      in_.fail<RefusedGlobal>(fmt::format(
+          "refusing global '{}.{}': not a state-dict type (loading never runs code)", module, name));
     }
     stack_.push_back(std::move(s));
   }

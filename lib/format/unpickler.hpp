@@ -21,9 +21,17 @@ struct Pickle {
 /// elements of `dtype`. Throws CorruptCheckpoint otherwise.
 using StorageCheck = std::function<void(const std::string& key, c10::ScalarType dtype, std::int64_t numel)>;
 
+/// What a pickle that names a global off the allowlist throws: a
+/// CorruptCheckpoint to every caller; the DCP reader keeps such a value as an
+/// opaque one instead.
+class RefusedGlobal : public CorruptCheckpoint {
+ public:
+  using CorruptCheckpoint::CorruptCheckpoint;
+};
+
 /// Parses `data` (the bytes of data.pkl of `path`). Only the opcodes and the
 /// globals torch.save emits for state dicts are accepted; any other global is
-/// a CorruptCheckpoint naming it. Nothing is executed. The result is checked:
+/// a RefusedGlobal naming it. Nothing is executed. The result is checked:
 /// no cycles, nesting at most kMaxNesting, every tensor inside its storage.
 Pickle unpickle(std::string_view data, const std::filesystem::path& path, const StorageCheck& check);
 

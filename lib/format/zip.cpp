@@ -2,7 +2,7 @@
 
 #include "core/io.hpp"
 
-#include <zlib.h>
+#include <libdeflate.h>
 
 #include <fmt/format.h>
 
@@ -12,7 +12,7 @@
 namespace ckpt::detail {
 
 std::uint32_t crc32_of(const void* data, std::size_t size, std::uint32_t crc) {
-  return static_cast<std::uint32_t>(crc32_z(crc, static_cast<const Bytef*>(data), size));
+  return libdeflate_crc32(crc, data, size);  // zlib's polynomial, about three times as fast
 }
 namespace {
 

@@ -15,11 +15,19 @@
 namespace ckpt::detail {
 namespace {
 
+/// Whether record `name` holds a tensor storage ("<prefix>/data/<key>"):
+/// those are the records whose data starts on a 4096 boundary.
+bool storage_record(std::string_view name) {
+  return name.find("/data/") != std::string_view::npos;
+}
+
 /// Bytes from a local header's start to its record's data, for a header at
 /// `header_offset`: the fixed part, the name, the zip64 extra when needed and
-/// a padding extra (at least its own 4 bytes) up to the next 4096 boundary.
+/// a padding extra (at least its own 4 bytes), for a tensor storage up to the
+/// next 4096 boundary.
 std::uint64_t header_span(std::string_view name, std::uint64_t header_offset, std::uint64_t size) {
   const std::uint64_t fixed = kLocalHeaderSize + name.size() + (needs_zip64(size) ? 20 : 0) + 4;
+  if (!storage_record(name)) return fixed;
   return align_up(header_offset + fixed, kAlign) - header_offset;
 }
 
@@ -172,8 +180,8 @@ std::uint64_t ZipImage::file_size() const {
 }
 
 std::uint64_t ZipImage::write(int fd, bool direct, const std::filesystem::path& path, std::byte* image) {
-  // CRCs on a second thread while the bodies (the 4096-aligned runs of record
-  // data that share no block with a header) go to disk from the image.
+  // CRCs on a second thread while the bodies (the whole 4096-byte blocks of
+  // record data that share no block with a header) go to disk from the image.
   std::vector<std::uint32_t> crcs(records_.size());
   std::exception_ptr crc_error;
   std::thread crc_thread([&] {
@@ -194,13 +202,12 @@ std::uint64_t ZipImage::write(int fd, bool direct, const std::filesystem::path& 
   std::uint64_t seam_start = 0;  // the block run holding the next header
   std::vector<std::pair<std::uint64_t, std::uint64_t>> seams;
   for (const auto& r : records_) {
+    const std::uint64_t body_start = align_up(r.data_offset, kAlign);
     const std::uint64_t body_end = (r.data_offset + r.size) / kAlign * kAlign;
-    seams.emplace_back(seam_start, r.data_offset);
-    if (body_end > r.data_offset) {
-      write_maybe_direct(fd, image + r.data_offset, body_end - r.data_offset, r.data_offset, path);
+    if (body_end > body_start) {
+      seams.emplace_back(seam_start, body_start);
+      write_maybe_direct(fd, image + body_start, body_end - body_start, body_start, path);
       seam_start = body_end;
-    } else {
-      seam_start = r.data_offset;
     }
   }
   crc_thread.join();
