@@ -12,8 +12,10 @@
 #include <boost/test/unit_test.hpp>
 
 #include <ckpt/error.hpp>
+#include <ckpt/format.hpp>
 
 #include "dcp/serialize.hpp"
+#include "support/dcp_cases.hpp"
 #include "support/test_support.hpp"
 
 #include <fmt/format.h>
@@ -34,6 +36,8 @@ using dcp::TensorStorageMetadata;
 using Sizes = std::vector<std::int64_t>;
 
 using ckpt::test::mentions;
+using ckpt::test::dcp_cases::load_alone;
+using ckpt::test::dcp_cases::save_alone;
 namespace {
 
 /// A ShardedTensor of `world` row shards of a global value; this rank's shards.
@@ -77,6 +81,33 @@ std::string read_text(const std::filesystem::path& p) {
 
 void write_text(const std::filesystem::path& p, const std::string& text) {
   std::ofstream(p, std::ios::binary | std::ios::trunc) << text;
+}
+
+/// A checkpoint directory of ckpt's earlier JSON dialect, made as its writer
+/// made one: every item in one torch zip by name ("w@0,0", "step"), and
+/// `.metadata` JSON naming each tensor record's bytes and CRC-32.
+void write_json_dialect(const std::filesystem::path& dir, const DcpStateDict& sd) {
+  std::filesystem::create_directories(dir);
+  c10::impl::GenericDict items(c10::StringType::get(), c10::AnyType::get());
+  dcp::CheckpointMetadata md{dcp::create_default_local_metadata(sd), {}};
+  for (const auto& [key, value] : sd) {
+    if (const auto* t = std::get_if<at::Tensor>(&value))
+      items.insert(dcp::detail::item_name({key, Sizes(t->dim(), 0), std::nullopt}), t->contiguous().clone());
+    else
+      items.insert(key, std::get<c10::IValue>(value));
+  }
+  ckpt::write_file(dir / "__0_0.distcp", items);
+  ckpt::FileReader file(dir / "__0_0.distcp");
+  for (const auto& [key, value] : sd) {
+    if (const auto* t = std::get_if<at::Tensor>(&value)) {
+      const dcp::MetadataIndex index{key, Sizes(t->dim(), 0), std::nullopt};
+      const auto rec = file.storage_record(*file.root().find(dcp::detail::item_name(index))->tensor);
+      md.storage_data[index] = {"__0_0.distcp", rec.data_offset, rec.size, rec.crc32, false};
+    } else {
+      md.storage_data[{key, std::nullopt, std::nullopt}] = {"__0_0.distcp", 0, 0, 0, false};
+    }
+  }
+  write_text(dir / ".metadata", dcp::detail::encode_checkpoint_metadata(md));
 }
 
 /// The CheckpointException of `f`, or a test failure.
@@ -237,9 +268,20 @@ BOOST_AUTO_TEST_CASE(round_trip_without_a_process_group) {
   BOOST_TEST(md.state_dict_metadata.size() == 5u);
   BOOST_TEST(std::filesystem::exists(dir / ".metadata"));
   BOOST_TEST(std::filesystem::exists(dir / "__0_0.distcp"));
+  // PyTorch's format: a pickled .metadata, and every item a torch.save
+  // archive of its own whose tensor record starts on a 4 KiB boundary.
   const auto text = read_text(dir / ".metadata");
-  BOOST_TEST(text.find("\"format\":\"ckpt-dcp\"") != std::string::npos);
-  BOOST_TEST(text.find("\"version\":1") != std::string::npos);
+  BOOST_TEST(static_cast<unsigned char>(text.at(0)) == 0x80u);
+  const auto written = dcp::read_checkpoint_metadata(dir.path());
+  BOOST_TEST(written.storage_data.size() == 5u);
+  for (const auto& [index, info] : written.storage_data) {
+    BOOST_TEST_CONTEXT(index.fqn) {
+      BOOST_TEST(info.archive);
+      BOOST_TEST(info.offset % 4096 == 0u);
+      ckpt::FileReader archive(dir / info.relative_path, info.offset, info.length);
+      if (index.offset) BOOST_TEST(archive.storage_record(*archive.root().tensor).data_offset % 4096 == 0u);
+    }
+  }
 
   DcpStateDict loaded = sample(0.0);
   loaded.push_back({"sharded", sharded_of(at::zeros({9, 5}), 1, 0)});
@@ -261,20 +303,27 @@ BOOST_AUTO_TEST_CASE(round_trip_without_a_process_group) {
   for (std::size_t i = 0; i < 4; ++i) BOOST_TEST(nested.get(i).toInt() == static_cast<std::int64_t>(i + 1));
 }
 
-BOOST_AUTO_TEST_CASE(a_data_file_is_a_torch_save_file) {
+BOOST_AUTO_TEST_CASE(every_item_is_a_torch_save_archive) {
   TempDir dir;
   DcpStateDict saved = sample(2.0);
   dcp::FileSystemWriter writer(dir.path());
   dcp::save_state_dict(saved, writer, nullptr, nullptr, 0, true);
+  const auto md = dcp::read_checkpoint_metadata(dir.path());
+  const auto& w = md.storage_data.at(dcp::MetadataIndex{"w", Sizes{0, 0}, std::nullopt});
+  const auto& step = md.storage_data.at(dcp::MetadataIndex{"step", std::nullopt, std::nullopt});
+  // Python's torch.load reads each item from its slice of the data file.
   const auto r = ckpt::test::run(
       ckpt::test::python() + " -c " +
       ckpt::test::sh_quote(
-          "import sys, torch\n"
-          "d = torch.load(sys.argv[1])\n"
-          "assert torch.equal(d['w@0,0'], torch.arange(12, dtype=torch.float32).reshape(3, 4) + 2), d\n"
-          "assert d['step'] == 2, d\n"
-          "print('ok', sorted(d))\n") +
-      " " + ckpt::test::sh_quote((dir / "__0_0.distcp").string()));
+          "import io, sys, torch\n"
+          "data = open(sys.argv[1], 'rb').read()\n"
+          "def item(o, n): return torch.load(io.BytesIO(data[int(o):int(o) + int(n)]))\n"
+          "w = item(sys.argv[2], sys.argv[3])\n"
+          "assert torch.equal(w, torch.arange(12, dtype=torch.float32).reshape(3, 4) + 2), w\n"
+          "assert item(sys.argv[4], sys.argv[5]) == 2\n"
+          "print('ok')\n") +
+      fmt::format(" {} {} {} {} {}", ckpt::test::sh_quote((dir / w.relative_path).string()), w.offset,
+                  w.length, step.offset, step.length));
   BOOST_TEST(r.status == 0, ckpt::test::describe(r));
   BOOST_TEST(r.output.find("ok") != std::string::npos, r.output);
 }
@@ -336,8 +385,11 @@ BOOST_AUTO_TEST_CASE(a_partial_load_reads_only_what_it_asks_for) {
   dcp::load_state_dict(loaded, reader, &partial, nullptr, 0, true);
   BOOST_TEST(ckpt::test::identical(std::get<at::Tensor>(loaded[0].second), at::arange(10, at::kLong)));
   BOOST_TEST(std::get<at::Tensor>(loaded[1].second).item<float>() == 0.0f);
-  BOOST_TEST(reader.bytes_read() ==
-             std::filesystem::file_size(dir / ".metadata") + 10 * sizeof(std::int64_t));
+  // The metadata, the item's zip directory and pickle, and its 80 bytes:
+  // nothing of "big".
+  const auto floor = std::filesystem::file_size(dir / ".metadata") + 10 * sizeof(std::int64_t);
+  BOOST_TEST(reader.bytes_read() >= floor);
+  BOOST_TEST(reader.bytes_read() <= floor + 4096);
 }
 
 BOOST_AUTO_TEST_CASE(wrong_shapes_and_dtypes_are_refused) {
@@ -362,38 +414,103 @@ BOOST_AUTO_TEST_CASE(wrong_shapes_and_dtypes_are_refused) {
   BOOST_TEST(e.failures().at(0).message.find("saved as a value") != std::string::npos);
 }
 
+/// The one failure of loading sample(0.0) from `dir` alone.
+ckpt::RankFailure first_load_failure(const std::filesystem::path& dir) {
+  DcpStateDict sd = sample(0.0);
+  dcp::FileSystemReader reader(dir);
+  const auto e = checkpoint_exception([&] { dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true); });
+  BOOST_REQUIRE_EQUAL(e.failures().size(), 1u);
+  return e.failures().at(0);
+}
+
 BOOST_AUTO_TEST_CASE(corrupt_checkpoints_are_reported_and_never_followed) {
   TempDir dir;
   dcp::FileSystemWriter writer(dir.path());
   dcp::save_state_dict(sample(1.0), writer, nullptr, nullptr, 0, true);
   const auto md_text = read_text(dir / ".metadata");
-  const auto data = dir / "__0_0.distcp";
-  const auto load_error = [&] {
-    DcpStateDict sd = sample(0.0);
-    dcp::FileSystemReader reader(dir.path());
-    const auto e = checkpoint_exception([&] { dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true); });
-    BOOST_REQUIRE_EQUAL(e.failures().size(), 1u);
-    return e.failures().at(0);
-  };
+  const auto load_error = [&] { return first_load_failure(dir.path()); };
 
-  // A flipped byte in a tensor's data: the chunk's CRC-32 says so.
+  // A flipped byte in a tensor's data: its record's CRC-32 says so.
   const auto md = dcp::read_checkpoint_metadata(dir.path());
   const auto& w = md.storage_data.at(dcp::MetadataIndex{"w", Sizes{0, 0}, std::nullopt});
-  ckpt::test::flip_byte(data, w.offset + 5);
+  const auto data = dir / w.relative_path;
+  const auto w_data = [&] {
+    ckpt::FileReader archive(data, w.offset, w.length);
+    return archive.storage_record(*archive.root().tensor).data_offset;
+  }();
+  ckpt::test::flip_byte(data, w_data + 5);
   auto f = load_error();
   BOOST_TEST(f.type == "CorruptCheckpoint");
   BOOST_TEST(f.message.find("CRC-32") != std::string::npos, f.message);
-  ckpt::test::flip_byte(data, w.offset + 5);
+  ckpt::test::flip_byte(data, w_data + 5);
 
   // A truncated data file.
   const auto size = std::filesystem::file_size(data);
   const auto whole = read_text(data);
-  std::filesystem::resize_file(data, w.offset + 8);
+  std::filesystem::resize_file(data, w.offset + w.length / 2);
   f = load_error();
   BOOST_TEST(f.type == "CorruptCheckpoint");
   BOOST_TEST(f.message.find("truncated") != std::string::npos, f.message);
   write_text(data, whole);
   BOOST_TEST(std::filesystem::file_size(data) == size);
+
+  // Metadata cut short.
+  write_text(dir / ".metadata", md_text.substr(0, md_text.size() / 2));
+  f = load_error();
+  BOOST_TEST(f.type == "CorruptCheckpoint");
+  // A file name that leaves the directory (same length, so the pickle holds).
+  const auto name = w.relative_path;
+  std::string escaped = md_text;
+  for (auto at = escaped.find(name); at != std::string::npos; at = escaped.find(name, at + 1))
+    escaped.replace(at, 3, "../");
+  write_text(dir / ".metadata", escaped);
+  f = load_error();
+  BOOST_TEST(f.type == "CorruptCheckpoint");
+  BOOST_TEST(f.message.find("not a plain name") != std::string::npos, f.message);
+  // A FIFO where the metadata should be: refused, never waited on.
+  std::filesystem::remove(dir / ".metadata");
+  BOOST_REQUIRE(::mkfifo((dir / ".metadata").c_str(), 0600) == 0);
+  f = load_error();
+  BOOST_TEST(f.type == "CorruptCheckpoint");
+  BOOST_TEST(f.message.find("not a regular file") != std::string::npos, f.message);
+
+  // No checkpoint at all.
+  std::filesystem::remove(dir / ".metadata");
+  f = load_error();
+  BOOST_TEST(f.type == "NotFound");
+  // Nothing was harmed: restore the metadata and everything loads again.
+  write_text(dir / ".metadata", md_text);
+  DcpStateDict sd = sample(0.0);
+  dcp::FileSystemReader reader(dir.path());
+  dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true);
+  BOOST_TEST(std::get<c10::IValue>(sd[1].second).toInt() == 1);
+}
+
+BOOST_AUTO_TEST_CASE(ckpt_json_dialect_directories_still_load) {
+  // What ckpt's earlier FileSystemWriter wrote: one torch zip per rank
+  // holding every item by name, and JSON metadata pointing at each tensor
+  // record's bytes with their CRC-32.
+  TempDir dir;
+  write_json_dialect(dir.path(), sample(1.0));
+  const auto md_text = read_text(dir / ".metadata");
+  const auto load_error = [&] { return first_load_failure(dir.path()); };
+  {
+    DcpStateDict sd = sample(0.0);
+    dcp::FileSystemReader reader(dir.path());
+    dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true);
+    for (std::size_t i : {0u, 2u})
+      BOOST_TEST(ckpt::test::identical(std::get<at::Tensor>(sd[i].second),
+                                       std::get<at::Tensor>(sample(1.0)[i].second)));
+    BOOST_TEST(std::get<c10::IValue>(sd[1].second).toInt() == 1);
+  }
+  // A flipped byte: the chunk's CRC-32 in the JSON says so.
+  const auto md = dcp::read_checkpoint_metadata(dir.path());
+  const auto& w = md.storage_data.at(dcp::MetadataIndex{"w", Sizes{0, 0}, std::nullopt});
+  BOOST_TEST(!w.archive);
+  ckpt::test::flip_byte(dir / "__0_0.distcp", w.offset + 5);
+  auto f = load_error();
+  BOOST_TEST(f.message.find("CRC-32") != std::string::npos, f.message);
+  ckpt::test::flip_byte(dir / "__0_0.distcp", w.offset + 5);
 
   // Metadata that points outside the directory, is newer, or is not JSON.
   const auto replaced = [&](const std::string& from, const std::string& to) {
@@ -423,26 +540,9 @@ BOOST_AUTO_TEST_CASE(corrupt_checkpoints_are_reported_and_never_followed) {
   f = load_error();
   BOOST_TEST(f.type == "CorruptCheckpoint");
   BOOST_TEST(f.message.find("Failed to validate") != std::string::npos, f.message);
-  // A FIFO where the metadata should be: refused, never waited on.
-  std::filesystem::remove(dir / ".metadata");
-  BOOST_REQUIRE(::mkfifo((dir / ".metadata").c_str(), 0600) == 0);
-  f = load_error();
-  BOOST_TEST(f.type == "CorruptCheckpoint");
-  BOOST_TEST(f.message.find("not a regular file") != std::string::npos, f.message);
-
-  // No checkpoint at all.
-  std::filesystem::remove(dir / ".metadata");
-  f = load_error();
-  BOOST_TEST(f.type == "NotFound");
-  // Nothing was harmed: restore the metadata and everything loads again.
-  write_text(dir / ".metadata", md_text);
-  DcpStateDict sd = sample(0.0);
-  dcp::FileSystemReader reader(dir.path());
-  dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true);
-  BOOST_TEST(std::get<c10::IValue>(sd[1].second).toInt() == 1);
 }
 
-BOOST_AUTO_TEST_CASE(views_conjugates_and_clashing_names) {
+BOOST_AUTO_TEST_CASE(views_conjugates_and_look_alike_names) {
   TempDir dir;
   const at::Tensor base = at::randn({6, 4});
   const at::Tensor z = at::randn({5}, at::kComplexFloat);
@@ -461,16 +561,19 @@ BOOST_AUTO_TEST_CASE(views_conjugates_and_clashing_names) {
   BOOST_TEST(ckpt::test::identical(std::get<at::Tensor>(loaded[2].second), z.conj().resolve_conj()));
   // Only the bytes of the views were written, not their whole storage.
   const auto md = dcp::read_checkpoint_metadata(dir.path());
-  BOOST_TEST(md.storage_data.at(dcp::MetadataIndex{"column", Sizes{0}, std::nullopt}).length == 6u * 4u);
-  // A value named like a tensor's item ("w@0") is refused, not silently lost.
+  const auto& column = md.storage_data.at(dcp::MetadataIndex{"column", Sizes{0}, std::nullopt});
+  ckpt::FileReader archive(dir / column.relative_path, column.offset, column.length);
+  BOOST_TEST(archive.storage_record(*archive.root().tensor).size == 6u * 4u);
+  // A value named like another key's item ("w@0") is an item of its own.
   TempDir clash;
   dcp::FileSystemWriter clash_writer(clash.path());
-  const auto e = checkpoint_exception([&] {
-    dcp::save_state_dict({{"w", at::zeros({2})}, {"w@0", c10::IValue(1)}}, clash_writer, nullptr, nullptr, 0,
-                         true);
-  });
-  BOOST_TEST(e.failures().at(0).message.find("both named 'w@0'") != std::string::npos,
-             e.failures().at(0).message);
+  dcp::save_state_dict({{"w", at::ones({2})}, {"w@0", c10::IValue(1)}}, clash_writer, nullptr, nullptr, 0,
+                       true);
+  DcpStateDict back{{"w", at::zeros({2})}, {"w@0", c10::IValue()}};
+  dcp::FileSystemReader clash_reader(clash.path());
+  dcp::load_state_dict(back, clash_reader, nullptr, nullptr, 0, true);
+  BOOST_TEST(ckpt::test::identical(std::get<at::Tensor>(back[0].second), at::ones({2})));
+  BOOST_TEST(std::get<c10::IValue>(back[1].second).toInt() == 1);
 }
 
 BOOST_AUTO_TEST_CASE(without_a_group_several_ranks_is_an_error) {
@@ -483,6 +586,144 @@ BOOST_AUTO_TEST_CASE(without_a_group_several_ranks_is_an_error) {
   // With WORLD_SIZE unset, no group means this process alone.
   dcp::save_state_dict(sample(1.0), writer);
   BOOST_TEST(std::filesystem::exists(dir / ".metadata"));
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- the modern API over nested state dicts -------------------------------------
+
+namespace {
+
+/// A nested state dict as a trainer holds one: a model's parameters, an
+/// optimizer state keyed by parameter number, lists of values and of tensors.
+ckpt::StateDict nested_sample(double base) {
+  ckpt::StateDict layer;
+  layer.insert("weight", at::arange(6, at::kFloat).reshape({2, 3}) + base);
+  ckpt::StateDict model;
+  model.insert("layer", layer);
+  c10::impl::GenericDict state(c10::IntType::get(), c10::AnyType::get());
+  c10::impl::GenericDict slot(c10::StringType::get(), c10::AnyType::get());
+  slot.insert("exp_avg", at::full({3}, base, at::kDouble));
+  slot.insert("step", c10::IValue(static_cast<std::int64_t>(base)));
+  state.insert(c10::IValue(std::int64_t{0}), slot);
+  c10::impl::GenericDict group(c10::StringType::get(), c10::AnyType::get());
+  group.insert("lr", c10::IValue(0.5 * base));
+  group.insert("params", c10::IValue(std::vector<std::string>{"layer.weight"}));
+  c10::impl::GenericList groups(c10::AnyType::get());
+  groups.push_back(group);
+  ckpt::StateDict optim;
+  optim.insert("state", c10::IValue(state));
+  optim.insert("param_groups", c10::IValue(groups));
+  c10::impl::GenericList tensors(c10::AnyType::get());
+  tensors.push_back(at::arange(4, at::kLong) * static_cast<std::int64_t>(base));
+  tensors.push_back(c10::IValue(std::string("between")));
+  ckpt::StateDict sd;
+  sd.insert("model", model);
+  sd.insert("optim", optim);
+  sd.insert("flags", c10::IValue(std::vector<double>{1.0, base}));
+  sd.insert("tensors", c10::IValue(tensors));
+  sd.insert("pair", c10::ivalue::Tuple::create({c10::IValue(1), c10::IValue(base)}));
+  return sd;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_SUITE(nested)
+
+BOOST_AUTO_TEST_CASE(flattening_follows_upstreams_rules) {
+  const auto [flat, paths] = dcp::flatten_state_dict(nested_sample(2.0));
+  std::vector<std::string> keys;
+  for (const auto& [k, v] : flat) keys.push_back(k);
+  // Every dict is entered (an int key as text), a list only when it holds a
+  // tensor, a tuple never.
+  const std::vector<std::string> want{"model.layer.weight",
+                                      "optim.state.0.exp_avg",
+                                      "optim.state.0.step",
+                                      "optim.param_groups.0.lr",
+                                      "optim.param_groups.0.params",
+                                      "flags",
+                                      "tensors.0",
+                                      "tensors.1",
+                                      "pair"};
+  BOOST_TEST(keys == want, boost::test_tools::per_element());
+  BOOST_TEST(std::holds_alternative<at::Tensor>(flat[0].second));
+  BOOST_TEST(std::holds_alternative<c10::IValue>(flat[5].second));
+  const dcp::ObjectPath state_path{std::string("optim"), std::string("state"), std::string("0"),
+                                   std::string("exp_avg")};
+  BOOST_TEST((paths.at("optim.state.0.exp_avg") == state_path));
+  const dcp::ObjectPath list_path{std::string("tensors"), std::int64_t{1}};
+  BOOST_TEST((paths.at("tensors.1") == list_path));
+
+  // Two leaves that flatten to one key are refused.
+  ckpt::StateDict clash;
+  clash.insert("a.b", 1);
+  ckpt::StateDict a;
+  a.insert("b", 2);
+  clash.insert("a", a);
+  BOOST_CHECK_EXCEPTION(dcp::flatten_state_dict(clash), ckpt::Error,
+                        [](const ckpt::Error& e) { return mentions(e, "'a.b'"); });
+}
+
+BOOST_AUTO_TEST_CASE(save_load_and_load_all_round_trip) {
+  TempDir dir;
+  const auto saved = nested_sample(3.0);
+  dcp::save(saved, save_alone(dir.path()));
+  const auto md = dcp::read_checkpoint_metadata(dir.path());
+  BOOST_TEST(md.metadata.planner_data.size() == 9u);
+  BOOST_TEST(md.metadata.storage_meta.has_value());
+
+  // In place: tensors filled, values replaced where they sit (the int key stays an int).
+  auto target = nested_sample(0.0);
+  const at::Tensor weight = target.sub("model").sub("layer").at("weight").toTensor();
+  dcp::load(target, load_alone(dir.path()));
+  BOOST_TEST(ckpt::test::identical(weight, at::arange(6, at::kFloat).reshape({2, 3}) + 3.0));
+  const auto slot =
+      target.sub("optim").at("state").toGenericDict().at(c10::IValue(std::int64_t{0})).toGenericDict();
+  BOOST_TEST(slot.at("step").toInt() == 3);
+  BOOST_TEST(ckpt::test::identical(slot.at("exp_avg").toTensor(), at::full({3}, 3.0, at::kDouble)));
+  const auto flags = target.at("flags").toListRef();
+  BOOST_REQUIRE_EQUAL(flags.size(), 2u);
+  BOOST_TEST(flags[1].toDouble() == 3.0);
+  BOOST_TEST(target.at("pair").toTupleRef().elements().at(1).toDouble() == 3.0);
+  const auto groups = target.sub("optim").at("param_groups").toList();
+  BOOST_TEST(groups.get(0).toGenericDict().at("lr").toDouble() == 1.5);
+
+  // Everything, unflattened from the planner data (dict keys come back as text, as upstream's).
+  const auto all = dcp::load_all(dir.path(), load_alone());
+  BOOST_TEST(ckpt::test::identical(all.sub("model").sub("layer").at("weight").toTensor(), weight));
+  const auto all_slot = all.sub("optim").sub("state").sub("0");
+  BOOST_TEST(all_slot.at("step").toInt() == 3);
+  const auto list = all.at("tensors").toList();
+  BOOST_REQUIRE_EQUAL(list.size(), 2u);
+  BOOST_TEST(ckpt::test::identical(list.get(0).toTensor(), at::arange(4, at::kLong) * 3));
+  BOOST_TEST(list.get(1).toStringRef() == "between");
+  BOOST_TEST(
+      all.sub("optim").at("param_groups").toList().get(0).toGenericDict().at("params").toList().get(0) ==
+      c10::IValue(std::string("layer.weight")));
+}
+
+BOOST_AUTO_TEST_CASE(sharded_tensors_sit_in_nested_state_dicts) {
+  TempDir dir;
+  const at::Tensor global = at::randn({6, 4});
+  ShardedTensor st = sharded_of(global, 1, 0);
+  fill(st, global);
+  ckpt::StateDict inner;
+  inner.insert("embedding", dcp::sharded_value(st));
+  ckpt::StateDict sd;
+  sd.insert("model", inner);
+  dcp::save(sd, save_alone(dir.path()));
+  // Loaded into two row shards of a group of two (as rank 1 would hold them).
+  ckpt::StateDict target_inner;
+  target_inner.insert("embedding", dcp::sharded_value(sharded_of(at::zeros({6, 4}), 2, 1)));
+  ckpt::StateDict target;
+  target.insert("model", target_inner);
+  dcp::load(target, load_alone(dir.path()));
+  const auto* loaded = dcp::as_sharded(target.sub("model").at("embedding"));
+  BOOST_REQUIRE(loaded);
+  BOOST_TEST(ckpt::test::identical(loaded->local_shards().at(0).tensor, global.narrow(0, 3, 3)));
+  BOOST_TEST(dcp::as_sharded(c10::IValue(1)) == nullptr);
+  BOOST_CHECK_EXCEPTION(dcp::save(sd, {}), ckpt::Error,
+                        [](const ckpt::Error& e) { return mentions(e, "checkpoint_id"); });
 }
 
 BOOST_AUTO_TEST_SUITE_END()

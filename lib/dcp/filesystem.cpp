@@ -1,5 +1,6 @@
-// FileSystemWriter and FileSystemReader: one data file per rank, written with
-// ckpt's format (aligned, CRC-checked records, fsync), and `.metadata` last.
+// FileSystemWriter and FileSystemReader: PyTorch's DCP directories (one data
+// file per rank of torch.save archives, aligned and CRC-checked, fsynced;
+// `.metadata` pickled last), and the reading of ckpt's earlier JSON dialect.
 #include <ckpt/dcp/storage.hpp>
 
 #include <ckpt/error.hpp>
@@ -11,6 +12,7 @@
 #include "dcp/volume.hpp"
 #include "format/file_writer.hpp"
 #include "format/plan_layout.hpp"
+#include "format/unpickler.hpp"
 #include "format/zip.hpp"
 
 #include <ATen/core/Dict.h>
@@ -26,8 +28,10 @@
 #include <set>
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <zstd.h>
 
 namespace ckpt::dcp {
 
@@ -130,10 +134,13 @@ std::future<std::vector<WriteResult>> FileSystemWriter::write_data(const SavePla
       if (plan.storage_data.empty() || plan.storage_data.find('/') != std::string::npos)
         throw Error("the save plan names no data file (prepare_global_plan was not run on it)");
       const std::string name = plan.storage_data + ".distcp";
-      c10::impl::GenericDict items(c10::StringType::get(), c10::AnyType::get());
-      std::vector<at::Tensor> tensors(plan.items.size());
-      for (std::size_t i = 0; i < plan.items.size(); ++i) {
-        const auto& item = plan.items[i];
+      // Each item is a torch.save archive of its own: the tensor chunk (a
+      // storage of exactly its bytes) or the value.
+      std::vector<ckpt::detail::Layout> layouts;
+      std::vector<const std::string*> raw;  // an opaque value's archive, else null
+      std::vector<c10::IValue> keep;        // keeps those alive
+      layouts.reserve(plan.items.size());
+      for (const auto& item : plan.items) {
         c10::IValue data = planner.resolve_data(item);
         if (item.type != WriteItemType::bytes) {
           if (!data.isTensor())
@@ -143,25 +150,27 @@ std::future<std::vector<WriteResult>> FileSystemWriter::write_data(const SavePla
                                    t.scalar_type() != item.tensor_data->properties.dtype))
             throw Mismatch(
                 fmt::format("'{}' is not the chunk its plan describes", detail::item_name(item.index)));
-          tensors[i] = t;
           data = t;
         }
-        if (!items.insert(detail::item_name(item.index), std::move(data)).second)
-          throw Error(fmt::format("two items of the plan are both named '{}' in the data file",
-                                  detail::item_name(item.index)));
-      }
-      ckpt::detail::Layout layout = ckpt::detail::plan_layout(items);
-      ckpt::detail::write_layout(path_ / name, layout,
-                                 WriteOptions{.direct_io = options_.direct_io, .fsync = options_.sync_files});
-      for (std::size_t i = 0; i < plan.items.size(); ++i) {
-        WriteResult r{plan.items[i].index, 0, StorageInfo{name, 0, 0, 0}};
-        if (tensors[i].defined() && tensors[i].numel() > 0) {
-          const auto& rec =
-              layout.records.at(layout.record_of_storage.at(tensors[i].storage().unsafeGetStorageImpl()));
-          r.storage_data = {name, rec.data_offset, rec.size, rec.crc32};
-          r.size_in_bytes = rec.size;
+        if (const OpaqueValue* opaque = as_opaque(data)) {
+          layouts.emplace_back();
+          raw.push_back(&opaque->archive);  // written as it was read
+          keep.push_back(data);
+        } else {
+          layouts.push_back(ckpt::detail::plan_layout(data));
+          raw.push_back(nullptr);
         }
-        results.push_back(std::move(r));
+      }
+      const auto extents = ckpt::detail::write_archives(
+          path_ / name, layouts, raw,
+          WriteOptions{.direct_io = options_.direct_io, .fsync = options_.sync_files});
+      for (std::size_t i = 0; i < plan.items.size(); ++i) {
+        std::uint64_t data_bytes = 0;
+        for (const auto& rec : layouts[i].records)
+          if (rec.name.find("/data/") != std::string::npos) data_bytes += rec.size;
+        results.push_back(
+            WriteResult{plan.items[i].index, data_bytes,
+                        StorageInfo{name, extents[i].offset, extents[i].length, 0, /*archive=*/true}});
       }
     }
     done.set_value(std::move(results));
@@ -191,7 +200,10 @@ void FileSystemWriter::finish(const Metadata& metadata,
       throw Error(fmt::format("no rank wrote the value of '{}'", fqn));
     }
   }
-  const std::string text = detail::encode_checkpoint_metadata(out);
+  if (!out.metadata.storage_meta)
+    out.metadata.storage_meta =
+        StorageMeta{fs::absolute(path_).lexically_normal().string(), fresh_token(), ""};
+  const std::string text = detail::encode_torch_metadata(out, options_.dialect);
   ckpt::detail::write_durably(path_ / kMetadataFileName,
                               WriteOptions{.direct_io = false, .fsync = options_.sync_files},
                               [&](int fd, bool, const fs::path& temp) {
@@ -266,7 +278,46 @@ struct OpenFile {
   std::unique_ptr<FileReader> archive;  // only when a value is read from it
   /// The torch.save archives of PyTorch's DCP items, by offset, once opened.
   std::map<std::uint64_t, std::unique_ptr<FileReader>> items;
+  /// Decompressed archives of transformed items (anonymous memory files), by offset.
+  std::map<std::uint64_t, std::pair<ckpt::detail::Fd, std::uint64_t>> plain;
 };
+
+/// The bytes [offset, offset + length) of `fd`, one zstd stream (upstream's
+/// "stream.zstd/1" transform), decompressed into an anonymous memory file; at
+/// most `limit` bytes. Returns it and its size. CorruptCheckpoint names `what`
+/// when the stream is damaged, truncated or larger than the limit.
+std::pair<ckpt::detail::Fd, std::uint64_t> decompressed(int fd, const fs::path& file, std::uint64_t offset,
+                                                        std::uint64_t length, std::uint64_t limit,
+                                                        const std::string& what) {
+  const auto bad = [&](const std::string& why) {
+    return CorruptCheckpoint(fmt::format("{}: the zstd stream of '{}': {}", file.string(), what, why));
+  };
+  ckpt::detail::Fd out(::memfd_create("ckpt-zstd-item", MFD_CLOEXEC));
+  if (!out) ckpt::detail::throw_errno("memfd_create for", file, errno);
+  std::unique_ptr<ZSTD_DStream, decltype(&ZSTD_freeDStream)> stream(ZSTD_createDStream(), &ZSTD_freeDStream);
+  if (!stream) throw IoError("out of memory for a zstd stream");
+  ZSTD_initDStream(stream.get());
+  std::vector<char> in(ZSTD_DStreamInSize()), buf(ZSTD_DStreamOutSize());
+  std::uint64_t done = 0, written = 0;
+  std::size_t last = 1;
+  while (done < length) {
+    const std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(in.size(), length - done));
+    ckpt::detail::pread_full(fd, in.data(), n, offset + done, file);
+    done += n;
+    ZSTD_inBuffer input{in.data(), n, 0};
+    while (input.pos < input.size) {
+      ZSTD_outBuffer output{buf.data(), buf.size(), 0};
+      last = ZSTD_decompressStream(stream.get(), &output, &input);
+      if (ZSTD_isError(last)) throw bad(ZSTD_getErrorName(last));
+      if (written + output.pos > limit)
+        throw bad(fmt::format("it holds more than the {} bytes its item can be", limit));
+      ckpt::detail::pwrite_full(out.get(), buf.data(), output.pos, written, file);
+      written += output.pos;
+    }
+  }
+  if (last != 0) throw bad("it ends before its frame does (truncated)");
+  return {std::move(out), written};
+}
 
 /// Whether `strides` lay `sizes` out row-major without gaps (dims of size 1
 /// may have any stride; an empty tensor is laid out any way).
@@ -323,7 +374,28 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
       OpenFile& file = open(info.relative_path);
       const fs::path file_path = path_ / info.relative_path;
 
-      // PyTorch's items are whole torch.save archives at [offset, offset + length).
+      // PyTorch's items are whole torch.save archives at [offset, offset + length)
+      // (after their transforms: zstd, decompressed into memory).
+      const auto plain_archive = [&]() -> const std::pair<ckpt::detail::Fd, std::uint64_t>* {
+        if (info.transforms.empty()) return nullptr;
+        auto it = file.plain.find(info.offset);
+        if (it == file.plain.end()) {
+          std::uint64_t limit = std::uint64_t{1} << 32;  // a value's archive
+          if (item.type == LoadItemType::tensor) {
+            const auto& tmd = std::get<TensorStorageMetadata>(
+                metadata_.metadata.state_dict_metadata.at(item.storage_index.fqn));
+            limit = static_cast<std::uint64_t>(volume(saved_chunk(metadata_, item.storage_index).sizes)) *
+                        c10::elementSize(tmd.properties.dtype) +
+                    (std::uint64_t{16} << 20);
+          }
+          it = file.plain
+                   .emplace(info.offset, decompressed(file.fd.get(), file_path, info.offset, info.length,
+                                                      limit, detail::item_name(item.storage_index)))
+                   .first;
+          bytes_read_ += info.length;
+        }
+        return &it->second;
+      };
       const auto item_archive = [&]() -> FileReader& {
         if (info.offset > file.size || info.length > file.size - info.offset)
           throw CorruptCheckpoint(fmt::format(
@@ -332,18 +404,34 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
               info.offset + info.length, file.size));
         auto& slot = file.items[info.offset];
         if (!slot) {
-          slot = std::make_unique<FileReader>(file_path, info.offset, info.length,
-                                              ReadOptions{.verify_crc = true});
+          if (const auto* plain = plain_archive())
+            slot = std::make_unique<FileReader>(fmt::format("/proc/self/fd/{}", plain->first.get()), 0,
+                                                plain->second, ReadOptions{.verify_crc = true});
+          else
+            slot = std::make_unique<FileReader>(file_path, info.offset, info.length,
+                                                ReadOptions{.verify_crc = true});
           bytes_read_ += slot->bytes_read();
         }
         return *slot;
       };
 
       if (item.type == LoadItemType::bytes && info.archive) {
-        FileReader& archive = item_archive();
-        const std::uint64_t before = archive.bytes_read();
-        c10::IValue value = archive.to_ivalue(archive.root());
-        bytes_read_ += archive.bytes_read() - before;
+        c10::IValue value;
+        try {
+          FileReader& archive = item_archive();
+          const std::uint64_t before = archive.bytes_read();
+          value = archive.to_ivalue(archive.root());
+          bytes_read_ += archive.bytes_read() - before;
+        } catch (const ckpt::detail::RefusedGlobal& e) {
+          // A Python object ckpt does not unpickle: kept as its archive's bytes.
+          const auto* plain = plain_archive();
+          OpaqueValue opaque{item.storage_index.fqn, std::string(plain ? plain->second : info.length, '\0'),
+                             e.what()};
+          ckpt::detail::pread_full(plain ? plain->first.get() : file.fd.get(), opaque.archive.data(),
+                                   opaque.archive.size(), plain ? 0 : info.offset, file_path);
+          bytes_read_ += plain ? 0 : info.length;
+          value = opaque_value(std::move(opaque));
+        }
         planner.load_value(item, std::move(value));
         continue;
       }
@@ -382,9 +470,11 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
       // Where the chunk's bytes start in the file, and the CRC-32 they have
       // when read whole (if one covers exactly them).
       std::uint64_t data_start = info.offset;
+      int data_fd = file.fd.get();  // where data_start is: the file, or a transformed item's plain archive
       std::optional<std::uint32_t> whole_crc;
       if (info.archive) {
         FileReader& archive = item_archive();
+        if (const auto* plain = plain_archive()) data_fd = plain->first.get();
         const Node& root = archive.root();
         if (root.kind != Node::Kind::tensor || !root.tensor)
           throw bad(fmt::format("the item's archive holds a {}, not a tensor", kind_name(root.kind)));
@@ -463,7 +553,7 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
         for (std::ptrdiff_t d = 0; d < k; ++d)
           start += (item.storage_offsets[static_cast<std::size_t>(d)] + at[static_cast<std::size_t>(d)]) *
                    stride[static_cast<std::size_t>(d)];
-        ckpt::detail::pread_full(file.fd.get(), out, run_bytes,
+        ckpt::detail::pread_full(data_fd, out, run_bytes,
                                  data_start + static_cast<std::uint64_t>(start) * elem, file_path);
         bytes_read_ += run_bytes;
         out += run_bytes;

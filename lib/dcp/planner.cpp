@@ -1,5 +1,6 @@
 #include <ckpt/dcp/planner.hpp>
 
+#include "dcp/object_paths.hpp"
 #include "dcp/volume.hpp"
 
 #include <ckpt/error.hpp>
@@ -92,6 +93,7 @@ SavePlan DefaultSavePlanner::create_local_plan() {
       plan.items.push_back(std::move(w));
     }
   }
+  if (!planner_data_.empty()) plan.planner_data = detail::encode_object_paths(planner_data_);
   return plan;
 }
 
@@ -155,6 +157,13 @@ std::pair<std::vector<SavePlan>, Metadata> DefaultSavePlanner::create_global_pla
   }
   for (const auto& [fqn, sm] : md.state_dict_metadata)
     if (const auto* t = std::get_if<TensorStorageMetadata>(&sm)) validate_chunks(fqn, *t);
+  // Every rank's paths, for the keys saved (upstream merges them the same way).
+  for (auto& plan : plans) {
+    if (plan.planner_data.empty()) continue;
+    for (auto& [fqn, path] : detail::decode_object_paths(plan.planner_data))
+      if (md.state_dict_metadata.count(fqn)) md.planner_data.emplace(fqn, std::move(path));
+    plan.planner_data.clear();
+  }
   return {std::move(plans), std::move(md)};
 }
 

@@ -47,8 +47,9 @@ json::value to_json(const ChunkStorageMetadata& c) {
 }
 
 json::value to_json(const StorageInfo& s) {
-  return json::object{
-      {"path", s.relative_path}, {"offset", s.offset}, {"length", s.length}, {"crc32", s.crc32}};
+  json::object o{{"path", s.relative_path}, {"offset", s.offset}, {"length", s.length}, {"crc32", s.crc32}};
+  if (s.archive) o["archive"] = true;
+  return o;
 }
 
 const char* write_type_name(WriteItemType t) {
@@ -129,8 +130,10 @@ ChunkStorageMetadata chunk_from(const json::value& v) {
 
 StorageInfo storage_from(const json::value& v) {
   const auto& o = obj(v);
+  const auto* archive = o.if_contains("archive");
   return {str(o.at("path")), o.at("offset").to_number<std::uint64_t>(),
-          o.at("length").to_number<std::uint64_t>(), o.at("crc32").to_number<std::uint32_t>()};
+          o.at("length").to_number<std::uint64_t>(), o.at("crc32").to_number<std::uint32_t>(),
+          archive && archive->as_bool()};
 }
 
 WriteItem write_item_from(const json::value& v) {

@@ -2,6 +2,7 @@
 
 #include "dcp/serialize.hpp"
 #include "format/dtypes.hpp"
+#include "format/pickle_emit.hpp"
 #include "format/py_pickle.hpp"
 
 #include <ckpt/error.hpp>
@@ -25,6 +26,7 @@ constexpr std::string_view kFilesystemModules[] = {
     "torch.distributed.checkpoint.filesystem",
     "torch.distributed._shard.checkpoint.filesystem",
 };
+constexpr const char* kZstdTransform = "stream.zstd/1";  // upstream's ZStandard extension
 constexpr std::string_view kShardedTensorModule = "torch.distributed._shard.sharded_tensor.metadata";
 constexpr std::string_view kMemoryFormats[] = {"TORCH_CONTIGUOUS_FORMAT", "TORCH_CHANNELS_LAST",
                                                "TORCH_PRESERVE_FORMAT"};
@@ -258,10 +260,13 @@ class Decoder {
     if (const PyNode* t = f.find("transform_descriptors"); !none(t)) {
       if (t->kind != Kind::list && t->kind != Kind::tuple)
         fail(fmt::format("{} has transform descriptors that are a {}", what, describe(t)));
-      if (!t->items.empty())
-        throw Unsupported(
-            fmt::format("{}: {} goes through the transform '{}', which this build does not read", source_,
-                        what, str(t->items[0], "a transform descriptor")));
+      for (const PyNode* d : t->items) {
+        const std::string& name = str(d, "a transform descriptor");
+        if (name != kZstdTransform)
+          throw Unsupported(fmt::format("{}: {} goes through the transform '{}'; ckpt reads '{}' only",
+                                        source_, what, name, kZstdTransform));
+        s.transforms.push_back(name);
+      }
     }
     return s;
   }
@@ -339,7 +344,234 @@ class Decoder {
   const std::string& source_;
 };
 
+/// Pickles a Metadata as the torch generation of `dialect` does.
+class Encoder : ckpt::detail::PickleEmitter {
+ public:
+  explicit Encoder(MetadataDialect dialect) : dialect_(dialect) {}
+
+  std::string run(const CheckpointMetadata& md) {
+    proto(4);
+    begin_object(metadata_module(), "Metadata");
+    begin_fields();
+    field("state_dict_metadata");
+    begin_dict();
+    std::size_t n = 0;
+    for (const auto& [fqn, sm] : md.metadata.state_dict_metadata) {
+      batch(n);
+      str(fqn);
+      if (const auto* t = std::get_if<TensorStorageMetadata>(&sm))
+        tensor_metadata(*t);
+      else
+        empty_object(metadata_module(), "BytesStorageMetadata");
+      n = end_entry(n);
+    }
+    end_dict(n);
+    field("planner_data");
+    if (dialect_ == MetadataDialect::torch_1_13) {
+      none();
+    } else {
+      begin_dict();
+      n = 0;
+      for (const auto& [fqn, sm] : md.metadata.state_dict_metadata) {
+        batch(n);
+        str(fqn);
+        const auto it = md.metadata.planner_data.find(fqn);
+        object_path(it == md.metadata.planner_data.end() ? ObjectPath{fqn} : it->second);
+        n = end_entry(n);
+      }
+      end_dict(n);
+    }
+    field("storage_data");
+    begin_dict();
+    n = 0;
+    for (const auto& [index, info] : md.storage_data) {
+      if (!info.archive)
+        throw Error(
+            fmt::format("item '{}' is not a torch.save archive: PyTorch's format cannot say where it is",
+                        item_name(index)));
+      batch(n);
+      metadata_index(index);
+      storage_info(info);
+      n = end_entry(n);
+    }
+    end_dict(n);
+    if (dialect_ == MetadataDialect::torch_2_4) {
+      field("storage_meta");
+      const StorageMeta sm = md.metadata.storage_meta.value_or(StorageMeta{});
+      begin_object(metadata_module(), "StorageMeta");
+      begin_fields();
+      field("checkpoint_id");
+      str(sm.checkpoint_id);
+      field("save_id");
+      optional_str(sm.save_id);
+      field("load_id");
+      optional_str(sm.load_id);
+      field("modules");
+      op(']');
+      end_fields();
+    }
+    end_fields();
+    stop();
+    return take();
+  }
+
+ private:
+  std::string_view metadata_module() const {
+    return dialect_ == MetadataDialect::torch_1_13 ? kMetadataModules[1] : kMetadataModules[0];
+  }
+
+  /// NEWOBJ(cls, ()): a dataclass instance before its BUILD.
+  void begin_object(std::string_view module, std::string_view cls) {
+    global(module, cls);
+    tuple(0);
+    op('\x81');
+  }
+  void empty_object(std::string_view module, std::string_view cls) {
+    begin_object(module, cls);
+    op('}');
+    op('b');
+  }
+  /// The field dict that BUILD sets: begin_fields, field(name) + value, ...,
+  /// end_fields().
+  void begin_fields() {
+    op('}');
+    mark();
+  }
+  void field(std::string_view name) { str(name); }
+  void end_fields() {
+    op('u');
+    op('b');
+  }
+  void begin_dict() { op('}'); }
+  /// Dict entries go in SETITEMS batches of 1000, as Python writes them.
+  static constexpr std::size_t kBatch = 1000;
+  void batch(std::size_t n) {
+    if (n % kBatch == 0) mark();
+  }
+  std::size_t end_entry(std::size_t n) {
+    if (++n % kBatch == 0) op('u');
+    return n;
+  }
+  void end_dict(std::size_t n) {
+    if (n % kBatch != 0) op('u');
+  }
+  void optional_str(const std::string& s) {
+    if (s.empty())
+      none();
+    else
+      str(s);
+  }
+
+  /// torch.Size(dims)
+  void size(const std::vector<std::int64_t>& dims) {
+    global("torch", "Size");
+    int_tuple(dims);
+    tuple(1);
+    op('R');
+  }
+
+  void tensor_metadata(const TensorStorageMetadata& t) {
+    begin_object(metadata_module(), "TensorStorageMetadata");
+    begin_fields();
+    field("properties");
+    properties(t.properties);
+    field("size");
+    size(t.size);
+    field("chunks");
+    op(']');
+    if (!t.chunks.empty()) {
+      std::size_t n = 0;
+      for (const auto& c : t.chunks) {
+        if (n % kBatch == 0) mark();
+        begin_object(metadata_module(), "ChunkStorageMetadata");
+        begin_fields();
+        field("offsets");
+        size(c.offsets);
+        field("sizes");
+        size(c.sizes);
+        end_fields();
+        if (++n % kBatch == 0) op('e');
+      }
+      if (n % kBatch != 0) op('e');
+    }
+    end_fields();
+  }
+
+  /// TensorProperties with the 5-tuple state of its __getstate__: dtype,
+  /// layout, requires_grad, memory format (contiguous), pin_memory.
+  void properties(const TensorProperties& p) {
+    const std::string_view module =
+        dialect_ == MetadataDialect::torch_2_4 ? kMetadataModules[0] : kShardedTensorModule;
+    const std::string_view encoding =
+        dialect_ == MetadataDialect::torch_2_4 ? "_MEM_FORMAT_ENCODING" : "MEM_FORMAT_ENCODING";
+    begin_object(module, "TensorProperties");
+    mark();
+    const char* dtype = ckpt::detail::torch_dtype_name(p.dtype);
+    if (!dtype) throw Unsupported(fmt::format("dtype {} has no name in torch", c10::toString(p.dtype)));
+    global("torch", dtype);
+    global("torch.serialization", "_get_layout");
+    str("torch.strided");
+    tuple(1);
+    op('R');
+    boolean(p.requires_grad);
+    global(module, encoding);  // the enum member cls(0): TORCH_CONTIGUOUS_FORMAT
+    integer(0);
+    tuple(1);
+    op('R');
+    boolean(false);
+    tuple(5);
+    op('b');
+  }
+
+  void object_path(const ObjectPath& path) {
+    if (tuple_needs_mark(path.size())) mark();
+    for (const auto& part : path) {
+      if (const auto* key = std::get_if<std::string>(&part))
+        str(*key);
+      else
+        integer(std::get<std::int64_t>(part));
+    }
+    tuple(path.size());
+  }
+
+  void metadata_index(const MetadataIndex& i) {
+    begin_object(metadata_module(), "MetadataIndex");
+    begin_fields();
+    field("fqn");
+    str(i.fqn);
+    field("index");
+    if (i.index)
+      integer(*i.index);
+    else
+      none();
+    if (i.offset) {
+      field("offset");
+      size(*i.offset);
+    }
+    end_fields();
+  }
+
+  void storage_info(const StorageInfo& s) {
+    begin_object(dialect_ == MetadataDialect::torch_1_13 ? kFilesystemModules[1] : kFilesystemModules[0],
+                 "_StorageInfo");
+    begin_fields();
+    field("relative_path");
+    str(s.relative_path);
+    field("offset");
+    integer(static_cast<std::int64_t>(s.offset));
+    field("length");
+    integer(static_cast<std::int64_t>(s.length));
+    end_fields();
+  }
+
+  MetadataDialect dialect_;
+};
+
 }  // namespace
+
+std::string encode_torch_metadata(const CheckpointMetadata& metadata, MetadataDialect dialect) {
+  return Encoder(dialect).run(metadata);
+}
 
 bool is_torch_metadata(std::string_view bytes) {
   return !bytes.empty() && static_cast<unsigned char>(bytes[0]) == 0x80;  // PROTO

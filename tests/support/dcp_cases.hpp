@@ -6,6 +6,9 @@
 #pragma once
 
 #include <ckpt/dcp/metadata.hpp>
+#include <ckpt/dcp/state_dict_saver.hpp>
+#include <ckpt/dcp/storage.hpp>
+#include <ckpt/format.hpp>
 
 #include <ATen/ATen.h>
 #include <c10/core/ScalarType.h>
@@ -13,7 +16,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <filesystem>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -118,6 +123,61 @@ inline std::uint64_t overlap_bytes(const dcp::TensorStorageMetadata& md,
     elements += n;
   }
   return elements * c10::elementSize(md.properties.dtype);
+}
+
+/// What a FileSystemReader must have read to load `sd` from `directory`: its
+/// metadata file; of every saved chunk that overlaps a tensor or local shard
+/// of `sd`, the headers of its archive (zip directory, pickle: what opening
+/// the item costs) once; and the bytes of every overlap.
+inline std::uint64_t expected_bytes_read(const std::filesystem::path& directory,
+                                         const dcp::DcpStateDict& sd) {
+  const auto saved = dcp::read_checkpoint_metadata(directory);
+  std::uint64_t n = std::filesystem::file_size(directory / dcp::kMetadataFileName);
+  for (const auto& [fqn, value] : sd) {
+    const auto& md = std::get<dcp::TensorStorageMetadata>(saved.metadata.state_dict_metadata.at(fqn));
+    std::vector<std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>> regions;
+    if (const auto* t = std::get_if<at::Tensor>(&value))
+      regions.emplace_back(std::vector<std::int64_t>(static_cast<std::size_t>(t->dim()), 0),
+                           t->sizes().vec());
+    else if (const auto* st = std::get_if<dcp::ShardedTensor>(&value))
+      for (const auto& s : st->local_shards()) regions.emplace_back(s.metadata.offsets, s.metadata.sizes);
+    for (const auto& chunk : md.chunks) {
+      bool read = false;
+      for (const auto& [offsets, sizes] : regions) {
+        dcp::TensorStorageMetadata one = md;
+        one.chunks = {chunk};
+        read = read || overlap_bytes(one, offsets, sizes) > 0;
+      }
+      if (!read) continue;
+      const auto& info = saved.storage_data.at(dcp::MetadataIndex{fqn, chunk.offsets, std::nullopt});
+      ckpt::FileReader archive(directory / info.relative_path, info.offset, info.length);
+      archive.storage_record(*archive.root().tensor);
+      n += archive.bytes_read();
+    }
+    for (const auto& [offsets, sizes] : regions) n += overlap_bytes(md, offsets, sizes);
+  }
+  return n;
+}
+
+/// Options of a save or load by this process alone (no process group).
+inline dcp::SaveOptions save_alone(std::optional<std::filesystem::path> checkpoint_id,
+                                   dcp::StorageWriter* writer = nullptr) {
+  dcp::SaveOptions o;
+  o.checkpoint_id = std::move(checkpoint_id);
+  o.storage_writer = writer;
+  o.no_dist = true;
+  return o;
+}
+inline dcp::LoadOptions load_alone(std::optional<std::filesystem::path> checkpoint_id = std::nullopt) {
+  dcp::LoadOptions o;
+  o.checkpoint_id = std::move(checkpoint_id);
+  o.no_dist = true;
+  return o;
+}
+inline dcp::FileSystemWriterOptions writing_for(dcp::MetadataDialect dialect) {
+  dcp::FileSystemWriterOptions o;
+  o.dialect = dialect;
+  return o;
 }
 
 }  // namespace ckpt::test::dcp_cases

@@ -43,8 +43,10 @@
 #include <ckpt/dcp/storage.hpp>
 #include <ckpt/dist.hpp>
 #include <ckpt/error.hpp>
+#include <ckpt/format.hpp>
 
 #include "dcp_cases.hpp"
+#include "python_bound.hpp"
 
 #include <ATen/ATen.h>
 #include <ATen/core/ivalue.h>
@@ -82,6 +84,7 @@ using ckpt::dcp::ShardedTensor;
 using ckpt::dcp::TensorStorageMetadata;
 using Sizes = std::vector<std::int64_t>;
 using ckpt::test::dcp_cases::Case;
+using ckpt::test::dcp_cases::expected_bytes_read;
 using ckpt::test::dcp_cases::kLoadCases;
 using ckpt::test::dcp_cases::kLoadNoDistCases;
 using ckpt::test::dcp_cases::kSaveCases;
@@ -641,22 +644,6 @@ void reshard_save(Rank& r) {
   r.leave(r.world());
 }
 
-/// What a FileSystemReader must have read to load `sd` from `directory`: its
-/// metadata file, and the bytes of every saved chunk that overlap a tensor or
-/// local shard of `sd`.
-std::uint64_t expected_bytes_read(const fs::path& directory, const DcpStateDict& sd) {
-  const auto saved = ckpt::dcp::read_checkpoint_metadata(directory);
-  std::uint64_t n = fs::file_size(directory / ckpt::dcp::kMetadataFileName);
-  for (const auto& [fqn, value] : sd) {
-    const auto& md = std::get<TensorStorageMetadata>(saved.metadata.state_dict_metadata.at(fqn));
-    if (const auto* t = std::get_if<at::Tensor>(&value))
-      n += overlap_bytes(md, Sizes(static_cast<std::size_t>(t->dim()), 0), t->sizes().vec());
-    else if (const auto* st = std::get_if<ShardedTensor>(&value))
-      for (const auto& s : st->local_shards()) n += overlap_bytes(md, s.metadata.offsets, s.metadata.sizes);
-  }
-  return n;
-}
-
 void load_and_check(Rank& r, const std::string& label, DcpStateDict sd) {
   const auto path = r.dir() / "reshard";
   ckpt::dcp::FileSystemReader reader(path);
@@ -784,6 +771,21 @@ void metadata(Rank& r) {
   r.leave(r.world());
 }
 
+// --- 5. what Python loads ---------------------------------------------------------
+
+// nested_save: the nested state dict of python_bound.hpp saved with dcp::save
+// by every rank into DIR/nested (rows and columns sharded over the ranks);
+// rank 0 also writes DIR/nested.pt, the same values whole, for Python.
+void nested_save(Rank& r) {
+  const auto sd = ckpt::test::python_bound_state(r.rank(), r.world(), false);
+  ckpt::dcp::SaveOptions options;
+  options.checkpoint_id = r.dir() / "nested";
+  r.expect("nested_save", outcome_of([&] { ckpt::dcp::save(sd, options); }), "ok");
+  if (r.rank() == 0)
+    ckpt::write_file(r.dir() / "nested.pt", ckpt::test::python_bound_state(0, 1, true).to_ivalue());
+  r.leave(r.world());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -809,6 +811,7 @@ int main(int argc, char** argv) try {
       {"missing_key", missing_key},
       {"metadata", metadata},
       {"slow_write", slow_write},
+      {"nested_save", nested_save},
   };
   const auto it = scenarios.find(scenario);
   if (it == scenarios.end()) {

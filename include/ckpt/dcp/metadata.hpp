@@ -7,8 +7,10 @@
 // holds some chunks of a global tensor), or any other value (saved as bytes).
 #pragma once
 
-#include <ATen/ATen.h>
+// ivalue.h first: clang needs IValue complete before ATen.h reaches c10::List.
 #include <ATen/core/ivalue.h>
+
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <map>
@@ -159,6 +161,24 @@ class ShardedTensor {
   std::vector<ShardMetadata> shards_metadata_;
   std::vector<Shard> local_shards_;
 };
+
+/// A saved value ckpt does not unpickle: its torch.save archive names a
+/// Python class off ckpt's allowlist (a numpy array, a custom object). It is
+/// kept as the archive's bytes, never executed; saving it again writes those
+/// bytes as they were, so Python reads it back unchanged.
+struct OpaqueValue {
+  std::string key;      ///< the key it was saved under
+  std::string archive;  ///< the item's torch.save archive
+  std::string reason;   ///< why it was not unpickled (the refused global)
+};
+
+/// An opaque value as a value of a state dict (an IValue capsule), and back:
+/// as_opaque() is null for any other value.
+c10::IValue opaque_value(OpaqueValue value);
+const OpaqueValue* as_opaque(const c10::IValue& value);
+/// `value` itself, or for an opaque value an Unsupported error naming its key
+/// and why its contents cannot be read.
+const c10::IValue& contents_of(const c10::IValue& value);
 
 /// A value of a DCP state dict.
 using Value = std::variant<at::Tensor, ShardedTensor, c10::IValue>;

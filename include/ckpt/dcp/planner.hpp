@@ -12,8 +12,10 @@
 
 #include <ckpt/dcp/metadata.hpp>
 
-#include <ATen/ATen.h>
+// ivalue.h first: clang needs IValue complete before ATen.h reaches c10::List.
 #include <ATen/core/ivalue.h>
+
+#include <ATen/ATen.h>
 
 #include <cstdint>
 #include <map>
@@ -35,6 +37,9 @@ struct StorageInfo {
   /// The bytes are a whole torch.save archive holding the item (PyTorch's DCP
   /// files); false: a tensor chunk's raw bytes, with `crc32` (ckpt's JSON dialect).
   bool archive = false;
+  /// Upstream's stream transforms the item's bytes went through, in order
+  /// ("stream.zstd/1": a zstd frame of the archive); empty for none.
+  std::vector<std::string> transforms;
   friend bool operator==(const StorageInfo&, const StorageInfo&) = default;
 };
 
@@ -149,8 +154,13 @@ class DefaultSavePlanner : public SavePlanner {
   std::pair<std::vector<SavePlan>, Metadata> create_global_plan(std::vector<SavePlan> plans) override;
   SavePlan finish_plan(SavePlan central_plan) override;
   c10::IValue resolve_data(const WriteItem& item) override;
+  /// Where each key of the state dict sits in the nested state dict it was
+  /// flattened from (dcp::save sets it): sent with the local plan and
+  /// recorded as the checkpoint's planner data.
+  void set_planner_data(std::map<std::string, ObjectPath> paths) { planner_data_ = std::move(paths); }
 
  protected:
+  std::map<std::string, ObjectPath> planner_data_;
   const DcpStateDict* state_dict_ = nullptr;
   bool is_coordinator_ = false;
   bool dedup_ = true;

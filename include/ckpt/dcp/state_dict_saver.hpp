@@ -25,9 +25,12 @@
 #include <ckpt/dcp/planner.hpp>
 #include <ckpt/dcp/storage.hpp>
 #include <ckpt/dist.hpp>
+#include <ckpt/state_dict.hpp>
 
 #include <chrono>
 #include <cstdint>
+#include <filesystem>
+#include <map>
 #include <memory>
 #include <optional>
 
@@ -56,5 +59,63 @@ void load_state_dict(DcpStateDict& state_dict, StorageReader& storage, LoadPlann
                      std::shared_ptr<dist::ProcessGroupHandle> group = nullptr,
                      std::int64_t coordinator_rank = 0, bool no_dist = false,
                      std::optional<std::chrono::milliseconds> timeout = std::nullopt);
+
+// --- the modern API over nested state dicts (upstream's dcp.save / dcp.load) ---
+//
+// A nested StateDict is flattened with upstream's rules (torch >= 2.4): every
+// dict is entered (its keys as text: an int key 3 becomes "3"), a list only
+// when it holds a tensor, a sharded tensor or a dict/list that is entered
+// itself; everything else is a leaf. A leaf's key is its path joined with
+// "." ("model.layer1.weight", "optim.state.0.exp_avg", "flags.1"), and the
+// path itself is the checkpoint's planner data, so Python's dcp.load and
+// dcp_to_torch_save unflatten the keys again. A leaf is a tensor, a sharded
+// tensor (sharded_value()) or a plain value.
+
+struct SaveOptions {
+  /// Where to save: a directory (FileSystemWriter), or what `storage_writer`
+  /// is reset to when both are given.
+  std::optional<std::filesystem::path> checkpoint_id;
+  StorageWriter* storage_writer = nullptr;
+  SavePlanner* planner = nullptr;  ///< null: a DefaultSavePlanner
+  std::shared_ptr<dist::ProcessGroupHandle> process_group;
+  std::int64_t coordinator_rank = 0;
+  bool no_dist = false;
+  std::optional<std::chrono::milliseconds> timeout;
+};
+
+struct LoadOptions {
+  std::optional<std::filesystem::path> checkpoint_id;
+  StorageReader* storage_reader = nullptr;
+  LoadPlanner* planner = nullptr;  ///< null: a DefaultLoadPlanner (strict)
+  std::shared_ptr<dist::ProcessGroupHandle> process_group;
+  std::int64_t coordinator_rank = 0;
+  bool no_dist = false;
+  std::optional<std::chrono::milliseconds> timeout;
+};
+
+/// A sharded tensor as a value of a StateDict (an IValue capsule), and back:
+/// as_sharded() is null for any other value.
+c10::IValue sharded_value(ShardedTensor tensor);
+const ShardedTensor* as_sharded(const c10::IValue& value);
+
+/// A nested state dict flattened (see above): the flat state dict, and each
+/// key's path. Leaves are shared, not copied. Throws Unsupported for a dict
+/// key that is neither text nor an int, and Error for two leaves that flatten
+/// to the same key.
+std::pair<DcpStateDict, std::map<std::string, ObjectPath>> flatten_state_dict(const StateDict& state_dict);
+/// The nested state dict `flat` came from (upstream's unflatten_state_dict):
+/// keys with no path in `paths` stay top-level keys.
+StateDict unflatten_state_dict(const DcpStateDict& flat, const std::map<std::string, ObjectPath>& paths);
+
+/// Saves the nested `state_dict` (upstream's dcp.save). Throws Error when
+/// neither a checkpoint_id nor a storage_writer is given, else as
+/// save_state_dict.
+Metadata save(const StateDict& state_dict, const SaveOptions& options);
+/// Loads into the nested `state_dict` in place (upstream's dcp.load):
+/// tensors and local shards are filled, other leaves replaced.
+void load(const StateDict& state_dict, const LoadOptions& options);
+/// Everything a checkpoint holds, as whole tensors (on the CPU) and values in
+/// a fresh nested state dict unflattened with the checkpoint's planner data.
+StateDict load_all(const std::filesystem::path& checkpoint_id, const LoadOptions& options = {});
 
 }  // namespace ckpt::dcp

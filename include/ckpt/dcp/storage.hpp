@@ -1,20 +1,24 @@
 // Storage layers of the DCP core (upstream's StorageWriter / StorageReader) and
 // the filesystem ones.
 //
-// On disk, a checkpoint directory holds one data file per rank that wrote,
-// `__<rank>_<token>.distcp`, and `.metadata`, written last and atomically by
-// the coordinator: a checkpoint exists once `.metadata` does.
-//   - A data file is a PyTorch zip archive (torch.load reads it: a dict from
-//     item names to tensor chunks and values) written through ckpt's format:
-//     records aligned to 4 KiB, each with its CRC-32, fsynced before the save
-//     goes on.
-//   - `.metadata` is JSON ("format": "ckpt-dcp", "version": 1): every key's
-//     dtype, size and chunks, and where each chunk's bytes lie (file, offset,
-//     length, CRC-32). File names in it are plain names inside the directory;
-//     anything else is refused as corrupt.
+// On disk, a checkpoint directory is PyTorch's own DCP format, which Python's
+// torch.distributed.checkpoint reads and writes: `.metadata` (the pickled
+// Metadata dataclass, written last by the coordinator: a checkpoint exists
+// once it does) and one data file per rank, `__<rank>_<token>.distcp`.
+//   - A data file is a concatenation of whole torch.save archives, one per
+//     tensor chunk or value; `.metadata` says where each lies (file, offset,
+//     length). ckpt starts each archive on a 4 KiB boundary, so every tensor
+//     record is 4 KiB-aligned in its file, and every record carries its
+//     CRC-32 (Python ignores both; ckpt's reader and `ckpt verify` check the
+//     CRCs). Data files are fsynced before `.metadata` is written.
+//   - `.metadata` is pickled with the class paths of the torch generation
+//     asked for (MetadataDialect: torch >= 2.4 by default), written to a
+//     temporary file, fsynced, renamed and its directory fsynced.
 //   - Saving into a directory that already holds a checkpoint writes data files
 //     under a new token: the old checkpoint stays whole until the new
 //     `.metadata` replaces it; its files are removed after that.
+// The reader also takes directories of ckpt's earlier JSON dialect
+// (`.metadata` JSON, "format": "ckpt-dcp"), which nothing writes any more.
 #pragma once
 
 #include <ckpt/dcp/metadata.hpp>
@@ -67,11 +71,21 @@ inline constexpr const char* kMetadataFileName = ".metadata";
 /// The version of the metadata format this build writes (and the newest it reads).
 inline constexpr int kMetadataVersion = 1;
 
+/// Which readers a FileSystemWriter's `.metadata` is pickled for: the class
+/// paths it names exist in those torch versions.
+enum class MetadataDialect {
+  torch_2_4,   ///< torch >= 2.4 (the default): 2.3+ class paths and StorageMeta
+  torch_2_0,   ///< torch 2.0 to 2.3: TensorProperties of _shard, no StorageMeta
+  torch_1_13,  ///< torch 1.13's torch.distributed._shard.checkpoint; no planner data
+};
+
 struct FileSystemWriterOptions {
   /// fsync data files, `.metadata` and the directory (off only for scratch data).
   bool sync_files = true;
   /// Write data files with O_DIRECT where the filesystem accepts it.
   bool direct_io = true;
+  /// The torch generation whose readers `.metadata` is written for.
+  MetadataDialect dialect = MetadataDialect::torch_2_4;
 };
 
 /// Saves to a directory (created when missing).
@@ -92,9 +106,10 @@ class FileSystemWriter : public StorageWriter {
   FileSystemWriterOptions options_;
 };
 
-/// Loads from a directory a FileSystemWriter saved to. Everything read is
-/// checked: the metadata's format, version and file names; every chunk's
-/// bounds against its file; the CRC-32 of every chunk read whole.
+/// Loads from a directory a FileSystemWriter saved to, or Python's
+/// FileSystemWriter of torch 1.13 or 2.x. Everything read is checked: the
+/// metadata's classes (an allowlist), bounds and file names; every item's
+/// bounds against its file; the CRC-32 of every record read whole.
 class FileSystemReader : public StorageReader {
  public:
   explicit FileSystemReader(std::filesystem::path path);
