@@ -9,6 +9,7 @@ Keep this file and interop_test.cpp in step.
 """
 
 import collections
+import os
 import math
 import struct
 
@@ -321,3 +322,22 @@ def dump(obj):
 
     walk(obj, "$")
     return "\n".join(lines) + "\n"
+
+
+def quiet_torch2_warnings():
+    """Silences the torch 2.x warnings the DCP interop scripts trigger on
+    purpose (no process group, DTensor on CPU) and the hostname lookup of
+    gloo on loopback."""
+    import warnings
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    for message in ("torch.distributed is unavailable or uninitialized", "TypedStorage is deprecated",
+                    "DTensor random operators may not have complete support"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def free_port():
+    """A TCP port free on 127.0.0.1 now (for a gloo rendezvous)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -84,9 +84,27 @@ inline std::string python() {
   return "/usr/bin/python3";
 }
 
-/// Runs `tests/interop/<script>` with Debian's Python torch and `args`.
+RunResult torch2_script(const std::string& script, const std::vector<std::string>& args);
+
+/// Runs `tests/interop/<script>` with Debian's Python torch and `args`: torch
+/// 1.13, or torch 2.6 (torch2_script) when the environment has
+/// CKPT_INTEROP_TORCH=2 (ctest runs the single-file interop suite both ways).
 inline RunResult python_script(const std::string& script, const std::vector<std::string>& args) {
+  const char* generation = std::getenv("CKPT_INTEROP_TORCH");
+  if (generation && std::string(generation) == "2") return torch2_script(script, args);
   std::string cmd = python() + " -B " + sh_quote(std::string(CKPT_SOURCE_DIR "/tests/interop/") + script);
+  for (const auto& a : args) cmd += " " + sh_quote(a);
+  return run(cmd);
+}
+
+/// Runs `tests/interop/<script>` with torch 2.x: Python 3 of the Debian
+/// trixie chroot that cmake/install-deps.sh makes (torch 2.6), through
+/// cmake/chroot-python, which mounts the source tree and the temporary
+/// directories at their own paths in there.
+inline RunResult torch2_script(const std::string& script, const std::vector<std::string>& args) {
+  std::string cmd = "CKPT_CHROOT_BIND=" + sh_quote(CKPT_SOURCE_DIR) + " " +
+                    sh_quote(CKPT_SOURCE_DIR "/cmake/chroot-python") + " -B " +
+                    sh_quote(std::string(CKPT_SOURCE_DIR "/tests/interop/") + script);
   for (const auto& a : args) cmd += " " + sh_quote(a);
   return run(cmd);
 }
