@@ -1,6 +1,7 @@
 // The DCP core's coordination costs, and how they grow with the ranks.
 //
-// usage: bench_dcp [DIR]   (default DIR $TMPDIR or /tmp)
+// usage: bench_dcp [DIR [throughput]]   (default DIR $TMPDIR or /tmp;
+//        "throughput": table 3 only)
 //
 // Run without RANK it is the driver and prints two tables.
 //   1. 1, 2, 4, 8 and 16 local ranks (under ckpt-launch, found beside it) save
@@ -15,6 +16,12 @@
 //      validated (create_global_plan) and the global plans and metadata
 //      encoded, as the coordinator does. Reported: bytes gathered and scattered, metadata
 //      bytes, and microseconds and bytes per rank (flat means O(N)).
+//   3. Throughput against Python: ~1 GiB of float32 (16 tensors of 64 MiB) saved
+//      and loaded in place on one process, 5 rounds each (the best counts), by
+//      ckpt (dcp::save / dcp::load, PyTorch's format, CRCs checked) and by
+//      Python's FileSystemWriter / FileSystemReader of torch 2.6 (the trixie
+//      chroot, when there) and torch 1.13, in the same run; reported as
+//      ratios to Python 2.6. The files live in DIR (page cache warm).
 // Each measured section of table 1 starts and ends at a Gloo barrier; rank 0
 // reports the slowest rank's time.
 #include <ckpt/ckpt.hpp>
@@ -31,6 +38,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -154,6 +162,84 @@ void coordinator_model() {
 
 }  // namespace
 
+constexpr int kThroughputTensors = 16;
+constexpr std::int64_t kThroughputNumel = std::int64_t{16} << 20;  // 64 MiB of float32
+constexpr int kThroughputRounds = 5;
+
+/// Best save and best in-place load of Python's DCP ("save load" in
+/// seconds), run by `python` (a command line); nothing when it did not run.
+std::optional<std::pair<double, double>> python_dcp(const std::string& python, const fs::path& dir) {
+  std::string out;
+  try {
+    out = capture(fmt::format("{} -B '{}/tests/perf/dcp_reference.py' '{}' {} {} {} 2>&1", python,
+                              CKPT_SOURCE_DIR, dir.string(), kThroughputTensors, kThroughputNumel,
+                              kThroughputRounds));
+  } catch (const std::exception& e) {
+    out = e.what();
+  }
+  double save = 0, load = 0;
+  if (std::sscanf(out.c_str(), "%lf %lf", &save, &load) != 2) {
+    fmt::print("  ({} did not run: {})\n", python, out.substr(0, 200));
+    return std::nullopt;
+  }
+  return std::make_pair(save, load);
+}
+
+double seconds(const std::function<void()>& fn) {
+  const auto start = Clock::now();
+  fn();
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+void throughput(const fs::path& root) {
+  const double gib = double(kThroughputTensors) * double(kThroughputNumel) * 4 / double(1 << 30);
+  fmt::print("\nsave and in-place load of {:.2f} GiB of float32 ({} tensors) on one process, best of {}\n\n",
+             gib, kThroughputTensors, kThroughputRounds);
+  ckpt::StateDict sd;
+  ckpt::StateDict target;
+  for (int i = 0; i < kThroughputTensors; ++i) {
+    sd.insert(fmt::format("layers.{}.weight", i), at::full({kThroughputNumel}, float(i)));
+    target.insert(fmt::format("layers.{}.weight", i), at::empty({kThroughputNumel}));
+  }
+  const fs::path dir = root / "throughput";
+  double save = 1e30, load = 1e30;
+  for (int round = 0; round < kThroughputRounds; ++round) {
+    fs::remove_all(dir);
+    dcp::SaveOptions so;
+    so.checkpoint_id = dir;
+    so.no_dist = true;
+    save = std::min(save, seconds([&] { dcp::save(sd, so); }));
+    dcp::LoadOptions lo;
+    lo.checkpoint_id = dir;
+    lo.no_dist = true;
+    load = std::min(load, seconds([&] { dcp::load(target, lo); }));
+  }
+  for (int i = 0; i < kThroughputTensors; ++i)
+    if (!target.at(fmt::format("layers.{}.weight", i))
+             .toTensor()
+             .equal(sd.at(fmt::format("layers.{}.weight", i)).toTensor()))
+      throw std::runtime_error("the loaded values are not the saved ones");
+  fs::remove_all(dir);
+  const auto torch26 = python_dcp(fmt::format("CKPT_CHROOT_BIND='{}:{}' '{}/cmake/chroot-python'",
+                                              root.string(), CKPT_SOURCE_DIR, CKPT_SOURCE_DIR),
+                                  root / "python26");
+  const auto torch113 = python_dcp("/usr/bin/python3", root / "python113");
+  fmt::print("{:<16} {:>8} {:>8} {:>10} {:>10} {:>22} {:>22}\n", "writer", "save s", "load s", "save GB/s",
+             "load GB/s", "save speed vs torch 2.6", "load speed vs torch 2.6");
+  const double bytes = gib * double(1 << 30);
+  const auto row = [&](const std::string& who, double s, double l) {
+    if (torch26)
+      fmt::print("{:<16} {:>8.2f} {:>8.2f} {:>10.2f} {:>10.2f} {:>21.2f}x {:>21.2f}x\n", who, s, l,
+                 bytes / s / 1e9, bytes / l / 1e9, torch26->first / s, torch26->second / l);
+    else
+      fmt::print("{:<16} {:>8.2f} {:>8.2f} {:>10.2f} {:>10.2f}\n", who, s, l, bytes / s / 1e9,
+                 bytes / l / 1e9);
+  };
+  row("ckpt", save, load);
+  if (torch26) row("python torch 2.6", torch26->first, torch26->second);
+  if (torch113) row("python torch 1.13", torch113->first, torch113->second);
+}
+
 int main(int argc, char** argv) try {
   if (std::getenv("RANK") && argc >= 2) return rank_main(argv[1]);
 
@@ -161,6 +247,12 @@ int main(int argc, char** argv) try {
   const fs::path root = fs::path(argc > 1 ? argv[1] : (tmp && *tmp ? tmp : "/tmp")) / "ckpt-bench-dcp";
   const fs::path self = fs::canonical("/proc/self/exe");
   const fs::path launcher = self.parent_path() / "ckpt-launch";
+  if (argc > 2 && std::string(argv[2]) == "throughput") {
+    fs::create_directories(root);
+    throughput(root);
+    fs::remove_all(root);
+    return 0;
+  }
 
   fmt::print(
       "save_state_dict / load_state_dict of {} sharded keys ({} KiB per rank each), {} replicated keys\n"
@@ -178,6 +270,9 @@ int main(int argc, char** argv) try {
   }
   fs::remove_all(root);
   coordinator_model();
+  fs::create_directories(root);
+  throughput(root);
+  fs::remove_all(root);
   return 0;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "bench_dcp: %s\n", e.what());
