@@ -1,7 +1,8 @@
-// Interop with real Python torch (/usr/bin/python3, torch 1.13), both ways, every
-// value compared exactly: what torch.save writes ckpt reads, what ckpt writes
-// torch.load reads, and state dicts survive Python -> ckpt -> Python unchanged.
-// Also the raw zip of a ckpt file, as Python's zipfile sees it: every record's
+// Interop with real Python torch (/usr/bin/python3, torch 1.13; torch 2.6 of the
+// trixie chroot when CKPT_INTEROP_TORCH=2), both ways, every value compared
+// exactly: what torch.save writes ckpt reads, what ckpt writes torch.load
+// reads, and state dicts survive Python -> ckpt -> Python unchanged. Also the
+// raw zip of a ckpt file, as Python's zipfile sees it: every tensor record's
 // data at a multiple of 4096 and every CRC right.
 //
 // Both sides build the same values from deterministic recipes run through the
