@@ -656,6 +656,20 @@ BOOST_AUTO_TEST_CASE(a_child_killed_in_the_middle_of_a_large_write_fails_that_wr
   // checkpointer that misses the death fails this test in seconds.
   auto cfg = config();
   cfg.process_config.write_timeout = 30s;
+  // The writer children started here run as on a filesystem without unnamed
+  // files (the tests' injector refuses O_TMPFILE), so that the temporary file
+  // has a name from its first byte: the test sees it appear, and sees the
+  // parent remove it once the child is dead.
+  struct NamedTemporaries {
+    NamedTemporaries() {
+      ::setenv("LD_PRELOAD", CKPT_FAULT_SHIM, 1);
+      ::setenv("CKPT_FAULT_NO_TMPFILE", "1", 1);
+    }
+    ~NamedTemporaries() {
+      ::unsetenv("LD_PRELOAD");
+      ::unsetenv("CKPT_FAULT_NO_TMPFILE");
+    }
+  } named;
   Running running(cfg);
   auto& ck = running.ck;
 

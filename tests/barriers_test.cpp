@@ -32,6 +32,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdlib>
+#include <filesystem>
 #include <future>
 #include <iostream>
 #include <latch>
@@ -398,6 +399,74 @@ BOOST_AUTO_TEST_CASE(keys_of_old_sequences_are_deleted) {
     }
   }
   for (std::int64_t r = 0; r < kWorld; ++r) BOOST_TEST(value_of(*client, fmt::format("rank{}", r)) == "3");
+}
+
+namespace {
+
+/// This process's threads (the entries of /proc/self/task).
+std::size_t thread_count() {
+  std::size_t n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task")) ++n;
+  return n;
+}
+
+ckpt::StateDict small_state(std::int64_t rank) {
+  ckpt::StateDict sd;
+  sd.insert("w", at::full({4}, static_cast<double>(rank), at::kFloat));
+  return sd;
+}
+
+}  // namespace
+
+// Rounds are named by checkpoint, not counted: rank 2 skips the save of "b"
+// (the others time out naming it), and the save of "c" after it commits on
+// every rank. With counted rounds rank 2 would join "b"'s round for "c" and
+// stay a round behind for the rest of the job.
+BOOST_AUTO_TEST_CASE(a_rank_that_skips_a_save_puts_no_later_round_out_of_step) {
+  const std::uint16_t port = free_port();
+  ckpt::test::TempDir tmp;
+  std::vector<std::shared_ptr<ckpt::Barrier>> barriers;
+  for (auto& b : tcpstore_barriers(port, "skip", 30s)) barriers.push_back(std::move(b));
+  ckpt::CheckpointWriterConfig config;
+  config.write_barrier_timeout = 2s;
+  std::vector<std::shared_ptr<ckpt::CheckpointWriter>> writers;
+  for (std::int64_t r = 0; r < kWorld; ++r)
+    writers.push_back(
+        std::make_shared<ckpt::CheckpointWriter>(config, RankInfo{r, kWorld}, of_rank(barriers, r)));
+  const auto save_on = [&](const std::vector<std::int64_t>& ranks, const std::string& name) {
+    return on_ranks(ranks, [&](std::int64_t r) { of_rank(writers, r)->write(tmp / name, small_state(r)); });
+  };
+  results(save_on(kAllRanks, "a"));
+  BOOST_CHECK(ckpt::is_committed(tmp / "a"));
+  auto skipped = save_on({0, 1, 3}, "b");
+  for (auto& f : skipped)
+    BOOST_CHECK_EXCEPTION(f.get(), ckpt::Timeout,
+                          [](const ckpt::Timeout& e) { return mentions(e, "did not arrive: [2]"); });
+  BOOST_CHECK(!ckpt::is_committed(tmp / "b"));
+  BOOST_REQUIRE_NO_THROW(results(save_on(kAllRanks, "c")));
+  BOOST_CHECK(ckpt::is_committed(tmp / "c"));
+  // And a second save into "c" is a round of its own.
+  BOOST_REQUIRE_NO_THROW(results(save_on(kAllRanks, "c")));
+  BOOST_CHECK(ckpt::is_committed(tmp / "c"));
+}
+
+// A barrier that hangs (rank 2 never arrives; the barrier's own timeout is
+// long) ends at the writer's deadline and leaves no thread behind: the
+// built-in barriers wait on the caller's thread, bounded by that deadline.
+BOOST_AUTO_TEST_CASE(a_hung_barrier_leaves_no_thread_behind) {
+  const std::uint16_t port = free_port();
+  ckpt::test::TempDir tmp;
+  auto made = tcpstore_barriers(port, "hung", 600s);
+  std::shared_ptr<ckpt::Barrier> barrier = std::move(made[0]);
+  ckpt::CheckpointWriterConfig config;
+  config.write_barrier_timeout = 2s;
+  ckpt::CheckpointWriter writer(config, RankInfo{0, kWorld}, barrier);
+  const std::size_t before = thread_count();
+  BOOST_CHECK_EXCEPTION(writer.write(tmp / "a", small_state(0)), ckpt::Timeout, [](const ckpt::Timeout& e) {
+    BOOST_TEST_MESSAGE(e.what());
+    return mentions(e, "Timed out after 2000 ms") && mentions(e, "did not arrive: [1, 2, 3]");
+  });
+  BOOST_CHECK_EQUAL(thread_count(), before);
 }
 
 BOOST_AUTO_TEST_SUITE_END()

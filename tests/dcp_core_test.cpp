@@ -102,9 +102,9 @@ void write_json_dialect(const std::filesystem::path& dir, const DcpStateDict& sd
     if (const auto* t = std::get_if<at::Tensor>(&value)) {
       const dcp::MetadataIndex index{key, Sizes(t->dim(), 0), std::nullopt};
       const auto rec = file.storage_record(*file.root().find(dcp::detail::item_name(index))->tensor);
-      md.storage_data[index] = {"__0_0.distcp", rec.data_offset, rec.size, rec.crc32, false};
+      md.storage_data[index] = {"__0_0.distcp", rec.data_offset, rec.size, rec.crc32, false, {}};
     } else {
-      md.storage_data[{key, std::nullopt, std::nullopt}] = {"__0_0.distcp", 0, 0, 0, false};
+      md.storage_data[{key, std::nullopt, std::nullopt}] = {"__0_0.distcp", 0, 0, 0, false, {}};
     }
   }
   write_text(dir / ".metadata", dcp::detail::encode_checkpoint_metadata(md));

@@ -10,8 +10,8 @@
 // wait for shows as a launcher failure (--timeout) or as this test's own bound
 // on the launcher (kBound). This process is a child subreaper, so a rank or a
 // writer child left behind is found, named, and killed.
-// Every rank saves the same checkpoints in the same order, as with any
-// collective: barrier rounds are counted per rank.
+// Barrier rounds are named by checkpoint (a rank that skips a save puts no
+// later round out of step).
 #include <ckpt/commit.hpp>
 
 #define BOOST_TEST_MODULE multi_rank_test
@@ -21,10 +21,12 @@
 #include <ckpt/format.hpp>
 #include <ckpt/state_dict.hpp>
 
+#include "support/process.hpp"
 #include "support/rank_runs.hpp"
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>
+#include <fmt/format.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -34,9 +36,12 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <optional>
+#include <random>
 #include <set>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -157,7 +162,9 @@ void save_commits_on_every_rank(const std::string& scenario) {
     BOOST_TEST_CONTEXT("rank " << r) {
       for (const char* label : {"save_1", "save_2"}) BOOST_CHECK_EQUAL(run.at(r, label), "ok");
       for (const char* label : {"load_1", "load_2"}) BOOST_CHECK_EQUAL(run.at(r, label), "own-values");
-      if (scenario == "commit-sync") BOOST_CHECK_EQUAL(run.at(r, "sequence"), "2");
+      if (scenario == "commit-sync")
+        BOOST_CHECK_EQUAL(run.at(r, "round"),
+                          "commit-sync/" + ckpt::CheckpointWriter::round_name(dir / "save_2", 0));
     }
   }
   for (int save = 1; save <= 2; ++save) {
@@ -316,6 +323,107 @@ BOOST_AUTO_TEST_CASE(ten_saves_keeping_two_leave_steps_9_and_10) {
   BOOST_CHECK((step_dirs(dir.path()) == std::set<std::string>{"step_9", "step_10"}));
   check_committed(dir / "step_9", 9);
   check_committed(dir / "step_10", 10);
+}
+
+// The tcp_store barrier's store is hosted by rank 0's trainer: when rank 0's
+// writer child dies, the other ranks' children keep their store, rank 0's next
+// child connects to it, and saves commit again.
+BOOST_AUTO_TEST_CASE(barrier_store_outlives_rank_0_s_writer_child) {
+  TempDir dir;
+  const auto run = launch("rank0-child-dies", dir.path());
+  check_every_rank_as_expected(run);
+  BOOST_CHECK_EQUAL(run.at(0, "killed_writer_child"), "ok");
+  const std::string first = run.at(0, "first_commit_after_kill");
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      BOOST_CHECK_EQUAL(run.at(r, "save_1"), "ok");
+      // Every rank commits the same save, the first after the kill that can.
+      BOOST_CHECK_EQUAL(run.at(r, "first_commit_after_kill"), first);
+      const auto save2 = run.at(r, "save_2");
+      if (save2 != "ok") {
+        if (r == 0)
+          BOOST_CHECK_MESSAGE(starts_with(save2, "WriterProcessError msg=Child process terminated"), save2);
+        else
+          BOOST_CHECK_MESSAGE(contains(save2, "ranks that did not arrive: [0]"), save2);
+      }
+    }
+  }
+  BOOST_TEST_MESSAGE("first save committed after rank 0's child was killed: " << first);
+  BOOST_CHECK(first == "save_2" || first == "save_3" || first == "save_4");
+  const int n = first.back() - '0';
+  check_committed(dir / first, n);
+}
+
+// Whole-job kills: the job (ckpt-launch, its 4 ranks and their writer
+// children, one process group) is SIGKILLed at a random moment of its saves
+// and started again. Each time every rank resumes from the newest step that
+// is committed in the directory as this test reads it (never one that did not
+// commit) and restores exactly the values saved at that step. 20 trials
+// (CKPT_JOB_KILL_TRIALS sets another number); then a last run that saves one
+// step and ends.
+BOOST_AUTO_TEST_CASE(whole_job_kills_resume_from_the_newest_committed_step) {
+  const char* trials_env = std::getenv("CKPT_JOB_KILL_TRIALS");
+  const int trials = trials_env ? std::stoi(trials_env) : 20;
+  TempDir dir;
+  std::mt19937 rng(1202);
+  std::uniform_int_distribution<int> saves_before_kill(0, 4), delay_ms(0, 300);
+  const auto newest_committed = [&]() -> std::optional<std::int64_t> {
+    std::optional<std::int64_t> newest;
+    for (const auto& name : step_dirs(dir.path())) {
+      const std::int64_t step = std::stoll(name.substr(5));
+      if (ckpt::is_committed(dir / name) && (!newest || step > *newest)) newest = step;
+    }
+    return newest;
+  };
+  const std::vector<std::string> argv = {
+      (bin_dir() / "ckpt-launch").string(),       "-n",  std::to_string(kRanks), "--timeout", "600",
+      (bin_dir() / "multi_rank_worker").string(), "job", dir.path().string()};
+  // Reads the job's lines until every rank said where it resumed; checks it.
+  const auto check_resumed = [&](ckpt::test::Process& job, const std::optional<std::int64_t>& newest) {
+    const std::string want = newest ? std::to_string(*newest) : "none";
+    int resumed = 0, restored = 0;
+    while (resumed < kRanks || restored < kRanks) {
+      const auto line = job.line(std::chrono::seconds(120));
+      BOOST_REQUIRE_MESSAGE(line, "the job ended before every rank resumed:\n" << job.output());
+      int rank = -1;
+      char label[64] = {}, outcome[256] = {};
+      if (std::sscanf(line->c_str(), "[rank %d] RESULT %63s %255s", &rank, label, outcome) != 3) continue;
+      if (std::string(label) == "resumed") {
+        ++resumed;
+        BOOST_CHECK_MESSAGE(outcome == want,
+                            "rank " << rank << " resumed from " << outcome << ", not " << want);
+      } else if (std::string(label) == "restored") {
+        ++restored;
+        BOOST_CHECK_MESSAGE(std::string(outcome) == "own-values", "rank " << rank << " restored " << outcome);
+      }
+    }
+  };
+  std::map<std::string, int> seen;
+  for (int trial = 0; trial < trials; ++trial) {
+    BOOST_TEST_CONTEXT("trial " << trial) {
+      const auto newest = newest_committed();
+      ++seen[newest ? "resumed" : "fresh"];
+      ckpt::test::Process job(argv, {}, /*own_group=*/true);
+      check_resumed(job, newest);
+      // A random moment of the saves that follow: after some of rank 0's.
+      for (int saved = 0, want = saves_before_kill(rng); saved < want;) {
+        const auto line = job.line(std::chrono::seconds(120));
+        BOOST_REQUIRE_MESSAGE(line, "the job ended:\n" << job.output());
+        if (line->rfind("[rank 0] RESULT saved_", 0) == 0) ++saved;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms(rng)));
+      job.kill_group();
+      ckpt::test::kill_leftover_children();  // reaps what the kill left to this subreaper
+    }
+  }
+  // The last run resumes as well, saves one step and ends cleanly.
+  const auto newest = newest_committed();
+  BOOST_REQUIRE(newest);
+  ckpt::test::Process job(argv, {"JOB_STEPS=1"}, true);
+  check_resumed(job, newest);
+  BOOST_CHECK_EQUAL(job.wait(std::chrono::seconds(120)), 0);
+  BOOST_CHECK(ckpt::is_committed(dir / fmt::format("step_{}", *newest + 1)));
+  BOOST_TEST_MESSAGE(fmt::format("{} whole-job kills; the last run resumed from step {}", trials, *newest));
 }
 
 // Rank 1's writer child is held in its pre_commit hook during the step-3 save

@@ -48,6 +48,20 @@ class Barrier {
   /// counts saves across children, so that it meets the other ranks in the
   /// same round instead of starting again at 0. The default does nothing.
   virtual void set_sequence(std::int64_t sequence) {}
+  /// Makes the next call join the round named `name` instead of the next in
+  /// the count: CheckpointWriter names each save's round by its checkpoint
+  /// (`<path>#<n>`, n = how many times this rank's writer joined a round for
+  /// that path before), so that a rank that skipped a save does not put the
+  /// later rounds out of step. The default ignores it (a barrier whose rounds
+  /// are ordered otherwise, as DistBarrier's collectives are).
+  virtual void set_round(const std::string& name) {}
+  /// Whether every wait of this barrier ends by itself within `timeout` once
+  /// limit_wait(timeout) was called (the built-in barriers): CheckpointWriter
+  /// then calls it on its own thread. Otherwise (the default) it runs each
+  /// call on a thread of its own that it gives up on at the deadline.
+  virtual bool bounds_its_waits() const { return false; }
+  /// The longest the next calls may wait (for bounds_its_waits()).
+  virtual void limit_wait(std::chrono::milliseconds timeout) {}
 
   // The commit phase, after an arrive() in which no rank failed. The
   // coordinator calls begin_commit() (false: some rank gave up waiting on the

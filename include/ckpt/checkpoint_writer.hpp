@@ -30,7 +30,9 @@
 #include <exception>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace ckpt {
@@ -73,6 +75,15 @@ class CheckpointWriter {
   virtual void close();
   /// The barrier round the next write joins (Barrier::set_sequence).
   void set_barrier_sequence(std::int64_t sequence);
+  /// The name of the barrier round the next write joins (Barrier::set_round).
+  /// Without it, a write to `path` joins `<path>#<n>`, n = how many writes to
+  /// that path this writer made before; the writer child is told the name by
+  /// its parent, which counts across children.
+  void set_barrier_round(std::string name);
+  /// The round name of the next write to `path` when none is set: the
+  /// lexically normal path, '#', the count. Every rank must name a checkpoint
+  /// the same way.
+  static std::string round_name(const std::filesystem::path& path, std::int64_t count);
 
   const CheckpointWriterConfig& config() const { return config_; }
   const RankInfo& rank_info() const { return rank_info_; }
@@ -94,6 +105,8 @@ class CheckpointWriter {
   RankInfo rank_info_;
   std::shared_ptr<Barrier> barrier_;
   std::shared_ptr<WriterHook> commit_hook_;
+  std::optional<std::string> next_round_;
+  std::map<std::string, std::int64_t> rounds_joined_;  // writes per path
 };
 
 }  // namespace ckpt

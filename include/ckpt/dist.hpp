@@ -89,6 +89,8 @@ class DistBarrier : public Barrier {
   void execute_barrier() override;
   BarrierOutcome arrive(const std::string& report, bool failed, bool want_reports) override;
   void set_sequence(std::int64_t sequence) override { sequence_ = sequence; }
+  bool bounds_its_waits() const override { return true; }
+  void limit_wait(std::chrono::milliseconds timeout) override { limit_ = timeout; }
   bool begin_commit() override;
   void end_commit(const std::optional<RankFailure>& failure) override;
   std::optional<RankFailure> await_commit() override;
@@ -97,7 +99,8 @@ class DistBarrier : public Barrier {
  private:
   std::shared_ptr<ProcessGroupHandle> group_;
   std::chrono::milliseconds timeout_;
-  std::string prefix_;  // of its store keys: ckpt/dist_barrier/<number>/
+  std::optional<std::chrono::milliseconds> limit_;  // limit_wait
+  std::string prefix_;                              // of its store keys: ckpt/dist_barrier/<number>/
   std::int64_t sequence_ = 0;
   std::string round_;  // key prefix of the round last passed (for the commit phase)
 };

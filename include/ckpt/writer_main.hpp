@@ -42,6 +42,12 @@ struct WriterMainOptions {
   std::function<std::shared_ptr<CheckpointWriter>(const WriterFactoryArgs&)> writer_factory{};
 };
 
+/// The status a writer child exits with when its trainer died: started with
+/// `--parent PID` (as CheckpointProcess starts it), the child watches that
+/// process and, as soon as it is gone, abandons whatever it is doing (the
+/// write in flight, the barrier), unlinks its named temporaries and exits.
+inline constexpr int kOrphanedExitStatus = 70;
+
 /// The writer child's main loop; returns the process's exit status.
 int writer_main(int argc, char** argv, const WriterMainOptions& options = {});
 

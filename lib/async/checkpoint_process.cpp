@@ -6,19 +6,24 @@
 // carries "v": 1 (the protocol version). Every request is answered by
 // {"ok": true} or {"ok": false, "kind": <ckpt error type>, "error": <text>}.
 //   1. The parent creates the socket pair and starts the writer executable
-//      (Boost.Process v2) with `--fd 3`.
+//      (Boost.Process v2) with `--fd 3 --parent <its pid>` (the child watches
+//      its trainer and exits when it dies: writer_main.hpp).
 //   2. init: {rank, world_size, write_barrier_timeout_ms, barrier_type,
 //      barrier_args, init_args, writer_args}. The child runs its init function
 //      with init_args, then builds its writer with its factory.
 //   3. ping: the child answers; steps 1–3 must end within
 //      subprocess_init_timeout, else the child is killed (Timeout, "Timed out").
 //   4. write_checkpoint: {path, arena_size, cd_offset, records[{name,
-//      header_offset, data_offset, size}], kwargs, sequence}, with the arena's
+//      header_offset, data_offset, size}], kwargs, sequence, round}, with the arena's
 //      memfd attached. The child maps the arena (kept while the memfd is the
 //      same), computes the CRCs, patches the headers, writes the file durably,
-//      and runs pre_commit, the barrier (round `sequence`: the parent's count of
-//      writes, so that a replacement child meets the other ranks in the right
-//      round), the marker, post_commit. One write at a time. Errors come back
+//      and runs pre_commit, the barrier (round `round`, `<path>#<n>` with n
+//      the parent's count of writes to that path, so that a replacement child
+//      meets the other ranks in the right round and a rank that skipped a
+//      save puts nothing out of step; `sequence`, the parent's count of
+//      writes, for barriers that count), the marker, post_commit. With a
+//      tcp_store barrier, rank 0's parent hosts the barrier's store (it
+//      outlives the child) and every child only connects. One write at a time. Errors come back
 //      typed; a CheckpointException with its rank → error map.
 //   5. exit: the child answers and exits; after subprocess_shutdown_timeout it
 //      is killed. The parent always reaps it.
@@ -32,6 +37,9 @@
 #include "async/blocking.hpp"
 #include "async/event.hpp"
 #include "async/protocol.hpp"
+#include "format/file_writer.hpp"
+
+#include <ckpt/tcp_store_barrier.hpp>
 
 #include <fmt/format.h>
 
@@ -58,6 +66,7 @@
 #include <cstring>
 #include <future>
 #include <limits>
+#include <map>
 
 #include <fcntl.h>
 #include <poll.h>
@@ -134,7 +143,11 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
   asio::strand<asio::any_io_executor> strand;
   RankInfo rank_info;
   CheckpointProcessConfig config;
-  std::int64_t writes_asked = 0;  // on the strand
+  std::int64_t writes_asked = 0;                     // on the strand
+  std::map<std::string, std::int64_t> rounds_asked;  // writes asked per path, on the strand
+  // Rank 0 of a tcp_store barrier: the store, hosted here so that it outlives
+  // the writer child (whose barrier only connects: host_store = false).
+  std::unique_ptr<TCPStoreBarrierHost> store_host;
   CheckpointWriterConfig writer_config;
   BarrierConfig barrier_config;
   WriterOptions options;
@@ -283,13 +296,10 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     co_return std::move(reply);
   }
 
-  /// Removes what a child that died mid-write left: its temporary file(s)
-  /// beside `file` (named `.<name>.tmp-<child pid>-<n>`).
-  static void remove_temporaries(const std::filesystem::path& file, int child_pid) {
-    const std::string prefix = fmt::format(".{}.tmp-{}-", file.filename().string(), child_pid);
-    std::error_code ec;
-    for (const auto& e : std::filesystem::directory_iterator(file.parent_path(), ec))
-      if (e.path().filename().string().rfind(prefix, 0) == 0) std::filesystem::remove(e.path(), ec);
+  /// Removes what a child that died mid-write left: its temporary file
+  /// beside `file`, when the filesystem gave it a name.
+  static void remove_temporaries(const std::filesystem::path& file) {
+    detail::remove_stale_temporaries(file.parent_path(), file.filename().string());
   }
 
   json::object init_message() const {
@@ -299,10 +309,29 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     m["write_barrier_timeout_ms"] = writer_config.write_barrier_timeout.count();
     m["barrier_type"] =
         barrier_config.barrier_type ? json::value(*barrier_config.barrier_type) : json::value(nullptr);
-    m["barrier_args"] = detail::protocol::kwargs_to_json(barrier_config.barrier_args);
+    Kwargs barrier_args = barrier_config.barrier_args;
+    if (hosts_barrier_store()) barrier_args.set("host_store", false);
+    m["barrier_args"] = detail::protocol::kwargs_to_json(barrier_args);
     m["init_args"] = detail::protocol::args_to_json(options.subprocess_init_args);
     m["writer_args"] = detail::protocol::kwargs_to_json(options.checkpoint_writer_init_args);
     return m;
+  }
+
+  /// Whether the barrier is tcp_store's, whose store this process hosts: on
+  /// every rank the child's barrier only connects, and rank 0 hosts it here.
+  bool hosts_barrier_store() const {
+    return barrier_config.barrier_type && *barrier_config.barrier_type == "tcp_store" &&
+           !barrier_config.barrier_args.contains("host_store");
+  }
+
+  /// Rank 0 of a tcp_store barrier: starts the store once, for every child.
+  void host_barrier_store() {
+    if (store_host || !hosts_barrier_store()) return;
+    Kwargs args = barrier_config.barrier_args;
+    if (!args.contains("global_rank")) args.set("global_rank", rank_info.global_rank);
+    if (!args.contains("global_world_size")) args.set("global_world_size", rank_info.global_world_size);
+    const auto o = TCPStoreBarrierOptions::from_args(args);
+    if (o.global_rank == 0) store_host = std::make_unique<TCPStoreBarrierHost>(o);
   }
 
   /// Steps 1–3. Sets `ready` with the outcome.
@@ -310,6 +339,7 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     auto event = detail::Event::create();
     ready = event;
     try {
+      host_barrier_store();
       co_await start_child();
       event->set();
     } catch (...) {
@@ -324,7 +354,8 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     if (::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) != 0)
       throw WriterProcessError(fmt::format("socketpair for the writer process: {}", std::strerror(errno)));
     try {
-      bp2::process proc(strand.get_inner_executor(), exe, std::vector<std::string>{"--fd", "3"},
+      bp2::process proc(strand.get_inner_executor(), exe,
+                        std::vector<std::string>{"--fd", "3", "--parent", std::to_string(::getpid())},
                         PassFd{sv[1], 3}, Niceness{config.writer_niceness});
       set_pid(proc.id());
       proc.detach();  // reaped here, not by Boost.Process
@@ -382,6 +413,8 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     // Every write asked for takes a barrier round, whatever becomes of it: the
     // ranks' counts stay equal across failed writes and restarted children.
     const std::int64_t sequence = writes_asked++;
+    const std::string round =
+        CheckpointWriter::round_name(path, rounds_asked[path.lexically_normal().string()]++);
     if (closed)
       throw WriterProcessError(fmt::format("cannot write {}: the writer process is closed", path.string()));
     if (writing) throw WriterProcessError("one write at a time: the previous write has not completed");
@@ -402,6 +435,7 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     request["records"] = detail::protocol::records_to_json(staged.records);
     request["kwargs"] = detail::protocol::kwargs_to_json(kwargs);
     request["sequence"] = sequence;
+    request["round"] = round;
 
     std::optional<json::object> reply;
     bool stream_ended = false;
@@ -413,17 +447,15 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
       stream_ended = true;  // the request could not be sent: the child is gone
     }
     if (stream_ended) {
-      const int dead = pid;
       const std::string how = co_await reap_after_eof();
       const auto file = path / checkpoint_file_name(rank_info.global_rank);
-      remove_temporaries(file, dead);
+      remove_temporaries(file);
       throw WriterProcessError(
           fmt::format("Child process terminated unexpectedly ({}) while writing {}", how, file.string()));
     }
     if (!reply) {
-      const int dead = pid;
       const std::string how = kill_and_reap();
-      remove_temporaries(path / checkpoint_file_name(rank_info.global_rank), dead);
+      remove_temporaries(path / checkpoint_file_name(rank_info.global_rank));
       throw Timeout(
           fmt::format("Timed out after {} ms waiting for the writer process to write {}; it was killed ({})",
                       config.write_timeout.count(), path.string(), how));

@@ -11,10 +11,14 @@
 #include <fmt/format.h>
 
 #include <charconv>
+#include <csignal>
 #include <cstring>
 #include <string_view>
+#include <thread>
 
+#include <poll.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 namespace json = boost::json;
@@ -51,27 +55,57 @@ std::uint64_t u64(const json::object& o, const char* key) {
   throw WriterProcessError(fmt::format("protocol field '{}' is not a size", key));
 }
 
-int socket_fd_from(int argc, char** argv) {
+/// The value of option `name` (a non-negative int); -1 when absent or malformed.
+int int_option(int argc, char** argv, std::string_view name) {
   for (int i = 1; i + 1 < argc; ++i) {
-    if (std::string_view(argv[i]) == "--fd") {
-      int fd = -1;
+    if (std::string_view(argv[i]) == name) {
+      int value = -1;
       std::string_view s(argv[i + 1]);
-      auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), fd);
-      if (ec == std::errc() && p == s.data() + s.size()) return fd;
+      auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), value);
+      if (ec == std::errc() && p == s.data() + s.size() && value >= 0) return value;
     }
   }
   return -1;
 }
 
+[[noreturn]] void abandon(pid_t trainer) {
+  detail::remove_in_flight_temporaries();
+  ::signal(SIGPIPE, SIG_IGN);  // stderr may be a pipe whose reader died with the trainer
+  const std::string line =
+      fmt::format("ckpt-writer: the trainer (pid {}) is gone; the write in flight is abandoned\n", trainer);
+  [[maybe_unused]] auto n = ::write(STDERR_FILENO, line.data(), line.size());
+  ::_exit(kOrphanedExitStatus);
+}
+
+/// The documented rule for an orphan: as soon as the trainer that started this
+/// child is gone, the child abandons whatever it is doing (a write, a barrier),
+/// unlinks its named temporaries and exits. A thread waits on a pidfd of the
+/// trainer (polls its parent pid where pidfds are missing).
+void watch_trainer(pid_t trainer) {
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, trainer, 0));
+  if (::getppid() != trainer) abandon(trainer);  // gone before the watch began
+  std::thread([trainer, pidfd] {
+    if (pidfd >= 0) {
+      pollfd p{pidfd, POLLIN, 0};
+      while (::poll(&p, 1, -1) < 0 && errno == EINTR) {
+      }
+    } else {
+      while (::getppid() == trainer) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    abandon(trainer);
+  }).detach();
+}
+
 }  // namespace
 
 int writer_main(int argc, char** argv, const WriterMainOptions& options) {
-  const int sock = socket_fd_from(argc, argv);
+  const int sock = int_option(argc, argv, "--fd");
   if (sock < 0) {
     fmt::print(stderr, "{}: a ckpt writer process, started by ckpt's CheckpointProcess (usage: {} --fd N)\n",
                argc > 0 ? argv[0] : "ckpt-writer", argc > 0 ? argv[0] : "ckpt-writer");
     return 2;
   }
+  if (const int trainer = int_option(argc, argv, "--parent"); trainer > 0) watch_trainer(trainer);
   std::shared_ptr<CheckpointWriter> writer;
   ArenaView arena;
   for (;;) {
@@ -138,6 +172,8 @@ int writer_main(int argc, char** argv, const WriterMainOptions& options) {
         std::byte* image = arena.map(passed_fd, arena_size);
         if (const auto* seq = message->if_contains("sequence"))
           writer->set_barrier_sequence(seq->to_number<std::int64_t>());
+        if (const auto* round = message->if_contains("round"); round && round->is_string())
+          writer->set_barrier_round(std::string(round->as_string()));
         writer->write_with(
             std::filesystem::path(std::string(message->at("path").as_string())),
             [&](const std::filesystem::path& file) {

@@ -4,6 +4,8 @@
 #include <ckpt/error.hpp>
 #include <ckpt/log.hpp>
 
+#include "format/file_writer.hpp"
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -57,6 +59,16 @@ CheckpointManager::CheckpointManager(fs::path root, std::shared_ptr<Checkpointer
       options_(options),
       rank_info_(options.rank_info ? *options.rank_info : rank_info_from_env()) {
   if (!checkpointer_) throw Error("CheckpointManager needs a checkpointer");
+  // Temporaries of saves killed before this job started (when the filesystem
+  // gave them names): this rank takes its own file's, the coordinator the
+  // commit markers' too; only where the writer ran on this host and is gone.
+  const std::string own =
+      rank_info_.global_rank == 0 ? std::string() : checkpoint_file_name(rank_info_.global_rank);
+  try {
+    for (const auto& [step, path] : step_dirs(root_)) detail::remove_stale_temporaries(path, own);
+  } catch (const IoError&) {
+    // a root that cannot be listed fails the first save, with its reason
+  }
 }
 
 CheckpointManager::~CheckpointManager() {

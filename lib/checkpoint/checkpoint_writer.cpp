@@ -5,6 +5,7 @@
 
 #include "core/failures.hpp"
 #include "core/log_once.hpp"
+#include "format/file_writer.hpp"
 
 #include <fmt/format.h>
 #include <boost/json.hpp>
@@ -49,9 +50,20 @@ void CheckpointWriter::write(const std::filesystem::path& path, const StateDict&
 void CheckpointWriter::write_with(
     const std::filesystem::path& path,
     const std::function<void(const std::filesystem::path& file)>& write_rank_file, const Kwargs& kwargs) {
+  if (barrier_) {
+    // This save's barrier round, named by its checkpoint.
+    const std::int64_t count = rounds_joined_[path.lexically_normal().string()]++;
+    barrier_->set_round(next_round_ ? *next_round_ : round_name(path, count));
+    next_round_.reset();
+  }
   try {
     make_directory(path);
-    write_rank_file(path / checkpoint_file_name(rank_info_.global_rank));
+    // What a killed save of this rank's file left (on a filesystem without
+    // unnamed files, or killed between link and rename): the coordinator also
+    // takes the commit marker's.
+    const std::string name = checkpoint_file_name(rank_info_.global_rank);
+    detail::remove_stale_temporaries(path, rank_info_.global_rank == 0 ? std::string() : name);
+    write_rank_file(path / name);
   } catch (...) {
     report_failure(std::current_exception());
     throw;
@@ -164,9 +176,14 @@ void CheckpointWriter::commit(const std::filesystem::path& path, const Kwargs& k
 }
 
 BarrierOutcome CheckpointWriter::run_barrier(const std::string& report, bool failed, bool want_reports) {
-  // The barrier runs on a thread of its own so that a barrier that never
-  // returns cannot hold this one past the deadline. Such a thread is left
-  // behind (it owns a reference to the barrier); nothing here waits for it.
+  // A barrier that bounds its own waits (the built-in ones) runs here, told
+  // the deadline: no thread. Any other runs on a thread of its own so that a
+  // barrier that never returns cannot hold this one past the deadline; such a
+  // thread is left behind (it owns a reference to the barrier).
+  if (barrier_->bounds_its_waits()) {
+    barrier_->limit_wait(config_.write_barrier_timeout);
+    return barrier_->arrive(report, failed, want_reports);
+  }
   auto done = std::make_shared<std::promise<BarrierOutcome>>();
   auto result = done->get_future();
   std::thread([barrier = barrier_, done, report, failed, want_reports] {
@@ -190,6 +207,14 @@ void CheckpointWriter::close() {}
 
 void CheckpointWriter::set_barrier_sequence(std::int64_t sequence) {
   if (barrier_) barrier_->set_sequence(sequence);
+}
+
+void CheckpointWriter::set_barrier_round(std::string name) {
+  next_round_ = std::move(name);
+}
+
+std::string CheckpointWriter::round_name(const std::filesystem::path& path, std::int64_t count) {
+  return fmt::format("{}#{}", path.lexically_normal().string(), count);
 }
 
 }  // namespace ckpt

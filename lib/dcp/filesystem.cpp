@@ -20,12 +20,14 @@
 #include <fmt/ranges.h>
 
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <optional>
 #include <random>
 #include <set>
+#include <string_view>
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -94,11 +96,20 @@ void FileSystemWriter::reset(const std::optional<fs::path>& checkpoint_id) {
   if (checkpoint_id) path_ = *checkpoint_id;
 }
 
-void FileSystemWriter::set_up_storage_writer(bool) {
+void FileSystemWriter::set_up_storage_writer(bool is_coordinator) {
   std::error_code ec;
   fs::create_directories(path_, ec);
   if (ec)
     throw IoError(fmt::format("cannot create checkpoint directory {}: {}", path_.string(), ec.message()));
+  // What killed saves left here (temporaries, when the filesystem gave them a
+  // name): only the host that wrote one can tell its writer is gone, so the
+  // coordinator takes its host's, and on every other host the first local rank
+  // (LOCAL_RANK 0) takes that host's data files'. One listing per host.
+  const char* local_rank = std::getenv("LOCAL_RANK");
+  if (is_coordinator)
+    ckpt::detail::remove_stale_temporaries(path_);
+  else if (local_rank && std::string_view(local_rank) == "0")
+    ckpt::detail::remove_stale_temporaries(path_, "__");
 }
 
 SavePlan FileSystemWriter::prepare_local_plan(SavePlan plan) {

@@ -12,6 +12,8 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
+
 namespace ckpt::dist {
 
 using namespace ckpt::detail;
@@ -42,6 +44,7 @@ BarrierOutcome DistBarrier::arrive(const std::string& report, bool failed, bool 
   const std::string k = fmt::format("{}{}", prefix_, seq);
   const auto arrived_key = [&](std::int64_t r) { return fmt::format("{}/arrived/{}", k, r); };
   const std::string what = fmt::format("dist_barrier #{} (rank {} of {})", seq, rank, world);
+  const std::chrono::milliseconds timeout = limit_ ? std::min(*limit_, timeout_) : timeout_;
   round_.clear();
   store.set(arrived_key(rank), to_bytes("1"));
   if (seq >= 2) store.deleteKey(fmt::format("{}{}/arrived/{}", prefix_, seq - 2, rank));
@@ -50,7 +53,7 @@ BarrierOutcome DistBarrier::arrive(const std::string& report, bool failed, bool 
     bool done = false;
     std::string cause = "the collective did not complete";
     try {
-      done = work->wait(timeout_);
+      done = work->wait(timeout);
     } catch (const std::exception& e) {
       cause = e.what();
     }
@@ -60,7 +63,7 @@ BarrierOutcome DistBarrier::arrive(const std::string& report, bool failed, bool 
         store.compareSet(k + "/done", {}, to_bytes("abandoned: " + what + " timed out"));
     } catch (const std::exception&) {
     }
-    barrier_timed_out(store, what, timeout_, world, arrived_key, cause);
+    barrier_timed_out(store, what, timeout, world, arrived_key, cause);
   };
   const auto all_gather = [&](const at::Tensor& mine) {
     std::vector<std::vector<at::Tensor>> outputs(1);
@@ -116,7 +119,7 @@ void DistBarrier::end_commit(const std::optional<RankFailure>& failure) {
 
 std::optional<RankFailure> DistBarrier::await_commit() {
   if (round_.empty()) return RankFailure{"Error", "no barrier round to await"};
-  return await_verdict(*group_->store, round_ + "/done", timeout_);
+  return await_verdict(*group_->store, round_ + "/done", limit_ ? std::min(*limit_, timeout_) : timeout_);
 }
 
 }  // namespace ckpt::dist

@@ -1,5 +1,6 @@
 // TCPStoreBarrier: the commit barrier over a store (TCPStoreBarrier::arrive), for the save with
-// sequence number `seq` and key prefix K = <barrier_prefix><seq>:
+// key prefix K = <barrier_prefix>/<round name> (set_round: CheckpointWriter names rounds by
+// checkpoint) or, without a name, K = <barrier_prefix><seq> (the count of calls):
 //   1. set `rank<r>` = seq (upstream's key), `K/report/<r>` = the report and,
 //      for a rank that failed, `K/failed/<r>` and add 1 to `K/failed`;
 //   2. add 1 to `K/num_members`; the rank that brings it to the world size sets
@@ -10,8 +11,9 @@
 //      the coordinator set it to "commit" first (then all had arrived);
 //   4. read `K/failed` (one key: O(1) per rank); when nonzero, every rank reads
 //      who failed and why; the coordinator reads every report (O(N) there);
-//   5. delete this rank's keys of seq − 2 (every rank has passed seq − 1, so
-//      nobody reads them any more); rank 0 deletes the counters;
+//   5. delete this rank's keys of the round two before this one (every rank
+//      has passed the one before, so nobody reads them any more); rank 0
+//      deletes the counters;
 //   6. the commit phase: the coordinator claims `K/verdict` = "commit" (false
 //      when a rank abandoned the round: no marker), writes the marker, and sets
 //      `K/done` ("ok" or the error); the others wait for `K/done`. A rank that
@@ -29,8 +31,12 @@
 #include <fmt/ranges.h>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <algorithm>
 #include <cstdlib>
+#include <deque>
 #include <mutex>
+#include <optional>
+#include <utility>
 
 namespace ckpt {
 
@@ -54,6 +60,7 @@ TCPStoreBarrierOptions TCPStoreBarrierOptions::from_args(const Kwargs& args) {
     o.tcpstore_port = static_cast<std::uint16_t>(p);
     if (const Arg* a = args.find("master_address")) o.master_address = a->as_string();
     o.timeout = seconds_arg(args, "timeout", "timeout_secs", o.timeout);
+    if (const Arg* a = args.find("host_store")) o.host_store = a->as_bool();
   } catch (const Error& e) {
     throw Error(fmt::format("tcp_store barrier: {}", e.what()));
   }
@@ -68,8 +75,15 @@ struct TCPStoreBarrier::Impl {
   c10::intrusive_ptr<c10d::TCPStore> master;  // rank 0: hosts the store
   c10::intrusive_ptr<c10d::TCPStore> store;   // every rank: the client barrier calls use
   std::int64_t sequence = 0;
-  std::string round;  // key prefix of the round last passed (for the commit phase)
-  std::mutex mutex;   // one barrier call at a time
+  std::optional<std::string> named;                // the next call's round name (set_round)
+  std::optional<std::chrono::milliseconds> limit;  // limit_wait
+  std::string round;               // key prefix of the round last passed (for the commit phase)
+  std::deque<std::string> passed;  // key prefixes of the rounds passed, oldest first
+  mutable std::mutex mutex;        // one barrier call at a time
+
+  std::chrono::milliseconds wait_timeout() const {
+    return limit ? std::min(*limit, options.timeout) : options.timeout;
+  }
 
   std::string key(std::int64_t seq) const { return options.barrier_prefix + std::to_string(seq); }
 
@@ -103,7 +117,7 @@ TCPStoreBarrier::TCPStoreBarrier(TCPStoreBarrierOptions options) : impl_(std::ma
       "the tcp_store barrier's store at {}:{} (rank {} of {}, init timeout {} ms)", o.master_address,
       o.tcpstore_port, o.global_rank, o.global_world_size, o.timeout_barrier_init.count());
   try {
-    if (o.global_rank == 0) {
+    if (o.global_rank == 0 && o.host_store) {
       c10d::TCPStoreOptions master;
       master.port = o.tcpstore_port;
       master.isServer = true;
@@ -190,6 +204,21 @@ void TCPStoreBarrier::set_sequence(std::int64_t sequence) {
   impl_->sequence = sequence;
 }
 
+std::string TCPStoreBarrier::last_round() const {
+  std::lock_guard lock(impl_->mutex);
+  return impl_->passed.empty() ? std::string() : impl_->passed.back();
+}
+
+void TCPStoreBarrier::set_round(const std::string& name) {
+  std::lock_guard lock(impl_->mutex);
+  impl_->named = name;
+}
+
+void TCPStoreBarrier::limit_wait(std::chrono::milliseconds timeout) {
+  std::lock_guard lock(impl_->mutex);
+  impl_->limit = timeout;
+}
+
 void TCPStoreBarrier::execute_barrier() {
   arrive("", false, false);
 }
@@ -200,14 +229,18 @@ BarrierOutcome TCPStoreBarrier::arrive(const std::string& report, bool failed, b
   const auto& o = impl_->options;
   const std::int64_t seq = impl_->sequence;
   const std::string rank = std::to_string(o.global_rank);
-  const std::string k = impl_->key(seq);
+  const std::optional<std::string> named = std::exchange(impl_->named, std::nullopt);
+  const std::string k = named ? o.barrier_prefix + "/" + *named : impl_->key(seq);
+  const std::chrono::milliseconds timeout = impl_->wait_timeout();
   const auto report_key = [&](std::int64_t r) { return fmt::format("{}/report/{}", k, r); };
-  const std::string what = fmt::format("barrier '{}' #{} (rank {} of {})", o.barrier_prefix, seq,
-                                       o.global_rank, o.global_world_size);
+  const std::string what = named ? fmt::format("barrier '{}' round '{}' (rank {} of {})", o.barrier_prefix,
+                                               *named, o.global_rank, o.global_world_size)
+                                 : fmt::format("barrier '{}' #{} (rank {} of {})", o.barrier_prefix, seq,
+                                               o.global_rank, o.global_world_size);
   impl_->round.clear();
   try {
     // Steps 1 and 2.
-    store().set("rank" + rank, to_bytes(std::to_string(seq)));
+    store().set("rank" + rank, to_bytes(named ? *named : std::to_string(seq)));
     store().set(report_key(o.global_rank), to_bytes(report));
     if (failed) {
       store().set(fmt::format("{}/failed/{}", k, rank), to_bytes("1"));
@@ -221,14 +254,14 @@ BarrierOutcome TCPStoreBarrier::arrive(const std::string& report, bool failed, b
   // Step 3. A round that timed out is abandoned (its verdict says so, unless
   // the coordinator already decided to commit it: then everyone had arrived
   // after all), and the next call joins the next round.
-  impl_->sequence = seq + 1;
+  if (!named) impl_->sequence = seq + 1;
   try {
-    store().wait({k + "/last_member"}, o.timeout);
+    store().wait({k + "/last_member"}, timeout);
   } catch (const std::exception& e) {
     impl_->reconnect();
     const std::string who = who_did_not_arrive(store(), o.global_world_size, report_key);
-    const std::string text = fmt::format("Timed out after {} ms at {}: {} ({})", o.timeout.count(), what, who,
-                                         first_line(e.what()));
+    const std::string text =
+        fmt::format("Timed out after {} ms at {}: {} ({})", timeout.count(), what, who, first_line(e.what()));
     std::string verdict;
     try {
       verdict = to_string(store().compareSet(k + "/verdict", {}, to_bytes("abandoned")));
@@ -251,9 +284,11 @@ BarrierOutcome TCPStoreBarrier::arrive(const std::string& report, bool failed, b
     if (want_reports)
       for (std::int64_t r = 0; r < o.global_world_size; ++r)
         out.reports.push_back(to_string(store().get(report_key(r))));
-    // Step 5.
-    if (seq >= 2) {
-      const std::string old = impl_->key(seq - 2);
+    // Step 5: the round two before this one is read by nobody any more.
+    impl_->passed.push_back(k);
+    if (impl_->passed.size() > 2) {
+      const std::string old = impl_->passed.front();
+      impl_->passed.pop_front();
       store().deleteKey(fmt::format("{}/report/{}", old, rank));
       store().deleteKey(fmt::format("{}/failed/{}", old, rank));
       if (o.global_rank == 0)
@@ -295,10 +330,35 @@ void TCPStoreBarrier::end_commit(const std::optional<RankFailure>& failure) {
 std::optional<RankFailure> TCPStoreBarrier::await_commit() {
   std::lock_guard lock(impl_->mutex);
   if (impl_->round.empty()) return RankFailure{"Error", "no barrier round to await"};
-  auto verdict = await_verdict(*impl_->store, impl_->round + "/done", impl_->options.timeout);
+  auto verdict = await_verdict(*impl_->store, impl_->round + "/done", impl_->wait_timeout());
   if (verdict && verdict->type == "Timeout" && verdict->message.rfind("Timed out", 0) == 0)
     impl_->reconnect();
   return verdict;
 }
+
+}  // namespace ckpt
+
+namespace ckpt {
+
+struct TCPStoreBarrierHost::Impl {
+  c10::intrusive_ptr<c10d::TCPStore> master;
+};
+
+TCPStoreBarrierHost::TCPStoreBarrierHost(const TCPStoreBarrierOptions& o) : impl_(std::make_unique<Impl>()) {
+  try {
+    c10d::TCPStoreOptions master;
+    master.port = o.tcpstore_port;
+    master.isServer = true;
+    master.numWorkers = static_cast<std::size_t>(o.global_world_size);
+    master.waitWorkers = false;
+    master.timeout = o.timeout_barrier_init;
+    impl_->master = c10::make_intrusive<c10d::TCPStore>(o.master_address, master);
+  } catch (const std::exception& e) {
+    throw Error(fmt::format("cannot host the tcp_store barrier's store at {}:{}: {}", o.master_address,
+                            o.tcpstore_port, first_line(e.what())));
+  }
+}
+
+TCPStoreBarrierHost::~TCPStoreBarrierHost() = default;
 
 }  // namespace ckpt

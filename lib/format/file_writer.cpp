@@ -2,16 +2,21 @@
 //
 // The commit order:
 //   1. lay the file out (pickle, records, offsets) without copying tensor bytes;
-//   2. create `.<name>.tmp-<pid>-<n>` in the destination directory (O_EXCL);
+//   2. open an unnamed file in the destination directory (O_TMPFILE; where the
+//      filesystem has none, `.<name>.tmp-<host>-<pid>-<start>-<n>` at once);
 //   3. stream every record (a ZipImage, zip_image.hpp, makes the bytes around
 //      the data): the local header, then the data in slices; a small record's
 //      CRC-32 is computed first (its header carries it), a large one's on a
 //      second thread while its slices are copied out;
 //   4. append the central directory (which carries the CRCs);
 //   5. patch each record's CRC into its local header;
-//   6. fsync the file, rename it over the destination, fsync the directory.
+//   6. fsync the file, link it as `.<name>.tmp-<host>-<pid>-<start>-<n>`,
+//      rename that over the destination, fsync the directory.
 // Any failure before step 6 completes removes the temporary file and leaves the
-// destination as it was.
+// destination as it was; a writer killed before it leaves no file. A temporary
+// that outlived its writer (killed between link and rename, or on a filesystem
+// without O_TMPFILE) names its host and process, so remove_stale_temporaries()
+// can tell it from a live writer's, on a shared filesystem too.
 //
 // With O_DIRECT, bytes pass through a few page-aligned buffers that are kept for
 // the process's life (so a save touches no fresh memory) and an I/O thread
@@ -28,12 +33,17 @@
 
 #include <array>
 #include <atomic>
+#include <cctype>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <exception>
+#include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
+#include <set>
+#include <sstream>
 #include <thread>
 
 #include <fcntl.h>
@@ -337,43 +347,194 @@ void finish_patches(Sink& sink, const std::vector<Patch>& patches) {
 
 std::atomic<unsigned> temp_counter{0};
 
+/// This host's name as it goes into a temporary's name: letters, digits, '.'
+/// and '_' only (anything else becomes '_').
+const std::string& host_token() {
+  static const std::string token = [] {
+    char buf[256] = {};
+    if (::gethostname(buf, sizeof buf - 1) != 0 || buf[0] == '\0') return std::string("localhost");
+    std::string t(buf);
+    for (char& c : t)
+      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '.') c = '_';
+    return t;
+  }();
+  return token;
+}
+
+/// When process `pid` started (clock ticks after boot, field 22 of
+/// /proc/<pid>/stat); nullopt when no such process runs.
+std::optional<unsigned long long> start_time_of(long pid) {
+  std::ifstream in(fmt::format("/proc/{}/stat", pid));
+  std::string line;
+  if (!in || !std::getline(in, line)) return std::nullopt;
+  const auto paren = line.rfind(')');  // the command name may hold spaces and ')'
+  if (paren == std::string::npos) return std::nullopt;
+  std::istringstream fields(line.substr(paren + 1));
+  std::string field;
+  for (int i = 3; i <= 22; ++i)
+    if (!(fields >> field)) return std::nullopt;
+  try {
+    return std::stoull(field);
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+}
+
+unsigned long long own_start_time() {
+  static const unsigned long long start = start_time_of(::getpid()).value_or(0);
+  return start;
+}
+
+/// Names of the temporaries this process has in flight (for
+/// remove_in_flight_temporaries()).
+std::mutex in_flight_mutex;
+std::set<std::string>& in_flight() {
+  static std::set<std::string> names;
+  return names;
+}
+
+struct InFlight {
+  std::string name;
+  explicit InFlight(std::string n) : name(std::move(n)) {
+    std::lock_guard lock(in_flight_mutex);
+    in_flight().insert(name);
+  }
+  ~InFlight() {
+    std::lock_guard lock(in_flight_mutex);
+    in_flight().erase(name);
+  }
+};
+
+/// `temp`'s parts when it is a temporary of this writer's naming: the name it
+/// stands in for, host, pid and start time.
+struct TempName {
+  std::string target, host;
+  long pid = 0;
+  unsigned long long start = 0;
+};
+std::optional<TempName> parse_temporary(const std::string& name) {
+  if (name.size() < 2 || name[0] != '.') return std::nullopt;
+  const auto tag = name.rfind(".tmp-");
+  if (tag == std::string::npos || tag < 1) return std::nullopt;
+  std::string rest = name.substr(tag + 5);
+  std::array<std::string, 3> numbers;  // n, start, pid (from the right)
+  for (auto& number : numbers) {
+    const auto dash = rest.rfind('-');
+    if (dash == std::string::npos) return std::nullopt;
+    number = rest.substr(dash + 1);
+    rest.resize(dash);
+    if (number.empty() || number.find_first_not_of("0123456789") != std::string::npos || number.size() > 19)
+      return std::nullopt;
+  }
+  if (rest.empty()) return std::nullopt;
+  return TempName{name.substr(1, tag - 1), rest, std::stol(numbers[2]), std::stoull(numbers[1])};
+}
+
+/// Opens an unnamed file in `dir` (O_TMPFILE); -1 where the filesystem does
+/// not offer them. Sets `direct` to whether O_DIRECT held. Errors name `temp`,
+/// the name it will take.
+int open_unnamed(const std::filesystem::path& dir, const std::filesystem::path& temp, bool& direct) {
+  const int flags = O_TMPFILE | O_WRONLY | O_CLOEXEC;
+  int fd = -1;
+  if (direct) {
+    fd = ::open(dir.c_str(), flags | O_DIRECT, 0644);
+    if (fd < 0 && errno == EINVAL) direct = false;
+  }
+  if (fd < 0) fd = ::open(dir.c_str(), flags, 0644);
+  if (fd < 0 && (errno == EOPNOTSUPP || errno == EISDIR || errno == EINVAL)) return -1;
+  if (fd < 0) throw_errno("create", temp, errno);
+  return fd;
+}
+
 }  // namespace
+
+std::filesystem::path temporary_beside(const std::filesystem::path& file) {
+  const auto dir = file.parent_path();
+  return (dir.empty() ? std::filesystem::path(".") : dir) /
+         fmt::format(".{}.tmp-{}-{}-{}-{}", file.filename().string(), host_token(), ::getpid(),
+                     own_start_time(), temp_counter++);
+}
+
+std::size_t remove_stale_temporaries(const std::filesystem::path& dir, const std::string& prefix) noexcept {
+  std::size_t removed = 0;
+  std::error_code ec;
+  const auto d = dir.empty() ? std::filesystem::path(".") : dir;
+  for (std::filesystem::directory_iterator it(d, ec), end; !ec && it != end; it.increment(ec)) {
+    try {
+      const std::string name = it->path().filename().string();
+      if (name.empty() || name[0] != '.') continue;
+      const auto temp = parse_temporary(name);
+      if (!temp || temp->host != host_token() || !temp->target.starts_with(prefix)) continue;
+      const auto start = start_time_of(temp->pid);
+      if (start && *start == temp->start) continue;  // its writer still runs
+      std::error_code rm;
+      if (std::filesystem::remove(it->path(), rm)) ++removed;
+    } catch (const std::exception&) {
+      // an entry that cannot be read is left alone
+    }
+  }
+  return removed;
+}
+
+void remove_in_flight_temporaries() noexcept {
+  std::lock_guard lock(in_flight_mutex);
+  for (const auto& name : in_flight()) ::unlink(name.c_str());
+}
 
 void write_durably(
     const std::filesystem::path& file, const WriteOptions& options,
     const std::function<std::uint64_t(int fd, bool direct, const std::filesystem::path& temp)>& body) {
-  const auto dir = file.parent_path();
-  const auto temp = (dir.empty() ? std::filesystem::path(".") : dir) /
-                    fmt::format(".{}.tmp-{}-{}", file.filename().string(), ::getpid(), temp_counter++);
-  const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
-  Fd fd;
+  const auto dir = file.parent_path().empty() ? std::filesystem::path(".") : file.parent_path();
+  const auto temp = temporary_beside(file);
+  // The bytes get a name only once they are whole and durable: written into an
+  // unnamed file (O_TMPFILE), linked as `temp`, renamed over `file`. A writer
+  // killed on the way leaves nothing. Where the filesystem has no unnamed
+  // files, `temp` is created at once and a killed writer's temporary is removed
+  // by a later remove_stale_temporaries().
   bool direct = options.direct_io;
-  if (direct) {
-    fd = Fd(::open(temp.c_str(), flags | O_DIRECT, 0644));
-    if (!fd && errno == EINVAL)
-      direct = false;  // tmpfs and friends
-    else if (!fd)
-      throw_errno("create", temp, errno);
+  Fd fd(open_unnamed(dir, temp, direct));
+  const bool unnamed = static_cast<bool>(fd);
+  std::optional<InFlight> registered;
+  if (!unnamed) {
+    const int flags = O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC;
+    registered.emplace(temp.string());
+    direct = options.direct_io;
+    if (direct) {
+      fd = Fd(::open(temp.c_str(), flags | O_DIRECT, 0644));
+      if (!fd && errno == EINVAL)
+        direct = false;  // tmpfs and friends
+      else if (!fd)
+        throw_errno("create", temp, errno);
+    }
+    if (!fd) {
+      fd = Fd(::open(temp.c_str(), flags, 0644));
+      if (!fd) throw_errno("create", temp, errno);
+    }
   }
-  if (!fd) {
-    fd = Fd(::open(temp.c_str(), flags, 0644));
-    if (!fd) throw_errno("create", temp, errno);
-  }
+  bool named = !unnamed;
   try {
     const std::uint64_t size = body(fd.get(), direct, temp);
     if (direct && ::ftruncate(fd.get(), static_cast<off_t>(size)) != 0) throw_errno("truncate", temp, errno);
     if (options.fsync) fsync_fd(fd.get(), temp);
+    if (unnamed) {
+      registered.emplace(temp.string());
+      const auto self = fmt::format("/proc/self/fd/{}", fd.get());
+      if (::linkat(AT_FDCWD, self.c_str(), AT_FDCWD, temp.c_str(), AT_SYMLINK_FOLLOW) != 0)
+        throw_errno("link", temp, errno);
+      named = true;
+    }
     fd.reset();
     if (::rename(temp.c_str(), file.c_str()) != 0)
       throw_errno("rename to " + file.string() + ":", temp, errno);
+    named = false;
   } catch (const IoError& e) {
     fd.reset();
-    ::unlink(temp.c_str());
+    if (named) ::unlink(temp.c_str());
     throw IoError(
         fmt::format("cannot write checkpoint {} (nothing was changed there): {}", file.string(), e.what()));
   } catch (...) {
     fd.reset();
-    ::unlink(temp.c_str());
+    if (named) ::unlink(temp.c_str());
     throw;
   }
   if (options.fsync) fsync_dir(dir);

@@ -11,17 +11,38 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <string>
 #include <vector>
 
 namespace ckpt::detail {
 
-/// The durable commit order around `body`: create a temporary file beside
-/// `file`, let `body(fd, direct, temp)` write it and return its size, truncate,
-/// fsync, rename over `file`, fsync the directory. On failure the temporary file
-/// is removed and `file` is left as it was.
+/// The durable commit order around `body`: open an unnamed file in `file`'s
+/// directory (O_TMPFILE; a named temporary where the filesystem has none), let
+/// `body(fd, direct, temp)` write it and return its size, truncate, fsync, link
+/// it as `temp` (temporary_beside(file)), rename that over `file`, fsync the
+/// directory. On failure the temporary file is removed and `file` is left as it
+/// was; a process killed on the way leaves no file (or, without O_TMPFILE or in
+/// the instant between link and rename, a temporary that
+/// remove_stale_temporaries() removes).
 void write_durably(
     const std::filesystem::path& file, const WriteOptions& options,
     const std::function<std::uint64_t(int fd, bool direct, const std::filesystem::path& temp)>& body);
+
+/// A fresh name beside `file` for its temporary:
+/// `.<name>.tmp-<host>-<pid>-<start>-<n>`, where host, pid and start (the
+/// process's start time) say which process on which host writes it.
+std::filesystem::path temporary_beside(const std::filesystem::path& file);
+
+/// Removes the temporaries in `dir` (of files whose names start with
+/// `prefix`; of any file when it is empty) whose writer is gone: written on this host by a
+/// process that no longer runs. Another host's temporaries are left alone (a
+/// shared filesystem). Returns how many were removed; never throws.
+std::size_t remove_stale_temporaries(const std::filesystem::path& dir,
+                                     const std::string& prefix = {}) noexcept;
+
+/// Unlinks the named temporaries this process's writes have in flight (for a
+/// writer that abandons its work and exits).
+void remove_in_flight_temporaries() noexcept;
 
 /// write_file() of a layout made by plan_layout(): on return the file is
 /// durable and every record's crc32 is set (record offsets are the layout's).

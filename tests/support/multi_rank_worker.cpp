@@ -291,7 +291,7 @@ void commit(Rank& r, bool async) {
     ck = make(r, true, 60s);
   } else {
     // make_sync_checkpointer's parts, assembled here to watch the barrier's
-    // sequence number advance.
+    // rounds named by checkpoint.
     const auto config = r.config(60s);
     barrier = ckpt::create_barrier_from_config(config.barrier_config, r.group().rank_info);
     ck = std::make_unique<ckpt::SyncCheckpointer>(
@@ -308,8 +308,10 @@ void commit(Rank& r, bool async) {
              same);
   }
   if (barrier) {
-    const auto seq = dynamic_cast<ckpt::TCPStoreBarrier&>(*barrier).sequence();
-    r.report("sequence", std::to_string(seq), seq == 2);
+    // Rounds are named by checkpoint: the last one passed is save_2's first.
+    const auto round = dynamic_cast<ckpt::TCPStoreBarrier&>(*barrier).last_round();
+    const auto expected = ckpt::CheckpointWriter::round_name(r.dir() / "save_2", 0);
+    r.report("round", round, round == "commit-sync/" + expected);
   }
   if (r.rank() != 0) ck->close();
   r.leave(r.world());
@@ -565,6 +567,72 @@ void manager_survives_kill(Rank& r) {
   ck->close();
 }
 
+// G: the tcp_store barrier's store lives in rank 0's trainer, not in its
+// writer child: rank 0's child is killed between saves; the saves right after
+// it fail (rank 0's for its dead child, then once more with that error, as the
+// async checkpointer tells a failed write; the others time out naming rank 0),
+// and the next one commits on every rank through the same store.
+void rank0_child_dies(Rank& r) {
+  auto ck = r.make_async(5s);
+  wait_ready(*ck);
+  const auto save_n = [&](int n) {
+    return outcome_of(
+        [&] { save(*ck, r.dir() / fmt::format("save_{}", n), state_of(r.rank(), value_at(n, r.rank()))); });
+  };
+  r.expect("save_1", save_n(1), "ok");
+  r.meet("saved-1", r.world());
+  if (r.rank() == 0) {
+    const int pid = ck->process().pid();
+    const bool killed = pid > 0 && ::kill(pid, SIGKILL) == 0;
+    r.report("killed_writer_child", killed ? "ok" : "failed", killed);
+  }
+  r.meet("killed", r.world());
+  std::string outcome;
+  int n = 2;
+  for (; n <= 4; ++n) {
+    outcome = save_n(n);
+    r.report(fmt::format("save_{}", n), outcome, true);
+    r.meet(fmt::format("tried-{}", n), r.world());
+    if (outcome == "ok") break;
+  }
+  r.report("first_commit_after_kill", fmt::format("save_{}", n), outcome == "ok");
+  if (r.rank() != 0) ck->close();
+  r.leave(r.world());
+  ck->close();
+}
+
+// H: a training job that is killed as a whole and restarted (multi_rank_test
+// kills its process group): it restores the newest committed step through
+// the manager ("resumed" = that step, or none; "restored" = whether every
+// value is the one saved at that step), then saves step after step ("saved_S")
+// until it has saved JOB_STEPS steps past the one it resumed from.
+void job(Rank& r) {
+  const char* steps_env = std::getenv("JOB_STEPS");
+  const std::int64_t steps = steps_env ? std::stoll(steps_env) : 1000000;
+  std::shared_ptr<ckpt::AsyncCheckpointer> ck = r.make_async(30s);
+  wait_ready(*ck);
+  ckpt::CheckpointManager manager(r.dir(), ck, {.keep_last_n = 3, .rank_info = r.group().rank_info});
+  auto target = restore_target();
+  std::optional<std::int64_t> from;
+  const auto outcome = outcome_of([&] { from = manager.restore_latest(target); });
+  r.report("resumed", outcome == "ok" ? (from ? std::to_string(*from) : "none") : outcome, outcome == "ok");
+  const bool same = !from || holds(target, r.rank(), value_at(*from, r.rank()));
+  r.report("restored", same ? "own-values" : "OTHER-VALUES", same);
+  r.meet("resumed", r.world());  // nobody prunes what another rank restores
+  const std::int64_t first = from.value_or(0) + 1;
+  for (std::int64_t step = first; step < first + steps; ++step) {
+    auto futures = manager.save(step, state_of(r.rank(), value_at(step, r.rank())));
+    futures.staged.get();
+    if (futures.written.wait_for(kBound) != std::future_status::ready) throw std::runtime_error("write hung");
+    futures.written.get();
+    r.report(fmt::format("saved_{}", step), "ok", true);
+  }
+  manager.close();
+  if (r.rank() != 0) ck->close();
+  r.leave(r.world());
+  ck->close();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -587,6 +655,8 @@ int main(int argc, char** argv) try {
       {"rank-late-sync", [](Rank& r) { save_after_a_timeout(r, true); }},
       {"manager-keeps-two", manager_keeps_two},
       {"manager-survives-kill", manager_survives_kill},
+      {"rank0-child-dies", rank0_child_dies},
+      {"job", job},
   };
   const auto it = scenarios.find(argv[1]);
   if (it == scenarios.end()) {
