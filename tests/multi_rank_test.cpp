@@ -423,6 +423,8 @@ BOOST_AUTO_TEST_CASE(whole_job_kills_resume_from_the_newest_committed_step) {
   check_resumed(job, newest);
   BOOST_CHECK_EQUAL(job.wait(std::chrono::seconds(120)), 0);
   BOOST_CHECK(ckpt::is_committed(dir / fmt::format("step_{}", *newest + 1)));
+  const auto left = ckpt::test::kill_leftover_children();
+  BOOST_CHECK_MESSAGE(left.empty(), left.size() << " processes of the job were left behind");
   BOOST_TEST_MESSAGE(fmt::format("{} whole-job kills; the last run resumed from step {}", trials, *newest));
 }
 

@@ -2,10 +2,15 @@
 // stderr) come back through a pipe line by line, every wait bounded.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <optional>
+#include <sstream>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -109,14 +114,49 @@ class Process {
     status_ = decode(st);
   }
 
-  /// SIGKILLs its whole process group (it was started with `own_group`) and
-  /// reaps it; the others of the group are left to their parents.
-  void kill_group() {
+  /// SIGKILLs its whole process group (it was started with `own_group`),
+  /// waits until every process of the group has ended (each one's pidfd;
+  /// bounded) and reaps it. The others of the group are reaped by their
+  /// parents, or are zombies of a subreaper's now (every re-parenting is done
+  /// once they have all ended).
+  void kill_group(std::chrono::milliseconds bound = std::chrono::seconds(60)) {
     if (status_ >= 0) return;
     ::kill(-pid_, SIGKILL);
+    const auto members = group_members(pid_);  // killed ones stay in /proc until reaped
+    const auto deadline = std::chrono::steady_clock::now() + bound;
+    for (const int pid : members) {
+      const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+      if (pidfd < 0) continue;  // already gone and reaped
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      pollfd p{pidfd, POLLIN, 0};
+      while (::poll(&p, 1, static_cast<int>(std::max<long>(left.count(), 1))) < 0 && errno == EINTR) {
+      }
+      ::close(pidfd);
+    }
     int st = 0;
     ::waitpid(pid_, &st, 0);
     status_ = decode(st);
+  }
+
+  /// The processes of process group `pgid` (from /proc).
+  static std::vector<int> group_members(int pgid) {
+    std::vector<int> out;
+    std::error_code ec;
+    for (std::filesystem::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
+      const std::string name = it->path().filename().string();
+      if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+      std::ifstream in(it->path() / "stat");
+      std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      const auto close = stat.rfind(')');  // "pid (comm) state ppid pgrp ..."
+      if (close == std::string::npos) continue;
+      std::istringstream rest(stat.substr(close + 1));
+      char state = 0;
+      int ppid = 0, pgrp = 0;
+      rest >> state >> ppid >> pgrp;
+      if (pgrp == pgid) out.push_back(std::stoi(name));
+    }
+    return out;
   }
 
   /// Everything it printed that was read so far.
