@@ -151,7 +151,8 @@ void coordinator_model() {
     }
     dcp::CheckpointMetadata cm{md, {}};
     for (const auto& p : global)
-      for (const auto& w : p.items) cm.storage_data[w.index] = {p.storage_data + ".distcp", 4096, 65536, 0, false, {}};
+      for (const auto& w : p.items)
+        cm.storage_data[w.index] = {p.storage_data + ".distcp", 4096, 65536, 0, false, {}};
     const auto metadata = dcp::detail::encode_checkpoint_metadata(cm);
     const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
     fmt::print("{:>6} {:>14} {:>14} {:>14} {:>12.1f} {:>14.1f} {:>16.0f}\n", n, gathered_bytes, scattered,
