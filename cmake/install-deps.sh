@@ -13,6 +13,7 @@ packages=(
   python3-torch
   clang libclang-rt-14-dev
   debootstrap libzstd-dev zstd libdeflate-dev
+  iproute2
 )
 
 missing=()

@@ -23,6 +23,8 @@
 
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <ATen/ATen.h>
+
 #include "support/test_support.hpp"
 
 #include <fmt/format.h>
@@ -604,6 +606,40 @@ BOOST_AUTO_TEST_CASE(over_a_gloo_group) {
   }
   check_report_rounds(rounds);
   leave_group(handles);
+}
+
+// new_group: the same ranks over fresh connections to the base group's store,
+// its keys under its name, usable after every handle of the base is gone
+// (rank 0's store server lives on in the new group's handle).
+BOOST_AUTO_TEST_CASE(new_group_connects_the_same_ranks_anew_under_its_name) {
+  auto base = gloo_group(free_port(), 30s);
+  auto fresh = results(on_ranks(kAllRanks, [&](std::int64_t r) {
+    auto group = ckpt::dist::new_group(of_rank(base, r), "fresh");
+    of_rank(base, r)->store->set(fmt::format("base/{}", r), {'b'});
+    group->store->set(fmt::format("mark/{}", r), {'f'});
+    return group;
+  }));
+  // Each group's keys: the new one's lie under "fresh/" in the shared store.
+  BOOST_TEST(of_rank(base, 0)->store->check({"fresh/mark/0", "fresh/mark/3", "base/1"}));
+  BOOST_TEST(!of_rank(fresh, 0)->store->check({"base/1"}));
+  leave_group(base);
+  auto sums = results(on_ranks(kAllRanks, [&](std::int64_t r) {
+    const auto& group = of_rank(fresh, r);
+    std::vector<at::Tensor> t{at::full({2}, static_cast<double>(r + 1), at::kDouble)};
+    group->group->allreduce(t)->wait();
+    return std::make_pair(group->rank_info, t[0][1].item<double>());
+  }));
+  for (std::int64_t r = 0; r < kWorld; ++r) {
+    BOOST_TEST((of_rank(sums, r).first == RankInfo{r, kWorld}), "rank " << r);
+    BOOST_TEST(of_rank(sums, r).second == 10.0, "rank " << r);
+  }
+  leave_group(fresh);
+}
+
+BOOST_AUTO_TEST_CASE(new_group_without_a_base_or_a_name_is_an_error) {
+  BOOST_CHECK_THROW(ckpt::dist::new_group(nullptr, "x"), ckpt::Error);
+  auto alone = std::make_shared<ckpt::dist::ProcessGroupHandle>();
+  BOOST_CHECK_THROW(ckpt::dist::new_group(alone, ""), ckpt::Error);
 }
 
 // The commit phase over a real group: four sync writers save into one

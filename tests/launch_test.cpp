@@ -328,6 +328,36 @@ BOOST_AUTO_TEST_CASE(given_master_address_and_port_are_passed_through_unchanged)
   }
 }
 
+BOOST_AUTO_TEST_CASE(each_node_of_a_job_starts_its_own_ranks_of_the_whole_world) {
+  // Two nodes of three ranks each: node 1 starts global ranks 3..5.
+  for (int node : {0, 1}) {
+    BOOST_TEST_CONTEXT("node " << node) {
+      const auto r = launch({"-n", "3", "--nnodes", "2", "--node-rank", std::to_string(node), "--master-addr",
+                             "10.1.2.3", "--master-port=29518", child(), "env"});
+      BOOST_CHECK_EQUAL(r.status, 0);
+      BOOST_CHECK_EQUAL(r.err, "");
+      const auto lines = lines_of(r.out);
+      BOOST_REQUIRE_EQUAL(lines.size(), 3u);
+      std::set<int> ranks;
+      for (const auto& line : lines) {
+        const auto [rank, payload] = split_prefix(line);
+        auto env = env_words(payload);
+        BOOST_TEST_CONTEXT(line) {
+          BOOST_CHECK_EQUAL(env["RANK"], std::to_string(rank));
+          BOOST_CHECK_EQUAL(env["LOCAL_RANK"], std::to_string(rank - 3 * node));
+          BOOST_CHECK_EQUAL(env["WORLD_SIZE"], "6");
+          BOOST_CHECK_EQUAL(env["LOCAL_WORLD_SIZE"], "3");
+          BOOST_CHECK_EQUAL(env["GROUP_RANK"], std::to_string(node));
+          BOOST_CHECK_EQUAL(env["MASTER_ADDR"], "10.1.2.3");
+          BOOST_CHECK_EQUAL(env["MASTER_PORT"], "29518");
+        }
+        ranks.insert(rank);
+      }
+      BOOST_CHECK((ranks == (node == 0 ? std::set<int>{0, 1, 2} : std::set<int>{3, 4, 5})));
+    }
+  }
+}
+
 BOOST_AUTO_TEST_CASE(a_program_without_a_slash_is_found_through_path) {
   const char* path = std::getenv("PATH");
   const auto r = launch({"-n", "1", "launch_child", "env"},
@@ -447,6 +477,9 @@ BOOST_AUTO_TEST_CASE(bad_usage_exits_2_with_the_usage_line) {
       {child()},
       {"-n", "2", "--timeout", "soon", child()},
       {"-n", "2", "--master-port", "70000", child()},
+      {"-n", "2", "--nnodes", "2", "--node-rank", "1", child()},  // no --master-port
+      {"-n", "2", "--nnodes", "2", "--node-rank", "2", "--master-port", "29519", child()},
+      {"-n", "2", "--nnodes", "0", child()},
       {"-n"},
   };
   for (const auto& args : cases) {

@@ -43,6 +43,14 @@ struct ProcessGroupHandle {
   c10::intrusive_ptr<c10d::ProcessGroup> group;
   RankInfo rank_info;
   std::chrono::milliseconds timeout{};
+  /// Where the job's store is hosted, and how Gloo picked its device: what
+  /// new_group connects with.
+  std::string master_addr;
+  std::uint16_t master_port = 0;
+  std::optional<std::string> gloo_hostname;
+  /// The group whose rank 0 hosts the store this one connects to (new_group):
+  /// held so that the store outlives every group made over it.
+  std::shared_ptr<const ProcessGroupHandle> base;
 
   /// The next number in the sequence `name` (0, 1, ...: one counter per name).
   /// Whatever keys its entries in the group's store per use (a DistBarrier,
@@ -65,6 +73,15 @@ std::shared_ptr<ProcessGroupHandle> default_process_group();
 void set_default_process_group(std::shared_ptr<ProcessGroupHandle> group);
 /// Forgets the default group (it closes when its last user lets go).
 void destroy_process_group();
+
+/// A new group of the same ranks over fresh connections to `base`'s store,
+/// its keys under `name/` (upstream's dist.new_group): for checkpoint
+/// collectives kept apart from training's, or to go on after a Timeout left
+/// `base` out of step (a cut link, a hung rank). Every rank calls it with the
+/// same `name`, one never used before in this job. Throws Timeout when the
+/// ranks do not all join within `base`'s timeout (a link still down).
+std::shared_ptr<ProcessGroupHandle> new_group(const std::shared_ptr<const ProcessGroupHandle>& base,
+                                              const std::string& name);
 
 /// A TCP port that was free on rank 0 when it looked (it binds port 0 and
 /// reads the port back), the same on every rank: for a tcp_store barrier's

@@ -243,16 +243,20 @@ void DistWrapper::collective_failed(const std::string& step, const std::string& 
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
   } catch (const std::exception& e) {
-    failures.clear();
-    failures[0] = {"Timeout",
-                   fmt::format("the group's store (hosted by rank 0) is unreachable at step '{}': {}", step,
-                               first_line(e.what()))};
+    store_unreachable(step, e.what());
   }
   if (failures.empty())
     throw CheckpointException(fmt::format("{} (the collective failed after every rank finished the step: {})",
                                           step, first_line(cause)),
                               {});
   throw CheckpointException(step, std::move(failures));
+}
+
+void DistWrapper::store_unreachable(const std::string& step, const std::string& cause) {
+  throw CheckpointException(
+      step, {{0,
+              {"Timeout", fmt::format("the group's store (hosted by rank 0) is unreachable at step '{}': {}",
+                                      step, first_line(cause))}}});
 }
 
 std::string DistWrapper::run_step(
@@ -276,7 +280,7 @@ std::string DistWrapper::run_step(
     try {
       group_->store->set(step_key(fmt::format("done/{}", rank_)), bytes_of("1"));
     } catch (const std::exception& e) {
-      collective_failed(step, e.what());
+      store_unreachable(step, e.what());
     }
     // Gloo carries only ranks that are ready: the coordinator enters the
     // gather once every rank finished its part ("go"), the others once it
@@ -295,7 +299,7 @@ std::string DistWrapper::run_step(
     } catch (const CheckpointException&) {
       throw;
     } catch (const std::exception& e) {
-      collective_failed(step, e.what());
+      store_unreachable(step, e.what());
     }
     try {
       const auto all = gather(local);

@@ -59,6 +59,9 @@ class DistWrapper {
   /// Polls the store until all `keys` exist; false once the step's time is up.
   bool await_keys(const std::vector<std::string>& keys);
   [[noreturn]] void collective_failed(const std::string& step, const std::string& cause);
+  /// This rank's own request to the group's store failed (its host is out of
+  /// reach: the client is out of step, so no verdict can be read from it).
+  [[noreturn]] void store_unreachable(const std::string& step, const std::string& cause);
   std::string step_key(const std::string& what) const;
 
   std::shared_ptr<dist::ProcessGroupHandle> group_;

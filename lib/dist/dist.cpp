@@ -15,6 +15,7 @@
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #define CKPT_HAVE_GLOO 1
 #endif
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
 #include <cerrno>
@@ -48,6 +49,39 @@ bool is_loopback(const std::string& addr) {
   return addr == "localhost" || addr.rfind("127.", 0) == 0 || addr == "::1";
 }
 
+/// A group could not be made: Timeout when its ranks did not all come in time.
+[[noreturn]] void group_failed(const std::string& where, const std::exception& e) {
+  const std::string text =
+      fmt::format("cannot create the process group ({}): {}", where, first_line(e.what()));
+  if (mentions_timeout(e.what())) throw Timeout(text);
+  throw Error(text);
+}
+
+/// A Gloo group of `handle`'s ranks over its store; its device: the
+/// interface GLOO_SOCKET_IFNAME names, else gloo_hostname, else loopback when
+/// the master is on loopback, else this host's name.
+c10::intrusive_ptr<c10d::ProcessGroup> make_gloo_group(const ProcessGroupHandle& handle) {
+#ifdef CKPT_HAVE_GLOO
+  auto gloo = c10d::ProcessGroupGloo::Options::create(handle.timeout);
+  if (const auto ifname = env("GLOO_SOCKET_IFNAME"))
+    gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(*ifname));
+  else if (handle.gloo_hostname)
+    gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(*handle.gloo_hostname));
+  else if (is_loopback(handle.master_addr))
+    gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
+  else
+    gloo->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+  return c10::make_intrusive<c10d::ProcessGroupGloo>(
+      handle.store, static_cast<int>(handle.rank_info.global_rank),
+      static_cast<int>(handle.rank_info.global_world_size), gloo);
+#else
+  (void)handle;
+  throw Error(
+      "this libtorch was built without Gloo's headers, so no Gloo group can be made here: create a "
+      "c10d::ProcessGroup yourself and fill a ckpt::dist::ProcessGroupHandle with it");
+#endif
+}
+
 }  // namespace
 
 std::shared_ptr<ProcessGroupHandle> init_process_group(InitOptions options) {
@@ -72,6 +106,9 @@ std::shared_ptr<ProcessGroupHandle> init_process_group(InitOptions options) {
   auto handle = std::make_shared<ProcessGroupHandle>();
   handle->rank_info = info;
   handle->timeout = options.timeout;
+  handle->master_addr = addr;
+  handle->master_port = port;
+  handle->gloo_hostname = options.gloo_hostname;
   try {
     c10d::TCPStoreOptions store_options;
     store_options.port = port;
@@ -81,28 +118,9 @@ std::shared_ptr<ProcessGroupHandle> init_process_group(InitOptions options) {
     store_options.timeout = options.timeout;
     handle->store = c10::make_intrusive<c10d::TCPStore>(addr, store_options);
 
-#ifdef CKPT_HAVE_GLOO
-    auto gloo = c10d::ProcessGroupGloo::Options::create(options.timeout);
-    if (const auto ifname = env("GLOO_SOCKET_IFNAME"))
-      gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(*ifname));
-    else if (options.gloo_hostname)
-      gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname(*options.gloo_hostname));
-    else if (is_loopback(addr))
-      gloo->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
-    else
-      gloo->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
-    handle->group = c10::make_intrusive<c10d::ProcessGroupGloo>(
-        handle->store, static_cast<int>(info.global_rank), static_cast<int>(info.global_world_size), gloo);
-#else
-    throw Error(
-        "this libtorch was built without Gloo's headers, so no Gloo group can be made here: create a "
-        "c10d::ProcessGroup yourself and fill a ckpt::dist::ProcessGroupHandle with it");
-#endif
+    handle->group = make_gloo_group(*handle);
   } catch (const std::exception& e) {
-    const std::string text =
-        fmt::format("cannot create the process group ({}): {}", where, first_line(e.what()));
-    if (mentions_timeout(e.what())) throw Timeout(text);
-    throw Error(text);
+    group_failed(where, e);
   }
   set_default_process_group(handle);
   return handle;
@@ -120,6 +138,35 @@ void set_default_process_group(std::shared_ptr<ProcessGroupHandle> group) {
 
 void destroy_process_group() {
   set_default_process_group(nullptr);
+}
+
+std::shared_ptr<ProcessGroupHandle> new_group(const std::shared_ptr<const ProcessGroupHandle>& base,
+                                              const std::string& name) {
+  if (!base) throw Error("new_group needs a base group");
+  if (name.empty()) throw Error("new_group needs a name");
+  const RankInfo& info = base->rank_info;
+  const std::string where = fmt::format("group '{}', rank {} of {}, master {}:{}", name, info.global_rank,
+                                        info.global_world_size, base->master_addr, base->master_port);
+  auto handle = std::make_shared<ProcessGroupHandle>();
+  handle->rank_info = info;
+  handle->timeout = base->timeout;
+  handle->master_addr = base->master_addr;
+  handle->master_port = base->master_port;
+  handle->gloo_hostname = base->gloo_hostname;
+  handle->base = base->base ? base->base : base;
+  try {
+    c10d::TCPStoreOptions client;
+    client.port = base->master_port;
+    client.isServer = false;
+    client.waitWorkers = false;
+    client.timeout = base->timeout;
+    auto connection = c10::make_intrusive<c10d::TCPStore>(base->master_addr, client);
+    handle->store = c10::make_intrusive<c10d::PrefixStore>(name, connection);
+    handle->group = make_gloo_group(*handle);
+  } catch (const std::exception& e) {
+    group_failed(where, e);
+  }
+  return handle;
 }
 
 std::uint16_t agree_on_free_port(const ProcessGroupHandle& group, const std::string& name) {

@@ -98,6 +98,12 @@ struct TCPStoreBarrier::Impl {
     return s;
   }
 
+  /// The client; a new connection when the last one was dropped.
+  c10d::TCPStore& client() {
+    if (!store) store = connect(options.timeout_barrier_init);
+    return *store;
+  }
+
   /// A wait that timed out leaves its request pending at the server, whose
   /// late answer would be read as the answer to the next request: such a
   /// client is replaced by a fresh connection.
@@ -225,7 +231,7 @@ void TCPStoreBarrier::execute_barrier() {
 
 BarrierOutcome TCPStoreBarrier::arrive(const std::string& report, bool failed, bool want_reports) {
   std::lock_guard lock(impl_->mutex);
-  const auto store = [&]() -> c10d::TCPStore& { return *impl_->store; };  // replaced on reconnect
+  const auto store = [&]() -> c10d::TCPStore& { return impl_->client(); };  // replaced on reconnect
   const auto& o = impl_->options;
   const std::int64_t seq = impl_->sequence;
   const std::string rank = std::to_string(o.global_rank);
@@ -249,7 +255,16 @@ BarrierOutcome TCPStoreBarrier::arrive(const std::string& report, bool failed, b
     if (store().add(k + "/num_members", 1) == o.global_world_size)
       store().set(k + "/last_member", to_bytes("<val_ignored>"));
   } catch (const std::exception& e) {
-    throw Error(fmt::format("{}: the barrier's store failed: {}", what, first_line(e.what())));
+    // The store is out of reach (a cut link, its host gone): a request may be
+    // left pending, so the client is dropped (the next call connects anew,
+    // rather than this one waiting for a link that is down), and this rank
+    // names the host.
+    impl_->store.reset();
+    const std::string text =
+        fmt::format("{}: cannot reach the barrier's store at {}:{}, hosted by rank 0: {}", what,
+                    o.master_address, o.tcpstore_port, first_line(e.what()));
+    if (mentions_timeout(e.what())) throw Timeout(text);
+    throw Error(text);
   }
   // Step 3. A round that timed out is abandoned (its verdict says so, unless
   // the coordinator already decided to commit it: then everyone had arrived
@@ -308,7 +323,8 @@ bool TCPStoreBarrier::begin_commit() {
   std::lock_guard lock(impl_->mutex);
   if (impl_->round.empty()) return false;
   try {
-    return to_string(impl_->store->compareSet(impl_->round + "/verdict", {}, to_bytes("commit"))) == "commit";
+    return to_string(impl_->client().compareSet(impl_->round + "/verdict", {}, to_bytes("commit"))) ==
+           "commit";
   } catch (const std::exception& e) {
     impl_->reconnect();
     throw Error(fmt::format("barrier '{}': the store failed before the commit: {}",
@@ -321,7 +337,7 @@ void TCPStoreBarrier::end_commit(const std::optional<RankFailure>& failure) {
   if (impl_->round.empty()) return;
   const std::string value = commit_verdict(failure);
   try {
-    impl_->store->set(impl_->round + "/done", to_bytes(value));
+    impl_->client().set(impl_->round + "/done", to_bytes(value));
   } catch (const std::exception&) {
     impl_->reconnect();  // the others time out waiting for the verdict
   }
@@ -330,7 +346,7 @@ void TCPStoreBarrier::end_commit(const std::optional<RankFailure>& failure) {
 std::optional<RankFailure> TCPStoreBarrier::await_commit() {
   std::lock_guard lock(impl_->mutex);
   if (impl_->round.empty()) return RankFailure{"Error", "no barrier round to await"};
-  auto verdict = await_verdict(*impl_->store, impl_->round + "/done", impl_->wait_timeout());
+  auto verdict = await_verdict(impl_->client(), impl_->round + "/done", impl_->wait_timeout());
   if (verdict && verdict->type == "Timeout" && verdict->message.rfind("Timed out", 0) == 0)
     impl_->reconnect();
   return verdict;

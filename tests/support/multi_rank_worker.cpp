@@ -132,10 +132,13 @@ bool starts_with(const std::string& text, const std::string& prefix) {
   return text.compare(0, prefix.size(), prefix) == 0;
 }
 
-/// The group's options: the launcher's variables, every collective bounded by kBound.
-ckpt::dist::InitOptions init_options() {
+/// The group's options: the launcher's variables, every collective bounded by
+/// kBound (the two-host scenario: kHostsBound, so that a cut link fails its
+/// saves well before kBound).
+constexpr auto kHostsBound = 20s;
+ckpt::dist::InitOptions init_options(const std::string& scenario) {
   ckpt::dist::InitOptions options;
-  options.timeout = kBound;
+  options.timeout = scenario == "two-hosts" ? std::chrono::milliseconds(kHostsBound) : kBound;
   return options;
 }
 
@@ -145,7 +148,7 @@ class Rank {
   Rank(std::string scenario, fs::path dir)
       : scenario_(std::move(scenario)),
         dir_(std::move(dir)),
-        pg_(ckpt::dist::init_process_group(init_options())),
+        pg_(ckpt::dist::init_process_group(init_options(scenario_))),
         rank_(pg_->rank_info.global_rank),
         world_(pg_->rank_info.global_world_size) {}
 
@@ -153,6 +156,10 @@ class Rank {
   std::int64_t world() const { return world_; }
   const fs::path& dir() const { return dir_; }
   const ckpt::dist::ProcessGroupHandle& group() const { return *pg_; }
+  const std::shared_ptr<ckpt::dist::ProcessGroupHandle>& group_handle() const { return pg_; }
+  /// Goes on with a new group over fresh connections (after a cut link left
+  /// this one out of step).
+  void regroup(const std::string& name) { pg_ = ckpt::dist::new_group(pg_, scenario_ + "/" + name); }
   bool all_expected() const { return all_expected_; }
 
   /// A tcp_store barrier whose own timeout is `barrier_timeout`; the writer's
@@ -163,7 +170,7 @@ class Rank {
     config.barrier_config.barrier_type = "tcp_store";
     config.barrier_config.barrier_args = {{"barrier_prefix", scenario_},
                                           {"tcpstore_port", ckpt::dist::agree_on_free_port(*pg_, scenario_)},
-                                          {"master_address", "127.0.0.1"},
+                                          {"master_address", pg_->master_addr},
                                           {"timeout_secs", barrier_timeout.count()}};
     config.writer_config.write_barrier_timeout = kBound;
     return config;
@@ -633,6 +640,170 @@ void job(Rank& r) {
   ck->close();
 }
 
+// I: two hosts (multihost_test: ranks 0 and 1 in one network namespace, 2 and
+// 3 in another, joined by a veth pair). A single-file save (sync
+// checkpointer, tcp_store barrier) and a DCP save commit across the hosts.
+// The test cuts the link while every rank is inside a save — at its
+// pre_commit hook, then inside a DCP write — and lets them go on: every rank
+// fails naming what it cannot reach (ranks 0 and 1: ranks 2 and 3, which
+// never arrived; ranks 2 and 3: rank 0, whose host holds the stores), and
+// nothing commits. With the link back, the ranks go on over a new group and
+// the next saves commit and load back exactly.
+//
+// The test and the ranks meet through lines and a FIFO: a rank prints
+// `RESULT hold_<what> waiting` and reads one byte from GO_FIFO (the test
+// holds it open and writes one byte per rank once it has acted).
+
+/// When the last hold() was let go.
+std::chrono::steady_clock::time_point last_go;
+
+/// Seconds since the last hold() was let go, as text (reported, not checked).
+std::string seconds_since_go() {
+  return fmt::format("{:.1f}",
+                     std::chrono::duration<double>(std::chrono::steady_clock::now() - last_go).count());
+}
+
+/// Waits (at most kBound) for the test's go, after telling it where this rank waits.
+void hold(Rank& r, const std::string& what) {
+  r.report("hold_" + what, "waiting", true);
+  const char* path = std::getenv("GO_FIFO");
+  if (!path) throw std::runtime_error("GO_FIFO is not set");
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);  // the test holds it open: no block
+  if (fd < 0) throw std::runtime_error(fmt::format("open {}: {}", path, std::strerror(errno)));
+  pollfd p{fd, POLLIN, 0};
+  char c = 0;
+  const bool got = ::poll(&p, 1, static_cast<int>(std::chrono::milliseconds(kBound).count())) == 1 &&
+                   ::read(fd, &c, 1) == 1;
+  ::close(fd);
+  if (!got) throw std::runtime_error("the test never said go after hold_" + what);
+  last_go = std::chrono::steady_clock::now();
+}
+
+/// Holds at the pre_commit of a checkpoint directory named `name`.
+class HoldHook : public ckpt::WriterHook {
+ public:
+  HoldHook(Rank& r, std::string name, std::string what)
+      : r_(r), name_(std::move(name)), what_(std::move(what)) {}
+  void pre_commit(const fs::path& path, const ckpt::Kwargs&) override {
+    if (path.filename() == name_) hold(r_, what_);
+  }
+
+ private:
+  Rank& r_;
+  std::string name_;
+  std::string what_;
+};
+
+/// A DCP FileSystemWriter that holds on entering write_data when `hold_as` is set.
+class HoldingWriter : public ckpt::dcp::FileSystemWriter {
+ public:
+  HoldingWriter(fs::path path, Rank& r, std::string hold_as)
+      : FileSystemWriter(std::move(path)), r_(r), what_(std::move(hold_as)) {}
+  std::future<std::vector<ckpt::dcp::WriteResult>> write_data(const ckpt::dcp::SavePlan& plan,
+                                                              ckpt::dcp::SavePlanner& planner) override {
+    if (!what_.empty()) hold(r_, what_);
+    return FileSystemWriter::write_data(plan, planner);
+  }
+
+ private:
+  Rank& r_;
+  std::string what_;
+};
+
+/// The DCP state of save `n`: a 16 x 6 tensor whose rows are sharded over the
+/// ranks, and a replicated one; distinct per save.
+at::Tensor dcp_rows(int n) {
+  return at::arange(96, at::kFloat).reshape({16, 6}).add_(1000.0 * n);
+}
+at::Tensor dcp_replicated(int n) {
+  return at::full({3, 5}, 0.25 * n, at::kDouble);
+}
+ckpt::dcp::DcpStateDict dcp_state(const Rank& r, int n, bool zeros) {
+  ckpt::dcp::ChunkShardingSpec spec;
+  for (std::int64_t k = 0; k < r.world(); ++k) spec.placements.push_back(fmt::format("rank:{}/cpu", k));
+  auto rows = ckpt::dcp::ShardedTensor::zeros(spec, {16, 6}, r.rank(), at::kFloat);
+  if (!zeros)
+    for (auto& s : rows.local_shards())
+      s.tensor.copy_(dcp_rows(n).narrow(0, s.metadata.offsets[0], s.metadata.sizes[0]));
+  return {{"rows", rows}, {"replicated", zeros ? at::zeros({3, 5}, at::kDouble) : dcp_replicated(n)}};
+}
+
+/// Loads DCP save `n` into zeros and says whether every value is the saved one.
+std::string dcp_load_check(Rank& r, const fs::path& path, int n) {
+  auto target = dcp_state(r, n, true);
+  ckpt::dcp::FileSystemReader reader(path);
+  ckpt::dcp::load_state_dict(target, reader, nullptr, r.group_handle());
+  bool same = at::equal(std::get<at::Tensor>(target[1].second), dcp_replicated(n));
+  for (auto& s : std::get<ckpt::dcp::ShardedTensor>(target[0].second).local_shards())
+    same = same && at::equal(s.tensor, dcp_rows(n).narrow(0, s.metadata.offsets[0], s.metadata.sizes[0]));
+  return same ? "as-saved" : "DIFFERENT";
+}
+
+void two_hosts(Rank& r) {
+  const bool first_host = r.rank() < 2;  // ranks 0 and 1 share rank 0's host
+  const auto has = [](const std::string& text, const std::string& part) {
+    return text.find(part) != std::string::npos;
+  };
+  auto ck = r.make_sync(10s, std::make_shared<HoldHook>(r, "save_2", "cut_in_barrier"));
+  const auto save_n = [&](int n) {
+    return outcome_of(
+        [&] { save(*ck, r.dir() / fmt::format("save_{}", n), state_of(r.rank(), value_at(n, r.rank()))); });
+  };
+  const auto dcp_save = [&](int n, const std::string& hold_as) {
+    return outcome_of([&] {
+      HoldingWriter writer(r.dir() / fmt::format("dcp_{}", n), r, hold_as);
+      ckpt::dcp::save_state_dict(dcp_state(r, n, false), writer, nullptr, r.group_handle());
+    });
+  };
+  const auto committed = [&](const std::string& name) {
+    return name.starts_with("dcp") ? fs::exists(r.dir() / name / ckpt::dcp::kMetadataFileName)
+                                   : ckpt::is_committed(r.dir() / name);
+  };
+
+  // Both kinds commit across the hosts.
+  r.expect("save_1", save_n(1), "ok");
+  r.expect("dcp_1", dcp_save(1, ""), "ok");
+  std::string values;
+  r.expect("dcp_1_load", outcome_of([&] { values = dcp_load_check(r, r.dir() / "dcp_1", 1); }), "ok");
+  r.report("dcp_1_values", values, values == "as-saved");
+
+  // The link is cut while every rank holds at save_2's pre_commit.
+  const auto cut_single = save_n(2);
+  r.report("save_2_seconds_after_the_cut", seconds_since_go(), true);
+  // Ranks 0 and 1 time out at the barrier naming the two that never came;
+  // ranks 2 and 3 cannot reach the barrier's store, on rank 0's host.
+  r.report("save_2", cut_single,
+           first_host ? starts_with(cut_single, "Timeout msg=") && has(cut_single, "[2, 3]")
+                      : starts_with(cut_single, "Timeout msg=") && has(cut_single, "hosted by rank 0"));
+  hold(r, "link_back_1");
+  r.report("save_2_committed", committed("save_2") ? "yes" : "no", !committed("save_2"));
+
+  // And again inside a DCP write: the results never reach the coordinator.
+  const auto cut_dcp = dcp_save(2, "cut_in_dcp_write");
+  r.report("dcp_2_seconds_after_the_cut", seconds_since_go(), true);
+  r.report("dcp_2", cut_dcp,
+           starts_with(cut_dcp, first_host ? "CheckpointException failures={2:Timeout,3:Timeout} "
+                                           : "CheckpointException failures={0:Timeout} ") &&
+               (first_host || has(cut_dcp, "hosted by rank 0")));
+  hold(r, "link_back_2");
+  r.report("dcp_2_committed", committed("dcp_2") ? "yes" : "no", !committed("dcp_2"));
+
+  // The link is back: a new group (the old one's connections are out of
+  // step), the same checkpointer (its barrier reconnects by itself).
+  r.expect("regroup", outcome_of([&] { r.regroup("after-the-cut"); }), "ok");
+  r.expect("save_3", save_n(3), "ok");
+  bool same = false;
+  const auto loaded =
+      outcome_of([&] { same = holds(ck->load(r.dir() / "save_3"), r.rank(), value_at(3, r.rank())); });
+  r.report("save_3_load", loaded == "ok" ? (same ? "own-values" : "OTHER-VALUES") : loaded, same);
+  r.expect("dcp_3", dcp_save(3, ""), "ok");
+  r.expect("dcp_3_load", outcome_of([&] { values = dcp_load_check(r, r.dir() / "dcp_3", 3); }), "ok");
+  r.report("dcp_3_values", values, values == "as-saved");
+  if (r.rank() != 0) ck->close();
+  r.leave(r.world());
+  ck->close();
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -657,6 +828,7 @@ int main(int argc, char** argv) try {
       {"manager-survives-kill", manager_survives_kill},
       {"rank0-child-dies", rank0_child_dies},
       {"job", job},
+      {"two-hosts", two_hosts},
   };
   const auto it = scenarios.find(argv[1]);
   if (it == scenarios.end()) {

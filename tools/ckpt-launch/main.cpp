@@ -1,21 +1,26 @@
-// ckpt-launch — starts N local ranks of a program, the way torchrun does on one
+// ckpt-launch — starts N local ranks of a program, the way torchrun does on a
 // node, so that a multi-rank checkpointing job runs without Python.
 //
-//   ckpt-launch -n N [--master-addr ADDR] [--master-port PORT] [--timeout SECONDS]
-//               [--] PROGRAM [ARGS...]
+//   ckpt-launch -n N [--nnodes M --node-rank K] [--master-addr ADDR]
+//               [--master-port PORT] [--timeout SECONDS] [--] PROGRAM [ARGS...]
+//
+// A job of several nodes runs one ckpt-launch per node, each with the same N,
+// M, ADDR (an address of node 0) and PORT, and its own K (0..M-1).
 //
 // What it does, in order:
 //   1. Parses its options (`--opt VALUE` or `--opt=VALUE`, `-n N` or `-nN`);
 //      options end at `--` or at the first word that is not one. Bad usage
 //      prints the usage line on stderr and exits 2.
-//   2. Picks MASTER_ADDR (default 127.0.0.1) and MASTER_PORT (default: a free TCP
-//      port of MASTER_ADDR, found by binding port 0 there, reading the port back
-//      and closing the socket again).
+//   2. Picks MASTER_ADDR (default 127.0.0.1) and MASTER_PORT (default, on one
+//      node only: a free TCP port of MASTER_ADDR, found by binding port 0 there,
+//      reading the port back and closing the socket again; with M > 1 nodes
+//      --master-port is required, since every node must name the same one).
 //   3. Blocks SIGCHLD, SIGINT, SIGTERM and SIGHUP and reads them from a signalfd,
 //      so that the whole launcher is one poll(2) loop.
-//   4. Starts ranks 0..N-1 with posix_spawnp (PROGRAM is looked up in PATH when
-//      it holds no '/'). Each rank gets the launcher's environment plus RANK,
-//      LOCAL_RANK (= RANK), WORLD_SIZE, LOCAL_WORLD_SIZE (= N), GROUP_RANK=0,
+//   4. Starts this node's ranks K*N .. K*N+N-1 with posix_spawnp (PROGRAM is
+//      looked up in PATH when it holds no '/'). Each rank gets the launcher's
+//      environment plus RANK, LOCAL_RANK (0..N-1), WORLD_SIZE (= N*M),
+//      LOCAL_WORLD_SIZE (= N), GROUP_RANK (= K, the node's rank),
 //      MASTER_ADDR and MASTER_PORT; its stdout and stderr are pipes to the
 //      launcher. A PROGRAM that cannot be started is named on stderr; the ranks
 //      already running are stopped (step 7) and the launcher exits 127 (126
@@ -74,8 +79,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 
 constexpr std::string_view usage_text =
-    "usage: ckpt-launch -n N [--master-addr ADDR] [--master-port PORT] [--timeout SECONDS] "
-    "[--] PROGRAM [ARGS...]\n";
+    "usage: ckpt-launch -n N [--nnodes M --node-rank K] [--master-addr ADDR] [--master-port PORT] "
+    "[--timeout SECONDS] [--] PROGRAM [ARGS...]\n";
 constexpr auto kill_grace = std::chrono::seconds(5);
 constexpr std::size_t max_line = 64 * 1024;
 
@@ -124,7 +129,9 @@ std::string rank_list(const std::vector<int>& ranks) {
 // ---------------------------------------------------------------- options --
 
 struct Options {
-  int nproc = 0;
+  int nproc = 0;      // ranks on this node
+  int nnodes = 1;     // nodes in the job
+  int node_rank = 0;  // this node's rank
   std::string master_addr = "127.0.0.1";
   std::optional<int> master_port;
   double timeout_s = 0;
@@ -166,7 +173,8 @@ Options parse_options(int argc, char** argv) {
       name = "-n";
       inline_value = arg.substr(arg[2] == '=' ? 3 : 2);
     }
-    if (name != "-n" && name != "--master-addr" && name != "--master-port" && name != "--timeout")
+    if (name != "-n" && name != "--nnodes" && name != "--node-rank" && name != "--master-addr" &&
+        name != "--master-port" && name != "--timeout")
       throw UsageError{fmt::format("unknown option '{}'", arg)};
     std::string_view value;
     if (inline_value) {
@@ -178,6 +186,10 @@ Options parse_options(int argc, char** argv) {
     if (name == "-n") {
       o.nproc = parse_number<int>(name, value, 1, 1 << 16);
       have_n = true;
+    } else if (name == "--nnodes") {
+      o.nnodes = parse_number<int>(name, value, 1, 1 << 16);
+    } else if (name == "--node-rank") {
+      o.node_rank = parse_number<int>(name, value, 0, (1 << 16) - 1);
     } else if (name == "--master-addr") {
       if (value.empty()) throw UsageError{"--master-addr needs an address"};
       o.master_addr = value;
@@ -189,6 +201,12 @@ Options parse_options(int argc, char** argv) {
     }
   }
   if (!have_n) throw UsageError{"-n N is required"};
+  if (o.node_rank >= o.nnodes)
+    throw UsageError{fmt::format("--node-rank {} is not a node of --nnodes {}", o.node_rank, o.nnodes)};
+  if (o.nnodes > 1 && !o.master_port)
+    throw UsageError{"--nnodes above 1 needs --master-port: every node must name the same port"};
+  if (static_cast<long long>(o.nproc) * o.nnodes > (1 << 30))
+    throw UsageError{"-n times --nnodes is too many ranks"};
   for (; i < argc; ++i) o.command.emplace_back(argv[i]);
   if (o.command.empty()) throw UsageError{"no PROGRAM given"};
   return o;
@@ -346,8 +364,10 @@ class Launcher {
   }
 
  private:
-  void start(int r) {
-    Rank& rank = ranks_[static_cast<std::size_t>(r)];
+  /// Starts this node's rank `local` (global rank: node_rank * N + local).
+  void start(int local) {
+    const int r = o_.node_rank * o_.nproc + local;
+    Rank& rank = ranks_[static_cast<std::size_t>(local)];
     rank.rank = r;
     int out[2], err[2];
     if (::pipe2(out, O_CLOEXEC) != 0) return spawn_failed(r, errno);
@@ -359,10 +379,10 @@ class Launcher {
     }
     std::vector<std::string> env = base_environment();
     env.push_back(fmt::format("RANK={}", r));
-    env.push_back(fmt::format("LOCAL_RANK={}", r));
-    env.push_back(fmt::format("WORLD_SIZE={}", o_.nproc));
+    env.push_back(fmt::format("LOCAL_RANK={}", local));
+    env.push_back(fmt::format("WORLD_SIZE={}", o_.nproc * o_.nnodes));
     env.push_back(fmt::format("LOCAL_WORLD_SIZE={}", o_.nproc));
-    env.push_back("GROUP_RANK=0");
+    env.push_back(fmt::format("GROUP_RANK={}", o_.node_rank));
     env.push_back("MASTER_ADDR=" + o_.master_addr);
     env.push_back(fmt::format("MASTER_PORT={}", *o_.master_port));
     std::vector<char*> envp, argv;
