@@ -41,6 +41,7 @@ PUBLIC = {
     "config.hpp": "core",
     "log.hpp": "core",
     "format.hpp": "format",
+    "safetensors.hpp": "format",
     "barrier.hpp": "dist",
     "tcp_store_barrier.hpp": "dist",
     "dist.hpp": "dist",

@@ -297,73 +297,6 @@ std::uint64_t data_offset(const fs::path& path, const std::string& name) {
   return 0;
 }
 
-/// Runs `fn` in a child process whose address space may grow by at most 1 GiB
-/// more and which gets 60 s of CPU, so that an unbounded load ends as a
-/// bad_alloc or a signal instead of taking the machine down. Returns what the
-/// child reported: "returned", "CorruptCheckpoint: <what>", ... or how it died.
-std::string run_bounded(const std::function<void()>& fn) {
-  std::uint64_t vm_kb = 0;
-  {
-    std::ifstream status("/proc/self/status");
-    std::string key;
-    while (status >> key) {
-      if (key == "VmSize:") {
-        status >> vm_kb;
-        break;
-      }
-      status.ignore(4096, '\n');
-    }
-  }
-  BOOST_REQUIRE(vm_kb > 0);
-  int fds[2];
-  BOOST_REQUIRE_EQUAL(::pipe(fds), 0);
-  const pid_t pid = ::fork();
-  BOOST_REQUIRE(pid >= 0);
-  if (pid == 0) {
-    ::close(fds[0]);
-    // A crash must kill the child, not land in Boost.Test's handlers (which
-    // would go on running the suite in the child).
-    for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT}) std::signal(sig, SIG_DFL);
-    rlimit as{};
-    as.rlim_cur = as.rlim_max = (vm_kb << 10) + (std::uint64_t{1} << 30);
-    ::setrlimit(RLIMIT_AS, &as);
-    rlimit cpu{};
-    cpu.rlim_cur = cpu.rlim_max = 60;
-    ::setrlimit(RLIMIT_CPU, &cpu);
-    std::string out;
-    try {
-      fn();
-      out = "returned";
-    } catch (const ckpt::CorruptCheckpoint& e) {
-      out = std::string("CorruptCheckpoint: ") + e.what();
-    } catch (const ckpt::Error& e) {
-      out = std::string("ckpt::Error: ") + e.what();
-    } catch (const std::bad_alloc&) {
-      out = "bad_alloc (unbounded allocation)";
-    } catch (const std::exception& e) {
-      out = std::string("exception: ") + e.what();
-    }
-    const char* p = out.data();
-    std::size_t left = out.size();
-    while (left > 0) {
-      const ssize_t n = ::write(fds[1], p, left);
-      if (n <= 0) break;
-      p += n;
-      left -= static_cast<std::size_t>(n);
-    }
-    ::_exit(0);
-  }
-  ::close(fds[1]);
-  std::string out;
-  char buf[4096];
-  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<std::size_t>(n));
-  ::close(fds[0]);
-  int st = 0;
-  ::waitpid(pid, &st, 0);
-  if (WIFSIGNALED(st)) return "killed by signal " + std::to_string(WTERMSIG(st));
-  return out;
-}
-
 /// Pickle that runs module.name(arg) and nothing else.
 std::string hostile_call(std::string_view module, std::string_view name, std::string_view arg) {
   return Pkl().proto().call(module, name, arg).done();
@@ -1172,7 +1105,7 @@ BOOST_AUTO_TEST_CASE(shared_references_that_expand_exponentially) {
   auto p = put_file(dir, "x.pt", archive(pkl.done()));
   // Refused on open, before any walk of the tree could expand it.
   BOOST_CHECK_EXCEPTION(ckpt::FileReader{p}, ckpt::CorruptCheckpoint, says(p, {"expand to over"}));
-  const std::string outcome = run_bounded([&] { (void)ckpt::read_file(p); });
+  const std::string outcome = ckpt::test::run_in_bounded_child([&] { (void)ckpt::read_file(p); });
   BOOST_TEST_MESSAGE("loading it: " << outcome);
   BOOST_TEST(outcome.rfind("CorruptCheckpoint: ", 0) == 0, "loading 2^64 shared references: " << outcome);
 }

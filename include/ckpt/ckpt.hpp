@@ -16,6 +16,7 @@
 #include <ckpt/dist.hpp>
 #include <ckpt/error.hpp>
 #include <ckpt/format.hpp>
+#include <ckpt/safetensors.hpp>
 #include <ckpt/staging.hpp>
 #include <ckpt/state_dict.hpp>
 #include <ckpt/tcp_store_barrier.hpp>

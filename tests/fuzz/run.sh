@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Builds the fuzz targets with clang (ASan + UBSan) and fuzzes each for a
 # bounded time: the file reader (seeded with valid files from ckpt and from
-# Python's torch.save) and PyTorch's DCP .metadata decoder (seeded with the
-# .metadata files of Python's DCP and of the hostile cases). Exit status
-# non-zero on any finding.
+# Python's torch.save), PyTorch's DCP .metadata decoder (seeded with the
+# .metadata files of Python's DCP and of the hostile cases) and the
+# safetensors header and index parsers (seeded with files ckpt writes, with a
+# dictionary of the format's words). Exit status non-zero on any finding.
 #
 # usage: run.sh SOURCE_DIR BUILD_DIR SECONDS [extra libFuzzer flags...]
 set -euo pipefail
@@ -43,3 +44,13 @@ done < <(find "$build/dcp" -name .metadata)
   -print_final_stats=1 "$@" "$md_corpus" "$md_seeds" 2>&1 | grep -v '^#[0-9]*.*\(NEW\|REDUCE\|pulse\)' | tail -25
 test ! -e "$build/dcp/canary"
 echo "fuzz: the .metadata decoder: no finding in ${seconds}s"
+
+st_seeds="$build/st_seeds"
+st_corpus="$build/st_corpus"
+rm -rf "$st_seeds"
+mkdir -p "$st_seeds" "$st_corpus"
+"$build/safetensors_seeds" "$st_seeds" "$build/safetensors.dict"
+"$build/safetensors_fuzz" -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536 -timeout=20 \
+  -print_final_stats=1 -dict="$build/safetensors.dict" "$@" "$st_corpus" "$st_seeds" 2>&1 |
+  grep -v '^#[0-9]*.*\(NEW\|REDUCE\|pulse\)' | tail -25
+echo "fuzz: the safetensors parsers: no finding in ${seconds}s"

@@ -2,6 +2,7 @@
 // torch, the ckpt CLI) and capturing what it prints, and tensor comparison.
 #pragma once
 
+#include <ckpt/error.hpp>
 #include <ckpt/log.hpp>
 #include <ckpt/state_dict.hpp>
 
@@ -9,11 +10,13 @@
 
 #include <signal.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include <array>
 #include <cerrno>
 #include <chrono>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -21,6 +24,7 @@
 #include <exception>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <iterator>
 #include <mutex>
@@ -256,6 +260,73 @@ inline bool same_bits(const at::Tensor& a, const at::Tensor& b) {
   if (a.numel() == 0) return true;  // an empty tensor may have no data pointer
   const at::Tensor ca = a.contiguous(), cb = b.contiguous();
   return std::memcmp(ca.data_ptr(), cb.data_ptr(), ca.nbytes()) == 0;
+}
+
+/// Runs `fn` in a child process whose address space may grow by at most
+/// `margin` bytes more and which gets 60 s of CPU, so that an allocation or a
+/// loop the input drives ends as a bad_alloc or a signal instead of taking the
+/// machine down. Returns what the child reported: "returned",
+/// "CorruptCheckpoint: <what>", "ckpt::Error: <what>", "bad_alloc ...",
+/// "exception: <what>", or "killed by signal N".
+inline std::string run_in_bounded_child(const std::function<void()>& fn,
+                                        std::uint64_t margin = std::uint64_t{1} << 30) {
+  std::uint64_t vm_kb = 0;
+  {
+    std::ifstream status("/proc/self/status");
+    std::string key;
+    while (status >> key) {
+      if (key == "VmSize:") {
+        status >> vm_kb;
+        break;
+      }
+      status.ignore(4096, '\n');
+    }
+  }
+  if (vm_kb == 0) throw std::runtime_error("no VmSize in /proc/self/status");
+  int fds[2];
+  if (::pipe(fds) != 0) throw std::runtime_error("pipe failed");
+  const pid_t pid = ::fork();
+  if (pid < 0) throw std::runtime_error("fork failed");
+  if (pid == 0) {
+    ::close(fds[0]);
+    // A crash must end the child, not reach Boost.Test's handlers (which would
+    // run the rest of the suite in it).
+    for (int sig : {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT}) std::signal(sig, SIG_DFL);
+    rlimit as{};
+    as.rlim_cur = as.rlim_max = (vm_kb << 10) + margin;
+    ::setrlimit(RLIMIT_AS, &as);
+    rlimit cpu{};
+    cpu.rlim_cur = cpu.rlim_max = 60;
+    ::setrlimit(RLIMIT_CPU, &cpu);
+    std::string out;
+    try {
+      fn();
+      out = "returned";
+    } catch (const ckpt::CorruptCheckpoint& e) {
+      out = std::string("CorruptCheckpoint: ") + e.what();
+    } catch (const ckpt::Error& e) {
+      out = std::string("ckpt::Error: ") + e.what();
+    } catch (const std::bad_alloc&) {
+      out = "bad_alloc (an allocation the input drove)";
+    } catch (const std::exception& e) {
+      out = std::string("exception: ") + e.what();
+    }
+    for (std::size_t done = 0; done < out.size();) {
+      const ssize_t n = ::write(fds[1], out.data() + done, out.size() - done);
+      if (n <= 0) break;
+      done += static_cast<std::size_t>(n);
+    }
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = ::read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<std::size_t>(n));
+  ::close(fds[0]);
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  if (WIFSIGNALED(status)) return "killed by signal " + std::to_string(WTERMSIG(status));
+  return out;
 }
 
 /// Makes orphans re-parent to this process rather than to init, so that a

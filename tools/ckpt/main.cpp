@@ -1,32 +1,44 @@
 // ckpt — command-line tool for checkpoint files and directories.
 //
 //   ckpt inspect PATH [--json]   keys, dtypes, shapes, bytes and record offsets
+//                                (safetensors: headers only, and the metadata)
 //   ckpt verify PATH [--require-commit]
 //                                structure and CRC-32 of every record and, for a
-//                                directory, its commit marker; exit 0 when every
-//                                file is sound (and, with --require-commit, the
-//                                directory is committed), 1 when something is
+//                                directory, its commit marker (safetensors: every
+//                                header and every tensor read whole); exit 0 when
+//                                every file is sound (and, with --require-commit,
+//                                the directory is committed), 1 when something is
 //                                damaged, 3 when sound but not committed
 //
 // PATH is a checkpoint file, a directory holding checkpoint_<rank>.pt files,
-// or a DCP checkpoint directory (one with `.metadata`: PyTorch's own format or
-// ckpt's JSON dialect). For a DCP directory, inspect lists every key's dtype,
+// a DCP checkpoint directory (one with `.metadata`: PyTorch's own format or
+// ckpt's JSON dialect), or a Hugging Face safetensors checkpoint (a
+// `.safetensors` file, a `.safetensors.index.json` and its shards, or a
+// directory holding them). For a DCP directory, inspect lists every key's dtype,
 // global shape and chunks with the file, offset and length of each, and verify
 // reads every item: each chunk against its CRC-32 and its metadata, each
-// PyTorch item archive's records against theirs.
+// PyTorch item archive's records against theirs. For safetensors, inspect reads
+// only the headers (and the index) and lists every tensor's dtype, shape, bytes
+// and where they lie; verify reads every tensor whole (the format has no
+// checksums: it proves the headers sound and every byte readable).
 #include <ckpt/commit.hpp>
 #include <ckpt/dcp/state_dict_saver.hpp>
 #include <ckpt/dcp/storage.hpp>
 #include <ckpt/format.hpp>
+#include <ckpt/safetensors.hpp>
 
 #include <fmt/format.h>
 #include <boost/json.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
 #include <optional>
+#include <set>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace fs = std::filesystem;
@@ -35,7 +47,12 @@ namespace json = boost::json;
 namespace {
 
 int usage() {
-  std::fputs("usage: ckpt inspect PATH [--json]\n       ckpt verify PATH [--require-commit]\n", stderr);
+  std::fputs(
+      "usage: ckpt inspect PATH [--json]\n"
+      "       ckpt verify PATH [--require-commit]\n"
+      "PATH: a checkpoint file, a directory of checkpoint_<rank>.pt files, a DCP directory (.metadata),\n"
+      "      or safetensors: a .safetensors file, a .safetensors.index.json, or a directory holding them\n",
+      stderr);
   return 2;
 }
 
@@ -49,7 +66,9 @@ std::vector<fs::path> files_of(const fs::path& path) {
   }
   std::sort(files.begin(), files.end());
   if (files.empty())
-    throw ckpt::NotFound(fmt::format("{} holds no checkpoint_<rank>.pt file", path.string()));
+    throw ckpt::NotFound(
+        fmt::format("{} holds no checkpoint_<rank>.pt file, no DCP .metadata and no safetensors checkpoint",
+                    path.string()));
   return files;
 }
 
@@ -243,10 +262,232 @@ int verify_dcp(const fs::path& path) {
   return 0;
 }
 
+// --- Hugging Face safetensors ------------------------------------------------------
+
+namespace st = ckpt::safetensors;
+
+bool ends_with(const fs::path& path, std::string_view suffix) {
+  return path.filename().string().ends_with(suffix);
+}
+
+/// Whether `file` starts as a safetensors file does: a little-endian header
+/// length within the format's bound, then the header's '{'. A zip (torch.save)
+/// starts "PK\3\4" and a legacy pickle 0x80: both read as lengths far past it.
+bool looks_like_safetensors(const fs::path& file) {
+  std::ifstream in(file, std::ios::binary);
+  std::array<unsigned char, 9> head{};
+  if (!in.read(reinterpret_cast<char*>(head.data()), head.size())) return false;
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | head[static_cast<std::size_t>(i)];
+  return n >= 2 && n <= st::kMaxHeaderBytes && head[8] == '{';
+}
+
+/// What to open with st::Reader when `path` is a safetensors checkpoint: a
+/// name ending in `.safetensors` or `.safetensors.index.json` (present or not:
+/// Reader names what is missing), a file that starts like one, or a directory
+/// holding `model.safetensors` / `model.safetensors.index.json` (Reader picks),
+/// else its one index, else its one `.safetensors` file. A directory with
+/// checkpoint_<rank>.pt files is ckpt's own and is not looked into.
+std::optional<fs::path> safetensors_path(const fs::path& path) {
+  if (ends_with(path, ".safetensors") || ends_with(path, ".safetensors.index.json")) return path;
+  std::error_code ec;
+  if (fs::is_regular_file(path, ec)) return looks_like_safetensors(path) ? std::optional(path) : std::nullopt;
+  if (!fs::is_directory(path, ec)) return std::nullopt;
+  std::vector<fs::path> indexes, files;
+  for (const auto& e : fs::directory_iterator(path)) {
+    const auto name = e.path().filename().string();
+    if (!e.is_regular_file()) continue;
+    if (name.starts_with("checkpoint_") && name.ends_with(".pt")) return std::nullopt;
+    if (name.ends_with(".safetensors.index.json")) indexes.push_back(e.path());
+    if (name.ends_with(".safetensors")) files.push_back(e.path());
+  }
+  if (fs::exists(path / "model.safetensors", ec) || fs::exists(path / "model.safetensors.index.json", ec))
+    return path;
+  const auto& found = indexes.empty() ? files : indexes;
+  if (found.size() == 1) return found.front();
+  if (found.empty()) return std::nullopt;
+  std::vector<std::string> names;
+  for (const auto& f : found) names.push_back(f.filename().string());
+  std::sort(names.begin(), names.end());
+  throw ckpt::NotFound(fmt::format("{} holds several safetensors {} ({}) and no model.safetensors: name one",
+                                   path.string(), indexes.empty() ? "files" : "indexes",
+                                   fmt::join(names, ", ")));
+}
+
+/// `s` as it is, or JSON-quoted when it holds control characters (a tensor
+/// name from a file off the internet must not drive the terminal).
+std::string shown(const std::string& s) {
+  for (const unsigned char c : s)
+    if (c < 0x20 || c == 0x7f) return json::serialize(json::string(s));
+  return s;
+}
+
+/// A metadata value, JSON-quoted, cut to a line's worth (at a UTF-8 boundary).
+std::string shown_value(const std::string& v) {
+  constexpr std::size_t kShown = 160;
+  if (v.size() <= kShown) return json::serialize(json::string(v));
+  std::size_t cut = kShown;
+  while (cut > 0 && (static_cast<unsigned char>(v[cut]) & 0xc0) == 0x80) --cut;
+  return fmt::format("{}... ({} bytes in all; --json shows it whole)",
+                     json::serialize(json::string(v.substr(0, cut))), v.size());
+}
+
+/// Every tensor's header entry, in Reader::names() order (for an index this
+/// reads each shard's header, never its data), and the files in first-use order.
+struct SafetensorsListing {
+  std::vector<const st::TensorEntry*> entries;
+  std::vector<fs::path> files;
+  std::uint64_t bytes = 0;
+};
+
+SafetensorsListing list_safetensors(st::Reader& reader) {
+  SafetensorsListing l;
+  for (const auto& name : reader.names()) {
+    const st::TensorEntry& e = reader.entry(name);
+    l.entries.push_back(&e);
+    l.bytes += e.end - e.begin;
+    if (std::find(l.files.begin(), l.files.end(), e.file) == l.files.end()) l.files.push_back(e.file);
+  }
+  return l;
+}
+
+/// Where a file lies, as the index names it (relative to the index's directory).
+std::string file_text(const st::Reader& reader, const fs::path& file) {
+  return file.lexically_relative(reader.path().parent_path()).string();
+}
+
+int inspect_safetensors(const fs::path& path, bool as_json) {
+  st::Reader reader(path);
+  const SafetensorsListing l = list_safetensors(reader);
+  if (as_json) {
+    json::object meta;
+    for (const auto& [k, v] : reader.metadata()) meta[k] = v;
+    json::array files, keys;
+    for (const auto& f : l.files) files.push_back(json::string(f.string()));
+    for (const auto* e : l.entries) {
+      json::object o{{"key", e->name}, {"type", "tensor"}};
+      if (e->scalar_type == c10::ScalarType::Undefined)
+        o["dtype"] = nullptr;  // this libtorch has no type for it
+      else
+        o["dtype"] = c10::toString(e->scalar_type);
+      o["safetensors_dtype"] = e->dtype;
+      o["shape"] = ints(e->shape);
+      o["bytes"] = e->end - e->begin;
+      o["file"] = e->file.string();
+      o["offset"] = e->file_offset;
+      o["data_offsets"] = json::array{e->begin, e->end};
+      keys.push_back(std::move(o));
+    }
+    std::cout << json::serialize(json::object{{"safetensors", reader.path().string()},
+                                              {"sharded", reader.is_index()},
+                                              {"files", std::move(files)},
+                                              {"metadata", std::move(meta)},
+                                              {"keys", std::move(keys)},
+                                              {"tensors", l.entries.size()},
+                                              {"bytes", l.bytes}})
+              << "\n";
+    return 0;
+  }
+  const std::size_t n = l.entries.size();
+  fmt::print("{} (safetensors, {}, {} tensor{})\n", reader.path().string(),
+             reader.is_index() ? fmt::format("{} shard{}", l.files.size(), l.files.size() == 1 ? "" : "s")
+                               : std::string("1 file"),
+             n, n == 1 ? "" : "s");
+  const char* meta_name = reader.is_index() ? "metadata" : "__metadata__";
+  for (const auto& [k, v] : reader.metadata())
+    fmt::print("  {}[{}] = {}\n", meta_name, json::serialize(json::string(k)), shown_value(v));
+  for (const auto* e : l.entries)
+    fmt::print("  {:<40} {:<14} [{}] {} bytes  {}@ {}\n", shown(e->name), e->dtype, fmt::join(e->shape, ", "),
+               e->end - e->begin, reader.is_index() ? file_text(reader, e->file) + " " : std::string(),
+               e->file_offset);
+  fmt::print("  total: {} tensor{}, {} bytes{}\n", n, n == 1 ? "" : "s", l.bytes,
+             reader.is_index() ? fmt::format(" in {} shard{}", l.files.size(), l.files.size() == 1 ? "" : "s")
+                               : std::string());
+  return 0;
+}
+
+/// Reads the bytes of a tensor whose dtype this libtorch lacks (Reader::tensor
+/// refuses those): the file is sound when they are all there.
+void read_raw(const st::TensorEntry& e) {
+  std::ifstream in(e.file, std::ios::binary);
+  in.seekg(static_cast<std::streamoff>(e.file_offset));
+  std::vector<char> buf(std::min<std::uint64_t>(e.end - e.begin, std::uint64_t{16} << 20));
+  for (std::uint64_t left = e.end - e.begin; left > 0;) {
+    const auto chunk = static_cast<std::streamsize>(std::min<std::uint64_t>(left, buf.size()));
+    if (!in.read(buf.data(), chunk))
+      throw ckpt::IoError(fmt::format("{}: cannot read the {} bytes of '{}' at offset {}", e.file.string(),
+                                      e.end - e.begin, e.name, e.file_offset));
+    left -= static_cast<std::uint64_t>(chunk);
+  }
+}
+
+int verify_safetensors(const fs::path& path) {
+  std::optional<st::Reader> reader;
+  try {
+    reader.emplace(path);
+  } catch (const ckpt::Error& e) {
+    fmt::print("BAD {}\n", e.what());
+    return 1;
+  }
+  // Every tensor read whole, one at a time. A fault of a whole shard (missing,
+  // torn, a bad header) is met again by each of its tensors: said once.
+  std::set<std::string> said;
+  std::size_t bad = 0, unconverted = 0;
+  struct FileTally {
+    fs::path file;
+    std::size_t tensors = 0;
+    std::uint64_t bytes = 0;
+  };
+  std::vector<FileTally> files;
+  std::uint64_t bytes = 0;
+  for (const auto& name : reader->names()) {
+    const st::TensorEntry* e = nullptr;
+    try {
+      e = &reader->entry(name);
+    } catch (const ckpt::Error& err) {
+      if (said.insert(err.what()).second) fmt::print("BAD {}\n", err.what());
+      ++bad;
+      continue;
+    }
+    try {
+      if (e->scalar_type == c10::ScalarType::Undefined) {
+        read_raw(*e);
+        ++unconverted;
+      } else {
+        reader->tensor(name);
+      }
+    } catch (const ckpt::Error& err) {
+      fmt::print("BAD {}: {}\n", shown(name), err.what());
+      ++bad;
+      continue;
+    }
+    auto it = std::find_if(files.begin(), files.end(), [&](const FileTally& f) { return f.file == e->file; });
+    if (it == files.end()) it = files.insert(files.end(), FileTally{e->file});
+    ++it->tensors;
+    it->bytes += e->end - e->begin;
+    bytes += e->end - e->begin;
+  }
+  if (bad > 0) return 1;
+  const std::size_t n = reader->names().size();
+  if (reader->is_index())
+    for (const auto& f : files)
+      fmt::print("ok  {} ({} tensor{}, {} bytes)\n", f.file.string(), f.tensors, f.tensors == 1 ? "" : "s",
+                 f.bytes);
+  fmt::print("ok  {} (safetensors, {}{} tensor{}, {} bytes of data read{})\n", reader->path().string(),
+             reader->is_index() ? fmt::format("{} shard{}, ", files.size(), files.size() == 1 ? "" : "s")
+                                : std::string(),
+             n, n == 1 ? "" : "s", bytes,
+             unconverted == 0
+                 ? std::string()
+                 : fmt::format("; {} of a dtype this libtorch lacks, read as bytes", unconverted));
+  return 0;
+}
+
 // --- checkpoint files -----------------------------------------------------------
 
 int inspect(const fs::path& path, bool as_json) {
   if (is_dcp(path)) return inspect_dcp(path, as_json);
+  if (const auto st_path = safetensors_path(path)) return inspect_safetensors(*st_path, as_json);
   json::array files;
   for (const auto& file : files_of(path)) {
     ckpt::FileReader reader(file);
@@ -295,6 +536,9 @@ int inspect(const fs::path& path, bool as_json) {
 
 int verify(const fs::path& path, bool require_commit) {
   if (is_dcp(path)) return verify_dcp(path);  // committed once .metadata exists
+  // Committed once its file (or its index, written after every shard) exists:
+  // each is renamed into place whole, and a torn save is refused as damaged.
+  if (const auto st_path = safetensors_path(path)) return verify_safetensors(*st_path);
   int bad = 0;
   for (const auto& file : files_of(path)) {
     try {
