@@ -13,6 +13,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <utility>
 #include <vector>
 
@@ -23,6 +24,38 @@
 #include <unistd.h>
 
 namespace ckpt::test {
+
+/// One process as /proc/PID/stat describes it (the fields tests use).
+struct ProcessEntry {
+  int pid = 0;
+  std::string comm;  ///< the command name, as the kernel keeps it
+  char state = 0;
+  int ppid = 0;
+  int pgrp = 0;
+};
+
+/// Every process /proc lists now; one that ends while it is read is left out.
+inline std::vector<ProcessEntry> processes() {
+  std::vector<ProcessEntry> out;
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(it->path() / "stat");
+    const std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+    const auto open = stat.find('(');
+    const auto close = stat.rfind(')');
+    if (open == std::string::npos || close == std::string::npos || close < open) continue;
+    ProcessEntry p;
+    p.pid = std::stoi(name);
+    p.comm = stat.substr(open + 1, close - open - 1);
+    std::istringstream rest(stat.substr(close + 1));
+    rest >> p.state >> p.ppid >> p.pgrp;
+    out.push_back(std::move(p));
+  }
+  return out;
+}
 
 class Process {
  public:
@@ -142,20 +175,8 @@ class Process {
   /// The processes of process group `pgid` (from /proc).
   static std::vector<int> group_members(int pgid) {
     std::vector<int> out;
-    std::error_code ec;
-    for (std::filesystem::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
-      const std::string name = it->path().filename().string();
-      if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
-      std::ifstream in(it->path() / "stat");
-      std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-      const auto close = stat.rfind(')');  // "pid (comm) state ppid pgrp ..."
-      if (close == std::string::npos) continue;
-      std::istringstream rest(stat.substr(close + 1));
-      char state = 0;
-      int ppid = 0, pgrp = 0;
-      rest >> state >> ppid >> pgrp;
-      if (pgrp == pgid) out.push_back(std::stoi(name));
-    }
+    for (const auto& p : processes())
+      if (p.pgrp == pgid) out.push_back(p.pid);
     return out;
   }
 

@@ -6,6 +6,8 @@
 #include <ckpt/log.hpp>
 #include <ckpt/state_dict.hpp>
 
+#include "support/process.hpp"
+
 #include <ATen/ATen.h>
 
 #include <signal.h>
@@ -142,24 +144,8 @@ inline bool process_gone(int pid) {
 /// is `comm` when it is given.
 inline std::vector<int> child_processes(const std::string& comm = {}) {
   std::vector<int> out;
-  std::error_code ec;
-  for (std::filesystem::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in(it->path() / "stat");
-    const std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-    const auto open = stat.find('(');
-    const auto close = stat.rfind(')');
-    if (open == std::string::npos || close == std::string::npos || close < open) continue;
-    std::istringstream rest(stat.substr(close + 1));
-    char state = 0;
-    int ppid = 0;
-    rest >> state >> ppid;
-    if (ppid != ::getpid()) continue;
-    if (!comm.empty() && stat.substr(open + 1, close - open - 1) != comm) continue;
-    out.push_back(std::stoi(name));
-  }
+  for (const auto& p : processes())
+    if (p.ppid == ::getpid() && (comm.empty() || p.comm == comm)) out.push_back(p.pid);
   return out;
 }
 
@@ -340,22 +326,9 @@ inline void become_child_subreaper() {
 /// grandchildren left behind), each killed and reaped, so that one failing
 /// case leaves nothing to the next. Returns their pids.
 inline std::vector<pid_t> kill_leftover_children() {
-  namespace fs = std::filesystem;
   std::vector<pid_t> left;
-  std::error_code ec;
-  for (fs::directory_iterator it("/proc", ec), end; !ec && it != end; it.increment(ec)) {
-    const std::string name = it->path().filename().string();
-    if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos) continue;
-    std::ifstream in(it->path() / "stat");
-    const std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const auto close = stat.rfind(')');  // "pid (comm) state ppid ..."
-    if (close == std::string::npos) continue;
-    std::istringstream rest(stat.substr(close + 1));
-    char state = 0;
-    int ppid = 0;
-    rest >> state >> ppid;
-    if (ppid == ::getpid()) left.push_back(std::stoi(name));
-  }
+  for (const auto& p : processes())
+    if (p.ppid == ::getpid()) left.push_back(p.pid);
   for (pid_t pid : left) {
     ::kill(pid, SIGKILL);
     ::waitpid(pid, nullptr, 0);
