@@ -57,6 +57,7 @@ PUBLIC = {
     "dcp/metadata.hpp": "dcp",
     "dcp/planner.hpp": "dcp",
     "dcp/storage.hpp": "dcp",
+    "dcp/hf_storage.hpp": "dcp",
     "dcp/state_dict_saver.hpp": "dcp",
 }
 UMBRELLA = "ckpt.hpp"

@@ -6,7 +6,9 @@
 //     and a sharded checkpoint with the index transformers writes, load here
 //     exactly: whole, partially, in place and mapped;
 //   - files ckpt writes (single, sharded with an index, with metadata) load
-//     exactly with safetensors.torch.load_file.
+//     exactly with safetensors.torch.load_file;
+//   - a DCP save through HuggingFaceStorageWriter on 3 ranks (consolidated)
+//     loads exactly with safetensors, and back here on 1 and 2 ranks.
 // tests/interop/safetensors_files.py is the Python side; every comparison is
 // bit for bit against a torch.save of the same tensors. Root only (the
 // chroot); elsewhere the test says it was skipped, and ctest reports it so.
@@ -17,6 +19,7 @@
 
 #include <ckpt/format.hpp>
 
+#include "support/rank_runs.hpp"
 #include "support/test_support.hpp"
 
 #include <ATen/ATen.h>
@@ -289,4 +292,34 @@ BOOST_AUTO_TEST_CASE(what_ckpt_writes_loads_exactly_in_python) {
   for (const std::string name : {"dtypes", "views", "edge", "nested", "sharded"})
     BOOST_CHECK_MESSAGE(checked.output.find("ok " + name + "\n") != std::string::npos,
                         "no 'ok " << name << "'");
+}
+
+BOOST_AUTO_TEST_CASE(a_dcp_save_on_three_ranks_loads_in_python_and_back_on_one_and_two) {
+  // dcp_worker's hf_save: 3 ranks save row-sharded and replicated tensors
+  // through HuggingFaceStorageWriter, consolidated into upstream's
+  // model-0000k-of-00002.safetensors and index; Python's safetensors loads
+  // them exactly; 1 and 2 ranks load them back (and the shards) exactly.
+  if (skipped()) return;
+  TempDir dir;
+  const fs::path bin = fs::path(CKPT_CLI).parent_path();
+  const auto launch = [&](int ranks, const char* scenario) {
+    auto run =
+        ckpt::test::run_bounded({(bin / "ckpt-launch").string(), "-n", std::to_string(ranks), "--timeout",
+                                 "120", (bin / "dcp_worker").string(), scenario, dir.path().string()},
+                                std::chrono::seconds(180));
+    BOOST_TEST_MESSAGE(scenario << " on " << ranks << " ranks:\n" << run.output);
+    BOOST_CHECK_MESSAGE(run.status == 0 && !run.hung && run.unexpected.empty(), run.output);
+    BOOST_CHECK_EQUAL(run.results.size(), static_cast<std::size_t>(ranks));
+  };
+  launch(3, "hf_save");
+  std::ofstream(dir / "manifest.json") << boost::json::serialize(
+      boost::json::object{{"files", boost::json::object{}},
+                          {"indexes", boost::json::object{{"hf", "hf/model.safetensors.index.json"}}},
+                          {"metadata", boost::json::object{}}});
+  const auto checked = torch2_script("safetensors_files.py", {"check", dir.path().string()});
+  BOOST_TEST_MESSAGE(checked.output);
+  BOOST_CHECK_MESSAGE(checked.status == 0 && checked.output.find("ok hf\n") != std::string::npos,
+                      describe(checked));
+  launch(1, "hf_load");
+  launch(2, "hf_load");
 }

@@ -105,6 +105,9 @@ class Reader {
   /// strings as their JSON text, nested objects and arrays left out); each
   /// shard's own `__metadata__` is there when the shard is opened alone.
   const std::map<std::string, std::string>& metadata() const;
+  /// The id of the save that wrote the file (or the index), when ckpt wrote
+  /// one: the `ckpt_save_id` of `__metadata__`, which metadata() leaves out.
+  const std::optional<std::string>& save_id() const;
   /// The header entry of `name` (reading its shard's header for an index).
   /// Throws MissingKeys naming it when absent.
   const TensorEntry& entry(const std::string& name);

@@ -1,6 +1,7 @@
 // The modern DCP API over nested state dicts: flattening with upstream's
 // rules (torch.distributed.checkpoint._traverse, torch >= 2.4), dcp::save,
 // dcp::load and dcp::load_all.
+#include <ckpt/dcp/hf_storage.hpp>
 #include <ckpt/dcp/state_dict_saver.hpp>
 
 #include <ckpt/error.hpp>
@@ -9,6 +10,7 @@
 #include <ATen/core/List.h>
 #include <fmt/format.h>
 
+#include <memory>
 #include <set>
 #include <utility>
 
@@ -244,19 +246,25 @@ Metadata save(const StateDict& state_dict, const SaveOptions& options) {
 
 namespace {
 
-StorageReader& reader_of(const LoadOptions& options, std::optional<FileSystemReader>& own, const char* what) {
+/// The storage to load from: the one given, else a HuggingFaceStorageReader
+/// for a directory of safetensors files, else a FileSystemReader.
+StorageReader& reader_of(const LoadOptions& options, std::unique_ptr<StorageReader>& own, const char* what) {
   if (options.storage_reader) {
     if (options.checkpoint_id) options.storage_reader->reset(options.checkpoint_id);
     return *options.storage_reader;
   }
   if (!options.checkpoint_id) throw Error(fmt::format("{} needs a checkpoint_id or a storage_reader", what));
-  return own.emplace(*options.checkpoint_id);
+  if (is_hugging_face_checkpoint(*options.checkpoint_id))
+    own = std::make_unique<HuggingFaceStorageReader>(*options.checkpoint_id);
+  else
+    own = std::make_unique<FileSystemReader>(*options.checkpoint_id);
+  return *own;
 }
 
 }  // namespace
 
 void load(const StateDict& state_dict, const LoadOptions& options) {
-  std::optional<FileSystemReader> own;
+  std::unique_ptr<StorageReader> own;
   StorageReader& storage = reader_of(options, own, "dcp::load");
   std::vector<Leaf> ls = leaves(state_dict);
   DcpStateDict flat;
@@ -277,7 +285,7 @@ void load(const StateDict& state_dict, const LoadOptions& options) {
 }
 
 StateDict load_all(const std::filesystem::path& checkpoint_id, const LoadOptions& options) {
-  std::optional<FileSystemReader> own;
+  std::unique_ptr<StorageReader> own;
   LoadOptions with_id = options;
   with_id.checkpoint_id = checkpoint_id;
   StorageReader& storage = reader_of(with_id, own, "dcp::load_all");

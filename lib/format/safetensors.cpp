@@ -38,6 +38,7 @@
 #include "core/key_path.hpp"
 #include "format/dtypes.hpp"
 #include "format/file_writer.hpp"
+#include "format/safetensors_writer.hpp"
 
 #include <fmt/format.h>
 #include <fmt/ranges.h>
@@ -683,6 +684,7 @@ struct Shard {
   std::vector<TensorEntry> entries;  // in the order of their data
   std::unordered_map<std::string, std::size_t> by_name;
   std::map<std::string, std::string> metadata;  // without ckpt's save id
+  std::optional<std::string> save_id;           // ckpt's save id
   std::shared_ptr<Mapping> mapping;
   /// For a shard: the names the index gives it.
   std::vector<std::string> expected;
@@ -863,6 +865,7 @@ struct Reader::Impl {
     s.entries = std::move(entries);
     s.by_name = std::move(by_name);
     s.metadata = std::move(header.metadata);
+    s.save_id = std::move(id);
     s.open = true;
   }
 
@@ -932,6 +935,7 @@ struct Reader::Impl {
     s.path = path;
     open_shard(s, false);
     metadata = s.metadata;
+    save_id = s.save_id;
     names.reserve(s.entries.size());
     for (const auto& e : s.entries) {
       shard_of.emplace(e.name, 0);
@@ -1104,6 +1108,9 @@ bool Reader::contains(const std::string& name) const {
 const std::map<std::string, std::string>& Reader::metadata() const {
   return impl_->metadata;
 }
+const std::optional<std::string>& Reader::save_id() const {
+  return impl_->save_id;
+}
 const TensorEntry& Reader::entry(const std::string& name) {
   return *impl_->find(name).second;
 }
@@ -1165,52 +1172,14 @@ at::Tensor contiguous_cpu(at::Tensor t) {
 }
 
 /// Writes one `.safetensors` file of `items` durably.
-void write_one(const fs::path& file, std::vector<const Item*> items,
+void write_one(const fs::path& file, const std::vector<const Item*>& items,
                const std::map<std::string, std::string>& metadata, bool fsync) {
-  // Largest element first, keeping the state dict's order within a size: every
-  // offset stays a multiple of the element size of the tensor there.
-  std::stable_sort(items.begin(), items.end(),
-                   [](const Item* a, const Item* b) { return a->element_size > b->element_size; });
-  std::string header = "{";
-  const auto add = [&](std::string_view key, const std::string& value) {
-    if (header.size() > 1) header += ',';
-    header += json_quoted(key);
-    header += ':';
-    header += value;
-  };
-  if (!metadata.empty()) {
-    std::string m = "{";
-    for (const auto& [k, v] : metadata) {
-      if (m.size() > 1) m += ',';
-      m += json_quoted(k) + ':' + json_quoted(v);
-    }
-    add(kMetadataKey, m + '}');
-  }
-  std::uint64_t at = 0;
-  for (const Item* item : items) {
-    add(item->name, fmt::format(R"({{"dtype":"{}","shape":[{}],"data_offsets":[{},{}]}})", item->dtype,
-                                fmt::join(item->tensor.sizes(), ","), at, at + item->nbytes));
-    at += item->nbytes;
-  }
-  header += '}';
-  // Spaces (JSON whitespace) pad the header so that the data starts 8-aligned.
-  header.append((8 - header.size() % 8) % 8, ' ');
-  const std::string head = le64_bytes(header.size()) + header;
-
-  WriteOptions options;
-  options.direct_io = false;
-  options.fsync = fsync;
-  detail::write_durably(file, options, [&](int fd, bool, const fs::path& temp) {
-    detail::pwrite_full(fd, head.data(), head.size(), 0, temp);
-    std::uint64_t off = head.size();
-    for (const Item* item : items) {
-      if (item->nbytes == 0) continue;
-      const at::Tensor t = contiguous_cpu(item->tensor);
-      detail::pwrite_full(fd, t.data_ptr(), static_cast<std::size_t>(item->nbytes), off, temp);
-      off += item->nbytes;
-    }
-    return off;
-  });
+  std::vector<detail::SafetensorsEntry> entries;
+  entries.reserve(items.size());
+  for (const Item* item : items)
+    entries.push_back({item->name, item->tensor.scalar_type(), item->tensor.sizes().vec()});
+  detail::write_safetensors(
+      file, entries, metadata, [&](std::size_t i) { return items[i]->tensor; }, fsync);
 }
 
 std::string random_save_id() {
@@ -1381,3 +1350,93 @@ void save(const fs::path& path, const StateDict& state_dict, const SaveOptions& 
 }
 
 }  // namespace ckpt::safetensors
+
+namespace ckpt::detail {
+
+std::string json_string(const std::string& s) {
+  return safetensors::json_quoted(s);
+}
+
+std::vector<std::uint64_t> write_safetensors(const std::filesystem::path& file,
+                                             const std::vector<SafetensorsEntry>& entries,
+                                             const std::map<std::string, std::string>& metadata,
+                                             const std::function<at::Tensor(std::size_t)>& data, bool fsync) {
+  using safetensors::json_quoted;
+  struct Planned {
+    std::size_t index;
+    const char* dtype;
+    std::size_t element_size;
+    std::uint64_t nbytes;
+  };
+  std::vector<Planned> order;
+  order.reserve(entries.size());
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    const auto& e = entries[i];
+    const char* name = safetensors_dtype_name(e.dtype);
+    if (!name)
+      throw Unsupported(fmt::format("safetensors file {}: '{}' is {}, a dtype safetensors has no name for",
+                                    file.string(), e.name, c10::toString(e.dtype)));
+    const std::size_t elem = c10::elementSize(e.dtype);
+    std::uint64_t n = elem;
+    for (const auto d : e.shape) {
+      if (d < 0)
+        throw Error(fmt::format("safetensors file {}: '{}' has a negative size", file.string(), e.name));
+      n *= static_cast<std::uint64_t>(d);
+    }
+    order.push_back({i, name, elem, n});
+  }
+  // Largest element first, keeping the given order within a size: every
+  // offset stays a multiple of the element size of the tensor there.
+  std::stable_sort(order.begin(), order.end(),
+                   [](const Planned& a, const Planned& b) { return a.element_size > b.element_size; });
+  std::string header = "{";
+  const auto add = [&](std::string_view key, const std::string& value) {
+    if (header.size() > 1) header += ',';
+    header += json_quoted(key);
+    header += ':';
+    header += value;
+  };
+  if (!metadata.empty()) {
+    std::string m = "{";
+    for (const auto& [k, v] : metadata) {
+      if (m.size() > 1) m += ',';
+      m += json_quoted(k) + ':' + json_quoted(v);
+    }
+    add(safetensors::kMetadataKey, m + '}');
+  }
+  std::uint64_t at = 0;
+  for (const auto& p : order) {
+    add(entries[p.index].name, fmt::format(R"({{"dtype":"{}","shape":[{}],"data_offsets":[{},{}]}})", p.dtype,
+                                           fmt::join(entries[p.index].shape, ","), at, at + p.nbytes));
+    at += p.nbytes;
+  }
+  header += '}';
+  // Spaces (JSON whitespace) pad the header so that the data starts 8-aligned.
+  header.append((8 - header.size() % 8) % 8, ' ');
+  const std::string head = safetensors::le64_bytes(header.size()) + header;
+
+  std::vector<std::uint64_t> offsets(entries.size());
+  WriteOptions options;
+  options.direct_io = false;
+  options.fsync = fsync;
+  write_durably(file, options, [&](int fd, bool, const std::filesystem::path& temp) {
+    pwrite_full(fd, head.data(), head.size(), 0, temp);
+    std::uint64_t off = head.size();
+    for (const auto& p : order) {
+      const auto& e = entries[p.index];
+      offsets[p.index] = off;
+      at::Tensor t = data(p.index);
+      if (!t.defined() || t.scalar_type() != e.dtype || t.sizes().vec() != e.shape)
+        throw Mismatch(fmt::format("safetensors file {}: the data given for '{}' is not a {} tensor of [{}]",
+                                   file.string(), e.name, c10::toString(e.dtype), fmt::join(e.shape, ", ")));
+      if (p.nbytes == 0) continue;
+      t = safetensors::contiguous_cpu(std::move(t));
+      pwrite_full(fd, t.data_ptr(), static_cast<std::size_t>(p.nbytes), off, temp);
+      off += p.nbytes;
+    }
+    return off;
+  });
+  return offsets;
+}
+
+}  // namespace ckpt::detail

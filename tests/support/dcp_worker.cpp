@@ -37,6 +37,7 @@
 // gone (a pidfd, no clock), so that it is still working when the others learn
 // of the death.
 // Every wait of this program is bounded (kBound, or the group's timeout).
+#include <ckpt/dcp/hf_storage.hpp>
 #include <ckpt/dcp/metadata.hpp>
 #include <ckpt/dcp/planner.hpp>
 #include <ckpt/dcp/state_dict_saver.hpp>
@@ -786,6 +787,67 @@ void nested_save(Rank& r) {
   r.leave(r.world());
 }
 
+// --- 6. Hugging Face safetensors storage ---------------------------------------------
+
+/// What the hf_* scenarios save, as rank `rank` of `n` holds it: rows and
+/// uneven sharded along `dim`, replicated whole (zeros when `zero`).
+DcpStateDict hf_state(std::int64_t rank, std::int64_t n, std::int64_t dim, bool zero) {
+  const auto value = [&](const at::Tensor& global) { return zero ? at::zeros_like(global) : global; };
+  return {{"rows", sharded_from(value(rows_value()), spec_over(n, dim), rank)},
+          {"uneven", sharded_from(value(uneven_value()), spec_over(n, dim), rank)},
+          {"replicated", value(reshard_replicated_value())}};
+}
+
+// hf_save: every rank saves hf_state through HuggingFaceStorageWriter into
+// DIR/hf (shards in DIR/hf/sharded, consolidated into two files: rows in the
+// first, the others in the second) and into DIR/hf_sharded (shards only);
+// a save of whole tensors only is refused on every rank, the coordinator
+// named. Rank 0 also writes DIR/hf.pt, the global values, for Python.
+void hf_save(Rank& r) {
+  const auto sd = hf_state(r.rank(), r.world(), 0, false);
+  ckpt::dcp::HuggingFaceStorageWriterOptions consolidated;
+  consolidated.fqn_to_index_mapping = {{"rows", 1}, {"uneven", 2}, {"replicated", 2}};
+  consolidated.save_distributed = true;
+  consolidated.enable_consolidation = true;
+  ckpt::dcp::HuggingFaceStorageWriter writer(r.dir() / "hf", consolidated);
+  r.expect("hf_save/consolidated", outcome_of([&] { ckpt::dcp::save_state_dict(sd, writer); }), "ok");
+  ckpt::dcp::HuggingFaceStorageWriter sharded(r.dir() / "hf_sharded", {.save_distributed = true});
+  r.expect("hf_save/sharded", outcome_of([&] { ckpt::dcp::save_state_dict(sd, sharded); }), "ok");
+  ckpt::dcp::HuggingFaceStorageWriter whole(r.dir() / "hf_whole");
+  const auto refused = outcome_of([&] { ckpt::dcp::save_state_dict(sd, whole); });
+  r.report("hf_save/whole_refused", refused,
+           starts_with(refused, "CheckpointException ranks=[0] failures={0:Error=") &&
+               refused.find("save_distributed") != std::string::npos);
+  if (r.rank() == 0) {
+    ckpt::StateDict globals;
+    for (const auto& [k, v] : reshard_globals()) globals.insert(k, v);
+    ckpt::write_file(r.dir() / "hf.pt", globals.to_ivalue());
+  }
+  r.leave(r.world());
+}
+
+// hf_load: M ranks load each form hf_save wrote (the consolidated files, the
+// shards they came from, the shards alone), sharded by rows and by columns,
+// and everything whole through dcp::load_all (which finds the format itself).
+void hf_load(Rank& r) {
+  for (const std::string form : {"hf", "hf/sharded", "hf_sharded"})
+    for (const std::int64_t dim : {0, 1}) {
+      const std::string label = fmt::format("{}/dim{}", form, dim);
+      auto sd = hf_state(r.rank(), r.world(), dim, true);
+      ckpt::dcp::HuggingFaceStorageReader reader(r.dir() / form);
+      r.expect(label, outcome_of([&] { ckpt::dcp::load_state_dict(sd, reader); }), "ok");
+      const auto values = compare_with(sd, reshard_globals());
+      r.report(label + "/values", values, values == "as-saved");
+    }
+  ckpt::StateDict all;
+  r.expect("hf/load_all", outcome_of([&] { all = ckpt::dcp::load_all(r.dir() / "hf"); }), "ok");
+  bool same = all.size() == reshard_globals().size();
+  for (const auto& [k, v] : reshard_globals())
+    same = same && all.contains(k) && identical(all.at(k).toTensor(), v);
+  r.report("hf/load_all/values", same ? "as-saved" : "different", same);
+  r.leave(r.world());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -812,6 +874,8 @@ int main(int argc, char** argv) try {
       {"metadata", metadata},
       {"slow_write", slow_write},
       {"nested_save", nested_save},
+      {"hf_save", hf_save},
+      {"hf_load", hf_load},
   };
   const auto it = scenarios.find(scenario);
   if (it == scenarios.end()) {
