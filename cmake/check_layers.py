@@ -58,6 +58,7 @@ PUBLIC = {
     "dcp/planner.hpp": "dcp",
     "dcp/storage.hpp": "dcp",
     "dcp/hf_storage.hpp": "dcp",
+    "dcp/convert.hpp": "dcp",
     "dcp/state_dict_saver.hpp": "dcp",
 }
 UMBRELLA = "ckpt.hpp"

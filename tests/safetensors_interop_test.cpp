@@ -8,7 +8,11 @@
 //   - files ckpt writes (single, sharded with an index, with metadata) load
 //     exactly with safetensors.torch.load_file;
 //   - a DCP save through HuggingFaceStorageWriter on 3 ranks (consolidated)
-//     loads exactly with safetensors, and back here on 1 and 2 ranks.
+//     loads exactly with safetensors, and back here on 1 and 2 ranks;
+//   - what `ckpt convert` writes from torch 2.6's files (a DCP directory, a
+//     safetensors file, a torch.save file) loads exactly with upstream's
+//     dcp_to_torch_save, safetensors and torch.load(weights_only=True), and
+//     a DCP directory upstream's torch_save_to_dcp wrote converts exactly.
 // tests/interop/safetensors_files.py is the Python side; every comparison is
 // bit for bit against a torch.save of the same tensors. Root only (the
 // chroot); elsewhere the test says it was skipped, and ctest reports it so.
@@ -17,6 +21,7 @@
 #define BOOST_TEST_MODULE safetensors_interop_test
 #include <boost/test/unit_test.hpp>
 
+#include <ckpt/dcp/convert.hpp>
 #include <ckpt/format.hpp>
 
 #include "support/rank_runs.hpp"
@@ -322,4 +327,34 @@ BOOST_AUTO_TEST_CASE(a_dcp_save_on_three_ranks_loads_in_python_and_back_on_one_a
                       describe(checked));
   launch(1, "hf_load");
   launch(2, "hf_load");
+}
+
+BOOST_AUTO_TEST_CASE(what_ckpt_convert_writes_loads_exactly_in_python) {
+  if (skipped()) return;
+  TempDir dir;
+  const auto made = torch2_script("convert_files.py", {"write", dir.path().string()});
+  BOOST_REQUIRE_MESSAGE(made.status == 0, describe(made));
+  const auto check = [&](std::vector<std::string> args) {
+    const auto r = torch2_script("convert_files.py", args);
+    BOOST_CHECK_MESSAGE(r.status == 0 && r.output.find("same") != std::string::npos, describe(r));
+  };
+  const std::string flat = (dir / "flat.pt").string(), nested = (dir / "nested.pt").string();
+  // torch.save (torch 2.6) -> DCP, read by upstream's dcp_to_torch_save.
+  ckpt::dcp::convert(dir / "flat.pt", dir / "flat-dcp");
+  check({"check-dcp", (dir / "flat-dcp").string(), flat});
+  ckpt::dcp::convert(dir / "nested.pt", dir / "nested-dcp");
+  check({"check-dcp", (dir / "nested-dcp").string(), nested, "--str-keys"});
+  // DCP -> safetensors, read by safetensors.torch.load_file.
+  ckpt::dcp::convert(dir / "flat-dcp", dir / "flat.safetensors");
+  check({"check-safetensors", (dir / "flat.safetensors").string(), flat});
+  // safetensors -> torch.save and DCP -> torch.save, read by torch.load(weights_only=True).
+  ckpt::dcp::convert(dir / "flat.safetensors", dir / "back.pt");
+  check({"check", flat, (dir / "back.pt").string()});
+  ckpt::dcp::convert(dir / "nested-dcp", dir / "nested-back.pt");
+  check({"check", nested, (dir / "nested-back.pt").string(), "--str-keys"});
+  // What upstream's torch_save_to_dcp writes converts back exactly.
+  const auto py_dcp = torch2_script("convert_files.py", {"to-dcp", nested, (dir / "py-dcp").string()});
+  BOOST_REQUIRE_MESSAGE(py_dcp.status == 0, describe(py_dcp));
+  ckpt::dcp::convert(dir / "py-dcp", dir / "from-py.pt");
+  check({"check", nested, (dir / "from-py.pt").string(), "--str-keys"});
 }

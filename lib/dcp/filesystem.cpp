@@ -146,12 +146,12 @@ std::future<std::vector<WriteResult>> FileSystemWriter::write_data(const SavePla
         throw Error("the save plan names no data file (prepare_global_plan was not run on it)");
       const std::string name = plan.storage_data + ".distcp";
       // Each item is a torch.save archive of its own: the tensor chunk (a
-      // storage of exactly its bytes) or the value.
-      std::vector<ckpt::detail::Layout> layouts;
-      std::vector<const std::string*> raw;  // an opaque value's archive, else null
-      std::vector<c10::IValue> keep;        // keeps those alive
-      layouts.reserve(plan.items.size());
-      for (const auto& item : plan.items) {
+      // storage of exactly its bytes) or the value. Items are resolved one at
+      // a time as their turn comes, so a planner that produces its data on
+      // demand (ckpt convert) keeps one item in memory.
+      std::vector<std::uint64_t> data_bytes(plan.items.size(), 0);
+      const auto make = [&](std::size_t i) {
+        const WriteItem& item = plan.items[i];
         c10::IValue data = planner.resolve_data(item);
         if (item.type != WriteItemType::bytes) {
           if (!data.isTensor())
@@ -163,26 +163,24 @@ std::future<std::vector<WriteResult>> FileSystemWriter::write_data(const SavePla
                 fmt::format("'{}' is not the chunk its plan describes", detail::item_name(item.index)));
           data = t;
         }
+        ckpt::detail::Archive archive;
         if (const OpaqueValue* opaque = as_opaque(data)) {
-          layouts.emplace_back();
-          raw.push_back(&opaque->archive);  // written as it was read
-          keep.push_back(data);
+          archive.raw = &opaque->archive;  // written as it was read
+          archive.keep = data;
         } else {
-          layouts.push_back(ckpt::detail::plan_layout(data));
-          raw.push_back(nullptr);
+          archive.layout = ckpt::detail::plan_layout(data);
+          for (const auto& rec : archive.layout.records)
+            if (rec.name.find("/data/") != std::string::npos) data_bytes[i] += rec.size;
         }
-      }
+        return archive;
+      };
       const auto extents = ckpt::detail::write_archives(
-          path_ / name, layouts, raw,
+          path_ / name, plan.items.size(), make,
           WriteOptions{.direct_io = options_.direct_io, .fsync = options_.sync_files});
-      for (std::size_t i = 0; i < plan.items.size(); ++i) {
-        std::uint64_t data_bytes = 0;
-        for (const auto& rec : layouts[i].records)
-          if (rec.name.find("/data/") != std::string::npos) data_bytes += rec.size;
+      for (std::size_t i = 0; i < plan.items.size(); ++i)
         results.push_back(
-            WriteResult{plan.items[i].index, data_bytes,
+            WriteResult{plan.items[i].index, data_bytes[i],
                         StorageInfo{name, extents[i].offset, extents[i].length, 0, /*archive=*/true}});
-      }
     }
     done.set_value(std::move(results));
   } catch (...) {

@@ -292,6 +292,15 @@ std::uint64_t stream(Sink& sink, Layout& layout, std::uint64_t base, std::vector
   for (std::size_t i = 0; i < layout.records.size(); ++i) {
     const auto& r = layout.records[i];
     const auto* p = static_cast<const char*>(r.data);
+    at::Storage fetched;  // a record laid out before its bytes were at hand
+    if (!p && r.size > 0) {
+      if (!layout.fetch) throw Error(fmt::format("record {} of the layout has no data", r.name));
+      fetched = layout.fetch(i);
+      if (!fetched.device().is_cpu() || fetched.nbytes() != r.size || !fetched.data())
+        throw Mismatch(fmt::format("record {} is {} bytes but its source gave {} bytes{}", r.name, r.size,
+                                   fetched.nbytes(), fetched.device().is_cpu() ? "" : " not on the CPU"));
+      p = static_cast<const char*>(fetched.data());
+    }
     const bool small = r.size <= kCrcSlice;
     if (small)
       zip.set_crc(i, crc32_of(p, static_cast<std::size_t>(r.size)));
@@ -553,24 +562,26 @@ void write_layout(const std::filesystem::path& file, Layout& layout, const Write
   });
 }
 
-std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std::vector<Layout>& layouts,
-                                          const std::vector<const std::string*>& raw,
+std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std::size_t count,
+                                          const std::function<Archive(std::size_t)>& make,
                                           const WriteOptions& options) {
   std::vector<ArchiveExtent> extents;
   write_durably(file, options, [&](int fd, bool direct, const std::filesystem::path& temp) {
+    extents.clear();
     Sink sink(fd, temp, direct);
     std::vector<Patch> patches;
     static const std::array<char, kAlign> zeros{};
     std::uint64_t at = 0;
-    for (std::size_t i = 0; i < layouts.size(); ++i) {
+    for (std::size_t i = 0; i < count; ++i) {
       const std::uint64_t base = align_up(at, kAlign);
       sink.put(zeros.data(), static_cast<std::size_t>(base - at));
+      Archive archive = make(i);
       std::uint64_t size = 0;
-      if (i < raw.size() && raw[i]) {
-        sink.put(raw[i]->data(), raw[i]->size());
-        size = raw[i]->size();
+      if (archive.raw) {
+        sink.put(archive.raw->data(), archive.raw->size());
+        size = archive.raw->size();
       } else {
-        size = stream(sink, layouts[i], base, patches);
+        size = stream(sink, archive.layout, base, patches);
       }
       extents.push_back({base, size});
       at = base + size;

@@ -54,15 +54,24 @@ struct ArchiveExtent {
   std::uint64_t length = 0;
 };
 
-/// Writes `layouts` (each made by plan_layout()) one after another into one
-/// file, durably as write_layout does: each a whole archive on its own (its
-/// offsets counted from its first byte, as torch.load of the slice reads it),
-/// starting on a kAlign boundary so its records stay aligned in the file;
-/// zeros between. Every record's crc32 is set. Where `raw[i]` is not null,
-/// archive i is those bytes, written as they are (layouts[i] is unused).
-/// Returns each archive's extent.
-std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std::vector<Layout>& layouts,
-                                          const std::vector<const std::string*>& raw,
+/// One archive of a file of several (write_archives): a layout made by
+/// plan_layout(), or, where `raw` is not null, bytes written as they are
+/// (`keep` keeps them alive).
+struct Archive {
+  Layout layout;
+  const std::string* raw = nullptr;
+  c10::IValue keep;
+};
+
+/// Writes `count` archives one after another into one file, durably as
+/// write_layout does: each a whole archive on its own (its offsets counted from
+/// its first byte, as torch.load of the slice reads it), starting on a kAlign
+/// boundary so its records stay aligned in the file; zeros between. Archive i
+/// is made by `make(i)` when its turn comes and released once written, so one
+/// archive at a time is in memory (with what it refers to). Every record's
+/// crc32 is checked or set as it is written. Returns each archive's extent.
+std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std::size_t count,
+                                          const std::function<Archive(std::size_t)>& make,
                                           const WriteOptions& options);
 
 }  // namespace ckpt::detail

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -33,6 +34,12 @@ struct Layout {
   std::uint64_t cd_offset = 0;        ///< where the central directory starts
   /// Which record holds each tensor storage of the value laid out.
   std::unordered_map<const c10::StorageImpl*, std::size_t> record_of_storage;
+  /// Where a record whose `data` is null (and `size` is not) gets its bytes:
+  /// called when the record's turn comes to be written, its result (exactly
+  /// `size` bytes of CPU memory) released once it is written. This is how
+  /// `ckpt convert` lays out storages that are not in memory yet (storages
+  /// with a null data pointer) and streams them one at a time.
+  std::function<at::Storage(std::size_t record)> fetch;
 };
 
 /// The archive prefix ckpt writes (as torch 2.x does).

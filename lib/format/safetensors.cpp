@@ -1173,13 +1173,16 @@ at::Tensor contiguous_cpu(at::Tensor t) {
 
 /// Writes one `.safetensors` file of `items` durably.
 void write_one(const fs::path& file, const std::vector<const Item*>& items,
-               const std::map<std::string, std::string>& metadata, bool fsync) {
+               const std::map<std::string, std::string>& metadata, bool fsync,
+               const detail::TensorValues& values) {
   std::vector<detail::SafetensorsEntry> entries;
   entries.reserve(items.size());
   for (const Item* item : items)
     entries.push_back({item->name, item->tensor.scalar_type(), item->tensor.sizes().vec()});
   detail::write_safetensors(
-      file, entries, metadata, [&](std::size_t i) { return items[i]->tensor; }, fsync);
+      file, entries, metadata,
+      [&](std::size_t i) { return values ? values(items[i]->name, items[i]->tensor) : items[i]->tensor; },
+      fsync);
 }
 
 std::string random_save_id() {
@@ -1220,6 +1223,16 @@ void remove_quietly(const fs::path& file) {
 }  // namespace
 
 void save(const fs::path& path, const StateDict& state_dict, const SaveOptions& options) {
+  detail::save_streaming(path, state_dict, options, nullptr);
+}
+
+}  // namespace ckpt::safetensors
+
+namespace ckpt::detail {
+
+void save_streaming(const std::filesystem::path& path, const StateDict& state_dict,
+                    const safetensors::SaveOptions& options, const TensorValues& values) {
+  using namespace ckpt::safetensors;
   std::vector<Leaf> leaves;
   flatten(state_dict.dict(), "", leaves, 0);
 
@@ -1281,7 +1294,7 @@ void save(const fs::path& path, const StateDict& state_dict, const SaveOptions& 
     std::vector<const Item*> all;
     for (const auto& i : items) all.push_back(&i);
     const auto stale = earlier_shards(index, stem);
-    write_one(path, std::move(all), metadata, options.fsync);
+    write_one(path, std::move(all), metadata, options.fsync, values);
     // The file now wins over an earlier sharded save here (Reader opens a file
     // before an index): the index and its shards are leftovers.
     std::error_code ec;
@@ -1313,7 +1326,7 @@ void save(const fs::path& path, const StateDict& state_dict, const SaveOptions& 
   std::vector<std::string> files;
   for (std::size_t s = 0; s < shards.size(); ++s) {
     files.push_back(shard_name(stem, s, shards.size()));
-    write_one(dir / files.back(), shards[s], shard_metadata, options.fsync);
+    write_one(dir / files.back(), shards[s], shard_metadata, options.fsync, values);
   }
 
   std::string text = fmt::format("{{\n  \"metadata\": {{\n    \"{}\": {}", kTotalSizeKey, total);
@@ -1348,10 +1361,6 @@ void save(const fs::path& path, const StateDict& state_dict, const SaveOptions& 
     }
   if (removed && options.fsync) detail::fsync_dir(dir);
 }
-
-}  // namespace ckpt::safetensors
-
-namespace ckpt::detail {
 
 std::string json_string(const std::string& s) {
   return safetensors::json_quoted(s);

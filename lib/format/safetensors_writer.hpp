@@ -2,6 +2,8 @@
 // safetensors::save, DCP's HuggingFaceStorageWriter and `ckpt convert` share.
 #pragma once
 
+#include <ckpt/state_dict.hpp>
+
 #include <ATen/core/Tensor.h>
 
 #include <cstddef>
@@ -11,6 +13,10 @@
 #include <map>
 #include <string>
 #include <vector>
+
+namespace ckpt::safetensors {
+struct SaveOptions;
+}
 
 namespace ckpt::detail {
 
@@ -35,6 +41,18 @@ std::vector<std::uint64_t> write_safetensors(const std::filesystem::path& file,
                                              const std::vector<SafetensorsEntry>& entries,
                                              const std::map<std::string, std::string>& metadata,
                                              const std::function<at::Tensor(std::size_t)>& data, bool fsync);
+
+/// Where a save takes each tensor's values from when its turn comes: `name`
+/// and the state dict's tensor in, a tensor of the same shape and dtype out.
+using TensorValues = std::function<at::Tensor(const std::string& name, const at::Tensor& tensor)>;
+
+/// safetensors::save(), with each tensor's values given by `values` when the
+/// tensor is written (one at a time, released before the next) rather than
+/// read from the state dict's tensor, which may then be a placeholder with a
+/// shape and a dtype and no data (`ckpt convert` streams a checkpoint so).
+/// A null `values` is save() itself.
+void save_streaming(const std::filesystem::path& path, const StateDict& state_dict,
+                    const safetensors::SaveOptions& options, const TensorValues& values);
 
 /// JSON text of `s` (a quoted string with escapes).
 std::string json_string(const std::string& s);

@@ -9,6 +9,13 @@
 //                                every file is sound (and, with --require-commit,
 //                                the directory is committed), 1 when something is
 //                                damaged, 3 when sound but not committed
+//   ckpt convert SRC DST [--to torch|dcp|safetensors] [--dialect 2.4|2.0|1.13]
+//                [--rank R] [--max-shard-bytes N] [--values-as-metadata]
+//                [--skip-values] [--no-fsync]
+//                                SRC into DST in another format, one tensor at a
+//                                time (ckpt::dcp::convert; docs/convert.md); the
+//                                format of DST from its name unless --to says;
+//                                a progress line on a terminal
 //
 // PATH is a checkpoint file, a directory holding checkpoint_<rank>.pt files,
 // a DCP checkpoint directory (one with `.metadata`: PyTorch's own format or
@@ -22,6 +29,7 @@
 // and where they lie; verify reads every tensor whole (the format has no
 // checksums: it proves the headers sound and every byte readable).
 #include <ckpt/commit.hpp>
+#include <ckpt/dcp/convert.hpp>
 #include <ckpt/dcp/state_dict_saver.hpp>
 #include <ckpt/dcp/storage.hpp>
 #include <ckpt/format.hpp>
@@ -30,8 +38,11 @@
 #include <fmt/format.h>
 #include <boost/json.hpp>
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -50,6 +61,8 @@ int usage() {
   std::fputs(
       "usage: ckpt inspect PATH [--json]\n"
       "       ckpt verify PATH [--require-commit]\n"
+      "       ckpt convert SRC DST [--to torch|dcp|safetensors] [--dialect 2.4|2.0|1.13] [--rank R]\n"
+      "                    [--max-shard-bytes N] [--values-as-metadata] [--skip-values] [--no-fsync]\n"
       "PATH: a checkpoint file, a directory of checkpoint_<rank>.pt files, a DCP directory (.metadata),\n"
       "      or safetensors: a .safetensors file, a .safetensors.index.json, or a directory holding them\n",
       stderr);
@@ -570,6 +583,123 @@ int verify(const fs::path& path, bool require_commit) {
   return committed || !require_commit ? 0 : 3;
 }
 
+std::string gib(std::uint64_t bytes) {
+  return fmt::format("{:.2f} GiB", static_cast<double>(bytes) / (1ull << 30));
+}
+
+/// This process's peak resident memory in MiB (VmHWM: counted from its exec,
+/// unlike getrusage, which carries over the peak of the process that forked it).
+long peak_resident_mib() {
+  std::ifstream status("/proc/self/status");
+  std::string key;
+  long kib = -1;
+  while (status >> key) {
+    if (key == "VmHWM:") {
+      status >> kib;
+      break;
+    }
+    status.ignore(4096, '\n');
+  }
+  return kib < 0 ? -1 : kib / 1024;
+}
+
+int convert(const std::vector<std::string>& args) {
+  using ckpt::dcp::CheckpointFormat;
+  std::vector<std::string> paths;
+  ckpt::dcp::ConvertOptions options;
+  const auto number = [](const std::string& flag, const std::string& text) {
+    std::size_t used = 0;
+    long long v = -1;
+    try {
+      v = std::stoll(text, &used);
+    } catch (const std::exception&) {
+    }
+    if (used != text.size() || v < 0)
+      throw ckpt::Error(fmt::format("{} takes a number, not '{}'", flag, text));
+    return v;
+  };
+  bool dialect_given = false;
+  for (std::size_t i = 1; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    const bool has_value = i + 1 < args.size();
+    if (a == "--to" && has_value) {
+      const std::string& v = args[++i];
+      if (v == "torch")
+        options.to = CheckpointFormat::torch;
+      else if (v == "dcp")
+        options.to = CheckpointFormat::dcp;
+      else if (v == "safetensors")
+        options.to = CheckpointFormat::safetensors;
+      else
+        throw ckpt::Error(fmt::format("--to takes torch, dcp or safetensors, not '{}'", v));
+    } else if (a == "--dialect" && has_value) {
+      const std::string& v = args[++i];
+      dialect_given = true;
+      if (v == "2.4")
+        options.dialect = ckpt::dcp::MetadataDialect::torch_2_4;
+      else if (v == "2.0")
+        options.dialect = ckpt::dcp::MetadataDialect::torch_2_0;
+      else if (v == "1.13")
+        options.dialect = ckpt::dcp::MetadataDialect::torch_1_13;
+      else
+        throw ckpt::Error(
+            fmt::format("--dialect takes 2.4, 2.0 or 1.13 (the torch versions whose readers "
+                        "take the .metadata), not '{}'",
+                        v));
+    } else if (a == "--rank" && has_value) {
+      options.rank = number(a, args[++i]);
+    } else if (a == "--max-shard-bytes" && has_value) {
+      options.max_shard_bytes = static_cast<std::uint64_t>(number(a, args[++i]));
+    } else if (a == "--values-as-metadata") {
+      options.values_as_metadata = true;
+    } else if (a == "--skip-values") {
+      options.skip_values = true;
+    } else if (a == "--no-fsync") {
+      options.sync_files = false;
+    } else if (a.starts_with("--")) {
+      return usage();
+    } else {
+      paths.push_back(a);
+    }
+  }
+  if (paths.size() != 2) return usage();
+  const fs::path src = paths[0], dst = paths[1];
+  const CheckpointFormat to = options.to ? *options.to : ckpt::dcp::format_for_destination(dst);
+  if (dialect_given && to != CheckpointFormat::dcp) throw ckpt::Error("--dialect is for a DCP destination");
+
+  // The progress line: on a terminal, once the conversion has run a second.
+  const auto start = std::chrono::steady_clock::now();
+  auto last = start;
+  bool shown = false;
+  if (::isatty(STDERR_FILENO))
+    options.progress = [&](const ckpt::dcp::ConvertProgress& p) {
+      const auto now = std::chrono::steady_clock::now();
+      if (now - start < std::chrono::seconds(1) ||
+          (now - last < std::chrono::milliseconds(200) && p.tensors_done < p.tensors))
+        return;
+      last = now;
+      shown = true;
+      const double s = std::chrono::duration<double>(now - start).count();
+      fmt::print(stderr, "\r  {}/{} tensors, {} of {} ({:.0f} MB/s)\x1b[K", p.tensors_done, p.tensors,
+                 gib(p.bytes_done), gib(p.bytes), static_cast<double>(p.bytes_done) / 1e6 / s);
+      std::fflush(stderr);
+    };
+  ckpt::dcp::ConvertResult r;
+  try {
+    r = ckpt::dcp::convert(src, dst, options);
+  } catch (...) {
+    if (shown) fmt::print(stderr, "\n");
+    throw;
+  }
+  if (shown) fmt::print(stderr, "\n");
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  fmt::print("{} ({}) -> {} ({}): {} tensor{} ({}), {} value{}{} in {:.1f} s, peak resident memory {} MiB\n",
+             src.string(), ckpt::dcp::format_name(r.from), dst.string(), ckpt::dcp::format_name(r.to),
+             r.tensors, r.tensors == 1 ? "" : "s", gib(r.tensor_bytes), r.values, r.values == 1 ? "" : "s",
+             r.skipped ? fmt::format(" ({} left out)", r.skipped) : std::string(), s, peak_resident_mib());
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -581,6 +711,7 @@ int main(int argc, char** argv) {
       if (args.size() > 3 || (args.size() == 3 && !as_json)) return usage();
       return inspect(args[1], as_json);
     }
+    if (args[0] == "convert") return convert(args);
     if (args[0] == "verify" && args.size() == 2) return verify(args[1], false);
     if (args[0] == "verify" && args.size() == 3 && args[2] == "--require-commit")
       return verify(args[1], true);
