@@ -278,7 +278,9 @@ class HeaderSchema final : public Schema {
         if (key_ == kMetadataKey) {
           at_ = At::metadata;
         } else {
-          entries.push_back(RawEntry{key_, {}, {}, {}});
+          entries.push_back(RawEntry{std::move(key_), {}, {}, {}});
+          key_.clear();
+          known_seen_ = 0;
           fields_.clear();
           at_ = At::tensor;
         }
@@ -330,19 +332,32 @@ class HeaderSchema final : public Schema {
   void key(std::string&& k) override {
     switch (at_) {
       case At::top:
-        if (!names_.insert(k).second) refuse(fmt::format("the name {} appears twice", json_quoted(k)));
+        // A tensor's name given twice is found where the names are indexed
+        // (open_shard; a set here would cost an allocation per tensor).
+        if (k == kMetadataKey) {
+          if (metadata_seen_) refuse(fmt::format("the name {} appears twice", json_quoted(k)));
+          metadata_seen_ = true;
+        }
         key_ = std::move(k);
         return;
       case At::metadata:
         if (metadata.count(k)) refuse(fmt::format("__metadata__ has the key {} twice", json_quoted(k)));
         key_ = std::move(k);
         return;
-      case At::tensor:
-        if (!fields_.insert(k).second)
+      case At::tensor: {
+        const unsigned bit = k == "dtype" ? 1u : k == "shape" ? 2u : k == "data_offsets" ? 4u : 0u;
+        const bool again =
+            bit ? (known_seen_ & bit) != 0 : std::find(fields_.begin(), fields_.end(), k) != fields_.end();
+        if (again)
           refuse(fmt::format("tensor {} has the field {} twice", json_quoted(entries.back().name),
                              json_quoted(k)));
+        if (bit)
+          known_seen_ |= bit;
+        else
+          fields_.push_back(k);
         field_ = std::move(k);
         return;
+      }
       default: return;  // inside a skipped value
     }
   }
@@ -436,8 +451,9 @@ class HeaderSchema final : public Schema {
   At at_ = At::start;
   std::string key_;
   std::string field_;
-  std::unordered_set<std::string> names_;
-  std::unordered_set<std::string> fields_;
+  bool metadata_seen_ = false;
+  unsigned known_seen_ = 0;          // dtype 1, shape 2, data_offsets 4
+  std::vector<std::string> fields_;  // other fields of the tensor, seen
 };
 
 /// The index: {"metadata": {str: any}, "weight_map": {name: file}, other keys
@@ -579,15 +595,17 @@ std::vector<TensorEntry> check_entries(std::vector<RawEntry>&& raw, const fs::pa
   std::vector<TensorEntry> entries;
   entries.reserve(raw.size());
   for (auto& r : raw) {
-    const std::string name = json_quoted(r.name);
-    if (!r.dtype) refuse(fmt::format("tensor {} has no dtype", name));
-    if (!r.shape) refuse(fmt::format("tensor {} has no shape", name));
-    if (!r.offsets) refuse(fmt::format("tensor {} has no data_offsets", name));
+    // The quoted name, for a refusal only (quoting every name costs).
+    const auto name = [&r] { return json_quoted(r.name); };
+    if (!r.dtype) refuse(fmt::format("tensor {} has no dtype", name()));
+    if (!r.shape) refuse(fmt::format("tensor {} has no shape", name()));
+    if (!r.offsets) refuse(fmt::format("tensor {} has no data_offsets", name()));
     if (r.offsets->size() != 2)
-      refuse(fmt::format("data_offsets of {} has {} numbers, not 2 ([begin, end])", name, r.offsets->size()));
+      refuse(
+          fmt::format("data_offsets of {} has {} numbers, not 2 ([begin, end])", name(), r.offsets->size()));
     const detail::SafetensorsDtype dtype = detail::safetensors_dtype(*r.dtype);
     if (dtype.bits == 0)
-      refuse(fmt::format("tensor {} has the unknown dtype {}", name, json_quoted(*r.dtype)));
+      refuse(fmt::format("tensor {} has the unknown dtype {}", name(), json_quoted(*r.dtype)));
 
     // The element count, and the product of the sizes with 0 counted as 1
     // (what torch's strides multiply up to), must both fit in an int64.
@@ -595,27 +613,27 @@ std::vector<TensorEntry> check_entries(std::vector<RawEntry>&& raw, const fs::pa
     for (const std::uint64_t d : *r.shape) {
       if (d > kInt64Max)
         refuse(fmt::format("the shape [{}] of {} has a dimension past the int64 range",
-                           fmt::join(*r.shape, ", "), name));
+                           fmt::join(*r.shape, ", "), name()));
       const auto n = times(numel, d, kInt64Max);
       const auto x = times(extent, std::max<std::uint64_t>(d, 1), kInt64Max);
       if (!n || !x)
         refuse(fmt::format("the shape [{}] of {} overflows: its size does not fit in 64 bits",
-                           fmt::join(*r.shape, ", "), name));
+                           fmt::join(*r.shape, ", "), name()));
       numel = *n;
       extent = *x;
     }
     const auto bits = times(numel, dtype.bits, std::numeric_limits<std::uint64_t>::max());
     if (!bits)
-      refuse(fmt::format("{} {} [{}] overflows: its byte size does not fit in 64 bits", name, *r.dtype,
+      refuse(fmt::format("{} {} [{}] overflows: its byte size does not fit in 64 bits", name(), *r.dtype,
                          fmt::join(*r.shape, ", ")));
     if (*bits % 8 != 0)
-      refuse(fmt::format("{} holds {} elements of {}, not a whole number of bytes", name, numel, *r.dtype));
+      refuse(fmt::format("{} holds {} elements of {}, not a whole number of bytes", name(), numel, *r.dtype));
     const std::uint64_t nbytes = *bits / 8;
     const std::uint64_t begin = (*r.offsets)[0], end = (*r.offsets)[1];
     if (end < begin)
-      refuse(fmt::format("data_offsets of {} are [{}, {}]: the end is before the start", name, begin, end));
+      refuse(fmt::format("data_offsets of {} are [{}, {}]: the end is before the start", name(), begin, end));
     if (end - begin != nbytes)
-      refuse(fmt::format("{} is {} [{}], {} bytes, but its data_offsets [{}, {}] hold {} bytes", name,
+      refuse(fmt::format("{} is {} [{}], {} bytes, but its data_offsets [{}, {}] hold {} bytes", name(),
                          *r.dtype, fmt::join(*r.shape, ", "), nbytes, begin, end, end - begin));
 
     TensorEntry e;
@@ -632,9 +650,21 @@ std::vector<TensorEntry> check_entries(std::vector<RawEntry>&& raw, const fs::pa
 
   // The tensors must tile the data section: sorted by offset, each starts where
   // the one before ends, the first at 0, the last at the end of the file.
-  std::stable_sort(entries.begin(), entries.end(), [](const TensorEntry& a, const TensorEntry& b) {
-    return a.begin != b.begin ? a.begin < b.begin : a.end < b.end;
+  // Sorted through indices (an entry is large to move), then put in that order.
+  std::vector<std::uint32_t> order(entries.size());
+  for (std::uint32_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) {
+    const TensorEntry &x = entries[a], &y = entries[b];
+    return x.begin != y.begin ? x.begin < y.begin : x.end < y.end;
   });
+  bool sorted = true;
+  for (std::uint32_t i = 0; i < order.size() && sorted; ++i) sorted = order[i] == i;
+  if (!sorted) {
+    std::vector<TensorEntry> by_offset;
+    by_offset.reserve(entries.size());
+    for (const auto i : order) by_offset.push_back(std::move(entries[i]));
+    entries = std::move(by_offset);
+  }
   std::uint64_t at = 0;
   const TensorEntry* previous = nullptr;
   for (const auto& e : entries) {
@@ -805,7 +835,12 @@ struct Reader::Impl {
   fs::path path;
   bool index = false;
   std::vector<std::string> names;
+  /// For an index: each name's shard (a single file's names are its by_name).
   std::unordered_map<std::string, std::size_t> shard_of;
+
+  bool has(const std::string& name) const {
+    return index ? shard_of.count(name) > 0 : shards[0].by_name.count(name) > 0;
+  }
   std::vector<Shard> shards;
   std::map<std::string, std::string> metadata;
   std::optional<std::string> save_id;
@@ -844,7 +879,11 @@ struct Reader::Impl {
     std::vector<TensorEntry> entries =
         check_entries(std::move(header.entries), s.path, 8 + n, s.size - 8 - n);
     std::unordered_map<std::string, std::size_t> by_name;
-    for (std::size_t i = 0; i < entries.size(); ++i) by_name.emplace(entries[i].name, i);
+    by_name.reserve(entries.size());
+    for (std::size_t i = 0; i < entries.size(); ++i)
+      if (!by_name.emplace(entries[i].name, i).second)
+        corrupt(s.path, fmt::format("bad safetensors header: the name {} appears twice",
+                                    json_quoted(entries[i].name)));
     std::optional<std::string> id;
     if (auto it = header.metadata.find(std::string(kSaveIdKey)); it != header.metadata.end()) {
       id = it->second;
@@ -938,12 +977,17 @@ struct Reader::Impl {
     save_id = s.save_id;
     names.reserve(s.entries.size());
     for (const auto& e : s.entries) {
-      shard_of.emplace(e.name, 0);
       names.push_back(e.name);
     }
   }
 
   std::pair<Shard*, const TensorEntry*> find(const std::string& name) {
+    if (!index) {
+      Shard& s = shards[0];
+      auto e = s.by_name.find(name);
+      if (e == s.by_name.end()) throw MissingKeys(missing_text(path, {name}));
+      return {&s, &s.entries[e->second]};
+    }
     auto it = shard_of.find(name);
     if (it == shard_of.end()) throw MissingKeys(missing_text(path, {name}));
     Shard& s = shards[it->second];
@@ -1016,13 +1060,21 @@ struct Reader::Impl {
     std::unordered_set<std::string> seen;
     for (const auto& n : asked) {
       if (!seen.insert(n).second) continue;
-      (shard_of.count(n) ? present : missing).push_back(n);
+      (has(n) ? present : missing).push_back(n);
     }
     if (strict && !missing.empty()) throw MissingKeys(missing_text(path, missing));
     return present;
   }
 
   StateDict load_names(const LoadOptions& options) {
+    if (options.names.empty() && !index) {
+      // Everything of one file: its entries in order, each checked first.
+      Shard& s = shards[0];
+      for (const auto& e : s.entries) check_loadable(e);
+      StateDict out;
+      for (const auto& e : s.entries) out.insert(e.name, options.mmap ? mapped(s, e) : fresh(s, e));
+      return out;
+    }
     const std::vector<std::string> wanted =
         resolve(options.names.empty() ? names : options.names, options.strict);
     // Every header read and every dtype checked before a byte of data is read.
@@ -1103,7 +1155,7 @@ const std::vector<std::string>& Reader::names() const {
   return impl_->names;
 }
 bool Reader::contains(const std::string& name) const {
-  return impl_->shard_of.count(name) > 0;
+  return impl_->has(name);
 }
 const std::map<std::string, std::string>& Reader::metadata() const {
   return impl_->metadata;

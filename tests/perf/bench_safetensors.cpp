@@ -150,10 +150,10 @@ int main(int argc, char** argv) try {
              "vs load_file+touch");
   const auto row = [&](const std::string& who, double call, double touched) {
     if (python)
-      fmt::print("{:<36} {:>9.4f} {:>13.4f} {:>13.2f}x {:>19.2f}x\n", who, call, touched,
+      fmt::print("{:<36} {:>9.6f} {:>13.4f} {:>13.2f}x {:>19.2f}x\n", who, call, touched,
                  python->first / call, python->second / touched);
     else
-      fmt::print("{:<36} {:>9.4f} {:>13.4f}\n", who, call, touched);
+      fmt::print("{:<36} {:>9.6f} {:>13.4f}\n", who, call, touched);
   };
   row("ckpt safetensors::load", whole, whole_touched);
   row("ckpt safetensors::load {.mmap=true}", mapped, mapped_touched);
