@@ -711,8 +711,9 @@ struct Shard {
   detail::Fd fd;
   std::uint64_t size = 0;
   bool open = false;
-  std::vector<TensorEntry> entries;  // in the order of their data
-  std::unordered_map<std::string, std::size_t> by_name;
+  std::vector<TensorEntry> entries;                      // in the order of their data
+  std::unordered_map<std::string, std::size_t> by_name;  // once indexed (Reader::Impl::by_name)
+  bool indexed = false;
   std::map<std::string, std::string> metadata;  // without ckpt's save id
   std::optional<std::string> save_id;           // ckpt's save id
   std::shared_ptr<Mapping> mapping;
@@ -839,7 +840,7 @@ struct Reader::Impl {
   std::unordered_map<std::string, std::size_t> shard_of;
 
   bool has(const std::string& name) const {
-    return index ? shard_of.count(name) > 0 : shards[0].by_name.count(name) > 0;
+    return index ? shard_of.count(name) > 0 : by_name(const_cast<Shard&>(shards[0])).count(name) > 0;
   }
   std::vector<Shard> shards;
   std::map<std::string, std::string> metadata;
@@ -853,6 +854,18 @@ struct Reader::Impl {
   void read(const Shard& s, void* buf, std::size_t n, std::uint64_t offset) {
     detail::pread_full(s.fd.get(), buf, n, offset, s.path);
     bytes_read += n;
+  }
+
+  /// Builds `s.by_name` over `entries` (its entries, or those it will take).
+  static void index_names(Shard& s, const std::vector<TensorEntry>& entries) {
+    s.by_name.clear();
+    s.by_name.reserve(entries.size());
+    for (std::size_t i = 0; i < entries.size(); ++i) s.by_name.emplace(entries[i].name, i);
+    s.indexed = true;
+  }
+  static const std::unordered_map<std::string, std::size_t>& by_name(Shard& s) {
+    if (!s.indexed) index_names(s, s.entries);
+    return s.by_name;
   }
 
   void open_shard(Shard& s, bool shard_of_index) {
@@ -878,12 +891,18 @@ struct Reader::Impl {
     parse_json(text, header, s.path, "the header");
     std::vector<TensorEntry> entries =
         check_entries(std::move(header.entries), s.path, 8 + n, s.size - 8 - n);
-    std::unordered_map<std::string, std::size_t> by_name;
-    by_name.reserve(entries.size());
-    for (std::size_t i = 0; i < entries.size(); ++i)
-      if (!by_name.emplace(entries[i].name, i).second)
+    {
+      // A name given twice: found by sorting the names (no map is built
+      // until a name is looked up).
+      std::vector<std::string_view> sorted;
+      sorted.reserve(entries.size());
+      for (const auto& e : entries) sorted.emplace_back(e.name);
+      std::sort(sorted.begin(), sorted.end());
+      const auto twice = std::adjacent_find(sorted.begin(), sorted.end());
+      if (twice != sorted.end())
         corrupt(s.path, fmt::format("bad safetensors header: the name {} appears twice",
-                                    json_quoted(entries[i].name)));
+                                    json_quoted(std::string(*twice))));
+    }
     std::optional<std::string> id;
     if (auto it = header.metadata.find(std::string(kSaveIdKey)); it != header.metadata.end()) {
       id = it->second;
@@ -895,14 +914,14 @@ struct Reader::Impl {
                                   "checkpoint is torn (a save over it was interrupted)",
                                   s.path.string(), kSaveIdKey, id ? json_quoted(*id) : "none",
                                   json_quoted(*save_id)));
+      index_names(s, entries);
       for (const auto& name : s.expected)
-        if (!by_name.count(name))
+        if (!s.by_name.count(name))
           corrupt(path, fmt::format("its weight_map puts {} in {}, which does not hold it", json_quoted(name),
                                     s.path.string()));
     }
     // Sound: only now does the shard take what was read.
     s.entries = std::move(entries);
-    s.by_name = std::move(by_name);
     s.metadata = std::move(header.metadata);
     s.save_id = std::move(id);
     s.open = true;
@@ -950,6 +969,21 @@ struct Reader::Impl {
 
   void open(const fs::path& given) {
     path = given;
+    if (path.extension() == ".safetensors") {
+      // The common case, without a stat first: a file of that name.
+      shards.emplace_back();
+      shards.back().path = path;
+      try {
+        open_single();
+        return;
+      } catch (const NotFound&) {
+        shards.clear();  // not there: an index of that name, or nothing
+      } catch (const CorruptCheckpoint&) {
+        std::error_code dir_ec;
+        if (!fs::is_directory(path, dir_ec)) throw;
+        shards.clear();  // a directory of that name
+      }
+    }
     std::error_code ec;
     const auto st = fs::status(path, ec);
     if (fs::is_directory(st)) {
@@ -970,29 +1004,40 @@ struct Reader::Impl {
       return;
     }
     shards.emplace_back();
+    shards.back().path = path;
+    open_single();
+  }
+
+  void open_single() {
     Shard& s = shards.back();
-    s.path = path;
     open_shard(s, false);
     metadata = s.metadata;
     save_id = s.save_id;
-    names.reserve(s.entries.size());
-    for (const auto& e : s.entries) {
-      names.push_back(e.name);
+  }
+
+  /// Every name: an index's weight_map order, a file's data order (listed
+  /// when first asked for).
+  const std::vector<std::string>& all_names() {
+    if (!index && names.empty() && !shards.empty() && !shards[0].entries.empty()) {
+      names.reserve(shards[0].entries.size());
+      for (const auto& e : shards[0].entries) names.push_back(e.name);
     }
+    return names;
   }
 
   std::pair<Shard*, const TensorEntry*> find(const std::string& name) {
     if (!index) {
       Shard& s = shards[0];
-      auto e = s.by_name.find(name);
-      if (e == s.by_name.end()) throw MissingKeys(missing_text(path, {name}));
+      const auto& names_of = by_name(s);
+      auto e = names_of.find(name);
+      if (e == names_of.end()) throw MissingKeys(missing_text(path, {name}));
       return {&s, &s.entries[e->second]};
     }
     auto it = shard_of.find(name);
     if (it == shard_of.end()) throw MissingKeys(missing_text(path, {name}));
     Shard& s = shards[it->second];
     open_shard(s, index);
-    return {&s, &s.entries[s.by_name.at(name)]};
+    return {&s, &s.entries[by_name(s).at(name)]};
   }
 
   void check_loadable(const TensorEntry& e) const {
@@ -1076,7 +1121,7 @@ struct Reader::Impl {
       return out;
     }
     const std::vector<std::string> wanted =
-        resolve(options.names.empty() ? names : options.names, options.strict);
+        resolve(options.names.empty() ? all_names() : options.names, options.strict);
     // Every header read and every dtype checked before a byte of data is read.
     std::vector<std::pair<Shard*, const TensorEntry*>> found;
     found.reserve(wanted.size());
@@ -1152,7 +1197,7 @@ bool Reader::is_index() const {
   return impl_->index;
 }
 const std::vector<std::string>& Reader::names() const {
-  return impl_->names;
+  return impl_->all_names();
 }
 bool Reader::contains(const std::string& name) const {
   return impl_->has(name);
