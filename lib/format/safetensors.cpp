@@ -705,6 +705,11 @@ struct Mapping {
   }
 };
 
+/// The deleter of a mapped tensor's DataPtr: drops its hold on the mapping.
+void release_mapping(void* ctx) {
+  delete static_cast<std::shared_ptr<Mapping>*>(ctx);
+}
+
 /// One `.safetensors` file: the whole checkpoint, or one shard of an index.
 struct Shard {
   fs::path path;
@@ -1076,9 +1081,16 @@ struct Reader::Impl {
     // A tensor's data must be aligned to its element size; a file whose
     // header length is not padded to 8 can put it anywhere: copy it then.
     if (reinterpret_cast<std::uintptr_t>(data) % c10::elementSize(e.scalar_type) != 0) return fresh(s, e);
-    std::shared_ptr<Mapping> keep = s.mapping;
-    return at::from_blob(
-        data, e.shape, [keep](void*) {}, at::TensorOptions().dtype(e.scalar_type));
+    // The tensor made directly over a storage whose DataPtr keeps the
+    // mapping: no std::function context (from_blob's) and no dispatch.
+    c10::DataPtr ptr(data, new std::shared_ptr<Mapping>(s.mapping), &release_mapping, c10::Device(c10::kCPU));
+    at::Storage storage(at::Storage::use_byte_size_t(), static_cast<std::size_t>(e.end - e.begin),
+                        std::move(ptr), nullptr, false);
+    auto impl =
+        c10::make_intrusive<c10::TensorImpl>(std::move(storage), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                             caffe2::TypeMeta::fromScalarType(e.scalar_type));
+    impl->set_sizes_contiguous(e.shape);
+    return at::Tensor(std::move(impl));
   }
 
   void fill(Shard& s, const TensorEntry& e, at::Tensor& target) {
