@@ -38,6 +38,7 @@
 #include <fmt/format.h>
 #include <boost/json.hpp>
 
+#include <malloc.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -604,6 +605,12 @@ long peak_resident_mib() {
 }
 
 int convert(const std::vector<std::string>& args) {
+  // Tensor buffers of 1 MiB and more are mapped and unmapped whole. glibc's
+  // default raises its mapping threshold as buffers are freed (up to 32 MiB)
+  // and then keeps buffers below it in the heap, where freed ones may stay
+  // resident: converting 48 tensors of 16 MiB then peaked at 750 MiB instead
+  // of 190 MiB. A fixed threshold keeps the peak at one tensor.
+  ::mallopt(M_MMAP_THRESHOLD, 1 << 20);
   using ckpt::dcp::CheckpointFormat;
   std::vector<std::string> paths;
   ckpt::dcp::ConvertOptions options;
