@@ -380,4 +380,21 @@ BOOST_AUTO_TEST_CASE(peak_memory_stays_flat_in_the_checkpoints_size) {
   const auto back = ckpt::StateDict::from_ivalue(ckpt::read_file(dir / "back48.pt"));
   BOOST_CHECK_EQUAL(back.size(), 48u);
   BOOST_CHECK(same_bits(back.at("t47").toTensor(), at::full({kElems}, 47, at::kFloat)));
+
+  // 48 views of 16 MiB into one flat 768 MiB storage (as a flat parameter
+  // buffer saves): each view is read alone, not the whole storage per view.
+  {
+    const at::Tensor flat = at::arange(48 * kElems, at::kFloat);
+    ckpt::StateDict sd;
+    for (int i = 0; i < 48; ++i) sd.insert(fmt::format("t{:02}", i), flat.narrow(0, i * kElems, kElems));
+    ckpt::write_file(dir / "flat48.pt", sd.to_ivalue(), {.direct_io = true, .fsync = false});
+  }
+  const long one = peak_mib(q(dir / "n1.pt") + " " + q(dir / "one.safetensors") + " --no-fsync");
+  const long views = peak_mib(q(dir / "flat48.pt") + " " + q(dir / "views.safetensors") + " --no-fsync");
+  BOOST_TEST_MESSAGE(
+      fmt::format("views -> st: peak resident memory {} MiB, {} MiB for one tensor", views, one));
+  BOOST_CHECK_MESSAGE(views - one < 256,
+                      fmt::format("views of one storage: {} MiB more than one tensor", views - one));
+  const auto st = ckpt::safetensors::load(dir / "views.safetensors");
+  BOOST_CHECK(same_bits(st.at("t47").toTensor(), at::arange(47 * kElems, 48 * kElems, at::kFloat)));
 }

@@ -76,6 +76,16 @@ class Source {
   virtual at::Storage bytes(Impl impl) = 0;
   /// The order the destination will ask for storages in (a hint).
   virtual void expect(const std::vector<Impl>& /*order*/) {}
+  /// `placeholder`'s values: by default a view of its whole storage's bytes.
+  virtual at::Tensor values(const at::Tensor& placeholder) {
+    at::Storage s = bytes(placeholder.storage().unsafeGetStorageImpl());
+    const auto need = static_cast<std::uint64_t>(placeholder.storage().nbytes());
+    if (s.nbytes() < need)
+      throw CorruptCheckpoint(
+          fmt::format("the source gave {} bytes for a tensor of {} bytes", s.nbytes(), need));
+    return over(s, placeholder.scalar_type(), placeholder.storage_offset(), placeholder.sizes(),
+                placeholder.strides());
+  }
 
  protected:
   StateDict state_;
@@ -91,6 +101,7 @@ class TorchSource : public Source {
     read.verify_crc = true;
     for (std::size_t f = 0; f < files.size(); ++f) {
       readers_.push_back(std::make_unique<FileReader>(files[f], read));
+      partial_.emplace_back();
       const c10::IValue root = build(f, readers_.back()->root(), "");
       if (!root.isGenericDict())
         throw Unsupported(fmt::format("{} holds a {} at its root; ckpt convert takes a state dict (a dict)",
@@ -108,6 +119,31 @@ class TorchSource : public Source {
     at::Tensor target = at::empty({w.whole.storage_numel}, at::TensorOptions().dtype(w.whole.dtype));
     readers_[w.reader]->read_into(w.whole, target, w.key);
     return target.storage();
+  }
+
+  /// A view of part of a larger storage (a slice, or one parameter of a flat
+  /// buffer that many views share) reads only the elements it spans, not the
+  /// whole storage for each view.
+  at::Tensor values(const at::Tensor& placeholder) override {
+    const Where& w = where_.at(placeholder.storage().unsafeGetStorageImpl());
+    const auto sizes = placeholder.sizes();
+    const auto strides = placeholder.strides();
+    if (placeholder.numel() == 0)
+      return at::empty(sizes, at::TensorOptions().dtype(placeholder.scalar_type()));
+    const std::int64_t lo = placeholder.storage_offset();
+    std::int64_t hi = lo + 1;
+    for (std::size_t d = 0; d < sizes.size(); ++d) hi += (sizes[d] - 1) * strides[d];
+    if (lo == 0 && hi == w.whole.storage_numel) return Source::values(placeholder);
+    // The span alone, bounds-checked by the reader; its record's CRC-32 covers
+    // the whole storage and is checked where the whole is read.
+    if (!partial_[w.reader]) partial_[w.reader] = std::make_unique<FileReader>(readers_[w.reader]->path());
+    TensorInfo span = w.whole;
+    span.storage_offset = lo;
+    span.sizes = {hi - lo};
+    at::Tensor target = at::empty({hi - lo}, at::TensorOptions().dtype(w.whole.dtype));
+    partial_[w.reader]->read_into(span, target, w.key);
+    return over(target.storage(), placeholder.scalar_type(), placeholder.storage_offset() - lo, sizes,
+                strides);
   }
 
  private:
@@ -175,6 +211,7 @@ class TorchSource : public Source {
   }
 
   std::vector<std::unique_ptr<FileReader>> readers_;
+  std::vector<std::unique_ptr<FileReader>> partial_;  // for spans of storages (no CRC: parts of records)
   std::map<std::pair<std::size_t, std::string>, at::Storage> storages_;
   std::unordered_map<Impl, Where> where_;
 };
@@ -390,17 +427,6 @@ std::uint64_t nbytes_of(const at::Tensor& t) {
   return static_cast<std::uint64_t>(t.numel()) * t.element_size();
 }
 
-/// `placeholder`'s values, from the source.
-at::Tensor values_of(Source& source, const at::Tensor& placeholder) {
-  at::Storage s = source.bytes(placeholder.storage().unsafeGetStorageImpl());
-  const auto need = static_cast<std::uint64_t>(placeholder.storage().nbytes());
-  if (s.nbytes() < need)
-    throw CorruptCheckpoint(
-        fmt::format("the source gave {} bytes for a tensor of {} bytes", s.nbytes(), need));
-  return over(s, placeholder.scalar_type(), placeholder.storage_offset(), placeholder.sizes(),
-              placeholder.strides());
-}
-
 // --- destinations --------------------------------------------------------------------
 
 void write_torch(Source& source, const fs::path& destination, const ConvertOptions& options,
@@ -438,7 +464,7 @@ class StreamingSavePlanner : public DefaultSavePlanner {
   c10::IValue resolve_data(const WriteItem& item) override {
     c10::IValue v = DefaultSavePlanner::resolve_data(item);
     if (!v.isTensor()) return v;
-    at::Tensor t = values_of(source_, v.toTensor());
+    at::Tensor t = source_.values(v.toTensor());
     progress_.done(nbytes_of(t));
     return t;
   }
@@ -547,7 +573,7 @@ void write_safetensors(Source& source, fs::path destination, const ConvertOption
   source.expect(order);
   progress.plan(sizes);
   ckpt::detail::save_streaming(destination, out, save, [&](const std::string&, const at::Tensor& t) {
-    at::Tensor v = values_of(source, t);
+    at::Tensor v = source.values(t);
     progress.done(nbytes_of(v));
     return v;
   });
