@@ -52,6 +52,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -134,8 +135,9 @@ class JsonEvents {
   virtual void object_end() = 0;
   virtual void array_begin() = 0;
   virtual void array_end() = 0;
-  virtual void key(std::string&& k) = 0;
-  virtual void string(std::string&& s) = 0;
+  /// A key or a string value, unescaped; valid only during the call.
+  virtual void key(std::string_view k) = 0;
+  virtual void string(std::string_view s) = 0;
   /// A non-negative integer that fits in 64 bits; `text` as the document has it.
   virtual void count(std::uint64_t n, std::string_view text) = 0;
   /// Any other scalar: `kind` says what it is ("a negative number", "null",
@@ -178,9 +180,17 @@ struct JsonGlue {
     part.append(s.data(), s.size());
     return true;
   }
+  // A key or string the parser hands over whole (the common case) is passed
+  // on as a view of its buffer; one that came in parts, from `part`, which
+  // keeps its capacity for the next.
   bool on_key(string_view s, std::size_t, error_code&) {
+    if (part.empty()) {
+      events->key({s.data(), s.size()});
+      return true;
+    }
     part.append(s.data(), s.size());
-    events->key(std::exchange(part, {}));
+    events->key(part);
+    part.clear();
     return true;
   }
   bool on_string_part(string_view s, std::size_t, error_code&) {
@@ -188,8 +198,13 @@ struct JsonGlue {
     return true;
   }
   bool on_string(string_view s, std::size_t, error_code&) {
+    if (part.empty()) {
+      events->string({s.data(), s.size()});
+      return true;
+    }
     part.append(s.data(), s.size());
-    events->string(std::exchange(part, {}));
+    events->string(part);
+    part.clear();
     return true;
   }
   bool on_number_part(string_view, error_code&) { return true; }
@@ -254,21 +269,30 @@ class Schema : public JsonEvents {
   std::string_view what_;
 };
 
-/// A tensor's entry as the header gives it, before it is checked.
-struct RawEntry {
-  std::string name;
-  std::optional<std::string> dtype;
-  std::optional<std::vector<std::uint64_t>> shape;
-  std::optional<std::vector<std::uint64_t>> offsets;
+/// What a tensor's header entry gave beyond its TensorEntry fields, for the
+/// checks made once the header is parsed.
+struct EntryFields {
+  unsigned seen = 0;         // kDtype, kShape, kOffsets
+  std::uint8_t offsets = 0;  // how many numbers data_offsets held
 };
+constexpr unsigned kDtype = 1, kShape = 2, kOffsets = 4;
 
 /// The header: {"__metadata__": {str: str} | null, name: {"dtype": str,
 /// "shape": [uint...], "data_offsets": [uint, uint], other fields ignored}}.
+/// Parsed straight into TensorEntry values (shape dimensions as the file has
+/// them, bit for bit: one past the int64 range is refused by check_entries).
 class HeaderSchema final : public Schema {
  public:
-  explicit HeaderSchema(const fs::path& file) : Schema(file, "header") {}
+  /// `header_bytes`: the header's length, to size the entry list up front.
+  HeaderSchema(const fs::path& file, std::uint64_t header_bytes) : Schema(file, "header") {
+    // The shortest entry, `"a":{"dtype":"F8","shape":[],"data_offsets":[0,0]},`, is 51 bytes.
+    const auto most = static_cast<std::size_t>(std::min<std::uint64_t>(header_bytes / 51 + 1, 4096));
+    entries.reserve(most);
+    fields.reserve(most);
+  }
 
-  std::vector<RawEntry> entries;
+  std::vector<TensorEntry> entries;
+  std::vector<EntryFields> fields;  // one per entry
   std::map<std::string, std::string> metadata;
 
   void object_begin() override {
@@ -278,15 +302,14 @@ class HeaderSchema final : public Schema {
         if (key_ == kMetadataKey) {
           at_ = At::metadata;
         } else {
-          entries.push_back(RawEntry{std::move(key_), {}, {}, {}});
-          key_.clear();
-          known_seen_ = 0;
-          fields_.clear();
+          entries.emplace_back().name = key_;
+          fields.emplace_back();
+          others_.clear();
           at_ = At::tensor;
         }
         return;
       case At::tensor:
-        if (known_field()) wrong_field("an object");
+        if (field_) wrong_field("an object");
         start_skip();
         return;
       case At::skip: ++skip_depth_; return;
@@ -305,13 +328,12 @@ class HeaderSchema final : public Schema {
   void array_begin() override {
     switch (at_) {
       case At::tensor:
-        if (field_ == "shape") {
-          entries.back().shape.emplace();
+        if (field_ == kShape) {
+          dims_.clear();
           at_ = At::shape;
-        } else if (field_ == "data_offsets") {
-          entries.back().offsets.emplace();
+        } else if (field_ == kOffsets) {
           at_ = At::offsets;
-        } else if (known_field()) {
+        } else if (field_) {
           wrong_field("an array");
         } else {
           start_skip();
@@ -324,12 +346,16 @@ class HeaderSchema final : public Schema {
   void array_end() override {
     switch (at_) {
       case At::shape:
+        // Kept bit for bit; check_entries refuses a dimension past int64.
+        entries.back().shape.assign(dims_.begin(), dims_.end());
+        at_ = At::tensor;
+        return;
       case At::offsets: at_ = At::tensor; return;
       case At::skip: end_skip(); return;
       default: return;
     }
   }
-  void key(std::string&& k) override {
+  void key(std::string_view k) override {
     switch (at_) {
       case At::top:
         // A tensor's name given twice is found where the names are indexed
@@ -338,36 +364,37 @@ class HeaderSchema final : public Schema {
           if (metadata_seen_) refuse(fmt::format("the name {} appears twice", json_quoted(k)));
           metadata_seen_ = true;
         }
-        key_ = std::move(k);
+        key_.assign(k);
         return;
       case At::metadata:
-        if (metadata.count(k)) refuse(fmt::format("__metadata__ has the key {} twice", json_quoted(k)));
-        key_ = std::move(k);
+        if (metadata.count(std::string(k)))
+          refuse(fmt::format("__metadata__ has the key {} twice", json_quoted(k)));
+        key_.assign(k);
         return;
       case At::tensor: {
-        const unsigned bit = k == "dtype" ? 1u : k == "shape" ? 2u : k == "data_offsets" ? 4u : 0u;
+        field_ = k == "dtype" ? kDtype : k == "shape" ? kShape : k == "data_offsets" ? kOffsets : 0u;
+        EntryFields& f = fields.back();
         const bool again =
-            bit ? (known_seen_ & bit) != 0 : std::find(fields_.begin(), fields_.end(), k) != fields_.end();
+            field_ ? (f.seen & field_) != 0 : std::find(others_.begin(), others_.end(), k) != others_.end();
         if (again)
           refuse(fmt::format("tensor {} has the field {} twice", json_quoted(entries.back().name),
                              json_quoted(k)));
-        if (bit)
-          known_seen_ |= bit;
+        if (field_)
+          f.seen |= field_;
         else
-          fields_.push_back(k);
-        field_ = std::move(k);
+          others_.emplace_back(k);
         return;
       }
       default: return;  // inside a skipped value
     }
   }
-  void string(std::string&& s) override {
+  void string(std::string_view s) override {
     switch (at_) {
-      case At::metadata: metadata.emplace(key_, std::move(s)); return;
+      case At::metadata: metadata.emplace(key_, s); return;
       case At::tensor:
-        if (field_ == "dtype")
-          entries.back().dtype = std::move(s);
-        else if (known_field())
+        if (field_ == kDtype)
+          entries.back().dtype.assign(s);
+        else if (field_)
           wrong_field("a string");
         return;
       case At::skip: return;
@@ -376,19 +403,18 @@ class HeaderSchema final : public Schema {
   }
   void count(std::uint64_t n, std::string_view text) override {
     switch (at_) {
-      case At::shape: {
-        auto& shape = *entries.back().shape;
-        if (shape.size() == kMaxRank)
+      case At::shape:
+        if (dims_.size() == kMaxRank)
           refuse(fmt::format("the shape of {} has more than {} dimensions", json_quoted(entries.back().name),
                              kMaxRank));
-        shape.push_back(n);
+        dims_.push_back(n);
         return;
-      }
       case At::offsets: {
-        auto& offsets = *entries.back().offsets;
-        if (offsets.size() == 2)
+        EntryFields& f = fields.back();
+        if (f.offsets == 2)
           refuse(fmt::format("data_offsets of {} has more than 2 numbers", json_quoted(entries.back().name)));
-        offsets.push_back(n);
+        (f.offsets == 0 ? entries.back().begin : entries.back().end) = n;
+        ++f.offsets;
         return;
       }
       default: other(fmt::format("the number {}", text));
@@ -402,13 +428,11 @@ class HeaderSchema final : public Schema {
  private:
   enum class At { start, top, metadata, tensor, shape, offsets, skip, done };
 
-  bool known_field() const { return field_ == "dtype" || field_ == "shape" || field_ == "data_offsets"; }
-
   /// A scalar where the schema may have no place for it.
   void other(const std::string& kind) {
     switch (at_) {
       case At::tensor:
-        if (known_field()) wrong_field(kind);
+        if (field_) wrong_field(kind);
         return;
       case At::skip: return;
       default: wrong(kind);
@@ -416,11 +440,12 @@ class HeaderSchema final : public Schema {
   }
 
   [[noreturn]] void wrong_field(std::string_view kind) const {
-    const char* want = field_ == "dtype"   ? "a string"
-                       : field_ == "shape" ? "an array of integers"
-                                           : "[begin, end]";
-    refuse(fmt::format("the {} of tensor {} is {}, not {}", field_, json_quoted(entries.back().name), kind,
-                       want));
+    const char* name = field_ == kDtype ? "dtype" : field_ == kShape ? "shape" : "data_offsets";
+    const char* want = field_ == kDtype   ? "a string"
+                       : field_ == kShape ? "an array of integers"
+                                          : "[begin, end]";
+    refuse(
+        fmt::format("the {} of tensor {} is {}, not {}", name, json_quoted(entries.back().name), kind, want));
   }
 
   [[noreturn]] void wrong(std::string_view kind) const {
@@ -450,10 +475,10 @@ class HeaderSchema final : public Schema {
 
   At at_ = At::start;
   std::string key_;
-  std::string field_;
   bool metadata_seen_ = false;
-  unsigned known_seen_ = 0;          // dtype 1, shape 2, data_offsets 4
-  std::vector<std::string> fields_;  // other fields of the tensor, seen
+  unsigned field_ = 0;               // the tensor field whose value comes next: kDtype, ...; 0 another
+  std::vector<std::uint64_t> dims_;  // the shape being read
+  std::vector<std::string> others_;  // other fields of the tensor, seen
 };
 
 /// The index: {"metadata": {str: any}, "weight_map": {name: file}, other keys
@@ -508,27 +533,27 @@ class IndexSchema final : public Schema {
   void array_end() override {
     if (at_ == At::skip) end_skip();
   }
-  void key(std::string&& k) override {
+  void key(std::string_view k) override {
     switch (at_) {
       case At::top:
-        if (!top_keys_.insert(k).second) refuse(fmt::format("the key {} appears twice", json_quoted(k)));
-        key_ = std::move(k);
+        key_.assign(k);
+        if (!top_keys_.insert(key_).second) refuse(fmt::format("the key {} appears twice", json_quoted(k)));
         return;
       case At::metadata:
-        if (metadata.count(k)) refuse(fmt::format("metadata has the key {} twice", json_quoted(k)));
-        key_ = std::move(k);
+        key_.assign(k);
+        if (metadata.count(key_)) refuse(fmt::format("metadata has the key {} twice", json_quoted(k)));
         return;
       case At::weight_map:
-        if (!names_.insert(k).second) refuse(fmt::format("weight_map names {} twice", json_quoted(k)));
-        key_ = std::move(k);
+        key_.assign(k);
+        if (!names_.insert(key_).second) refuse(fmt::format("weight_map names {} twice", json_quoted(k)));
         return;
       default: return;
     }
   }
-  void string(std::string&& s) override {
+  void string(std::string_view s) override {
     switch (at_) {
-      case At::metadata: metadata.emplace(key_, std::move(s)); return;
-      case At::weight_map: weight_map.emplace_back(key_, std::move(s)); return;
+      case At::metadata: metadata.emplace(key_, s); return;
+      case At::weight_map: weight_map.emplace_back(key_, s); return;
       case At::top:
         if (key_ == "metadata" || key_ == "weight_map") wrong("a string");
         return;
@@ -586,80 +611,79 @@ std::optional<std::uint64_t> times(std::uint64_t a, std::uint64_t b, std::uint64
   return a * b;
 }
 
-/// The checked entries of a header, in the order of their data.
-std::vector<TensorEntry> check_entries(std::vector<RawEntry>&& raw, const fs::path& file,
-                                       std::uint64_t data_start, std::uint64_t data_size) {
+/// The shape as the file gives it (a dimension past int64 as its unsigned value).
+std::string shape_text(const std::vector<std::int64_t>& shape) {
+  std::string out;
+  for (std::size_t i = 0; i < shape.size(); ++i)
+    fmt::format_to(std::back_inserter(out), "{}{}", i ? ", " : "", static_cast<std::uint64_t>(shape[i]));
+  return out;
+}
+
+/// Checks the entries of a header (`fields` says what each had) and puts them
+/// in the order of their data.
+void check_entries(std::vector<TensorEntry>& entries, const std::vector<EntryFields>& fields,
+                   const fs::path& file, std::uint64_t data_start, std::uint64_t data_size) {
   const auto refuse = [&](const std::string& why) {
     throw CorruptCheckpoint(fmt::format("{}: bad safetensors header: {}", file.string(), why));
   };
-  std::vector<TensorEntry> entries;
-  entries.reserve(raw.size());
-  for (auto& r : raw) {
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    TensorEntry& e = entries[i];
+    const EntryFields& f = fields[i];
     // The quoted name, for a refusal only (quoting every name costs).
-    const auto name = [&r] { return json_quoted(r.name); };
-    if (!r.dtype) refuse(fmt::format("tensor {} has no dtype", name()));
-    if (!r.shape) refuse(fmt::format("tensor {} has no shape", name()));
-    if (!r.offsets) refuse(fmt::format("tensor {} has no data_offsets", name()));
-    if (r.offsets->size() != 2)
-      refuse(
-          fmt::format("data_offsets of {} has {} numbers, not 2 ([begin, end])", name(), r.offsets->size()));
-    const detail::SafetensorsDtype dtype = detail::safetensors_dtype(*r.dtype);
+    const auto name = [&e] { return json_quoted(e.name); };
+    if (!(f.seen & kDtype)) refuse(fmt::format("tensor {} has no dtype", name()));
+    if (!(f.seen & kShape)) refuse(fmt::format("tensor {} has no shape", name()));
+    if (!(f.seen & kOffsets)) refuse(fmt::format("tensor {} has no data_offsets", name()));
+    if (f.offsets != 2)
+      refuse(fmt::format("data_offsets of {} has {} numbers, not 2 ([begin, end])", name(), f.offsets));
+    const detail::SafetensorsDtype dtype = detail::safetensors_dtype(e.dtype);
     if (dtype.bits == 0)
-      refuse(fmt::format("tensor {} has the unknown dtype {}", name(), json_quoted(*r.dtype)));
+      refuse(fmt::format("tensor {} has the unknown dtype {}", name(), json_quoted(e.dtype)));
 
     // The element count, and the product of the sizes with 0 counted as 1
     // (what torch's strides multiply up to), must both fit in an int64.
     std::uint64_t numel = 1, extent = 1;
-    for (const std::uint64_t d : *r.shape) {
+    for (const std::int64_t dim : e.shape) {
+      const auto d = static_cast<std::uint64_t>(dim);
       if (d > kInt64Max)
-        refuse(fmt::format("the shape [{}] of {} has a dimension past the int64 range",
-                           fmt::join(*r.shape, ", "), name()));
+        refuse(fmt::format("the shape [{}] of {} has a dimension past the int64 range", shape_text(e.shape),
+                           name()));
       const auto n = times(numel, d, kInt64Max);
       const auto x = times(extent, std::max<std::uint64_t>(d, 1), kInt64Max);
       if (!n || !x)
         refuse(fmt::format("the shape [{}] of {} overflows: its size does not fit in 64 bits",
-                           fmt::join(*r.shape, ", "), name()));
+                           shape_text(e.shape), name()));
       numel = *n;
       extent = *x;
     }
     const auto bits = times(numel, dtype.bits, std::numeric_limits<std::uint64_t>::max());
     if (!bits)
-      refuse(fmt::format("{} {} [{}] overflows: its byte size does not fit in 64 bits", name(), *r.dtype,
-                         fmt::join(*r.shape, ", ")));
+      refuse(fmt::format("{} {} [{}] overflows: its byte size does not fit in 64 bits", name(), e.dtype,
+                         shape_text(e.shape)));
     if (*bits % 8 != 0)
-      refuse(fmt::format("{} holds {} elements of {}, not a whole number of bytes", name(), numel, *r.dtype));
+      refuse(fmt::format("{} holds {} elements of {}, not a whole number of bytes", name(), numel, e.dtype));
     const std::uint64_t nbytes = *bits / 8;
-    const std::uint64_t begin = (*r.offsets)[0], end = (*r.offsets)[1];
-    if (end < begin)
-      refuse(fmt::format("data_offsets of {} are [{}, {}]: the end is before the start", name(), begin, end));
-    if (end - begin != nbytes)
+    if (e.end < e.begin)
+      refuse(fmt::format("data_offsets of {} are [{}, {}]: the end is before the start", name(), e.begin,
+                         e.end));
+    if (e.end - e.begin != nbytes)
       refuse(fmt::format("{} is {} [{}], {} bytes, but its data_offsets [{}, {}] hold {} bytes", name(),
-                         *r.dtype, fmt::join(*r.shape, ", "), nbytes, begin, end, end - begin));
-
-    TensorEntry e;
-    e.name = std::move(r.name);
-    e.dtype = std::move(*r.dtype);
+                         e.dtype, shape_text(e.shape), nbytes, e.begin, e.end, e.end - e.begin));
     e.scalar_type = dtype.dtype;
-    e.shape.assign(r.shape->begin(), r.shape->end());
-    e.begin = begin;
-    e.end = end;
-    e.file_offset = data_start + begin;
-    e.file = file;
-    entries.push_back(std::move(e));
+    e.file_offset = data_start + e.begin;
   }
 
   // The tensors must tile the data section: sorted by offset, each starts where
   // the one before ends, the first at 0, the last at the end of the file.
   // Sorted through indices (an entry is large to move), then put in that order.
-  std::vector<std::uint32_t> order(entries.size());
-  for (std::uint32_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) {
-    const TensorEntry &x = entries[a], &y = entries[b];
+  const auto before = [](const TensorEntry& x, const TensorEntry& y) {
     return x.begin != y.begin ? x.begin < y.begin : x.end < y.end;
-  });
-  bool sorted = true;
-  for (std::uint32_t i = 0; i < order.size() && sorted; ++i) sorted = order[i] == i;
-  if (!sorted) {
+  };
+  if (!std::is_sorted(entries.begin(), entries.end(), before)) {
+    std::vector<std::uint32_t> order(entries.size());
+    for (std::uint32_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::uint32_t a, std::uint32_t b) { return before(entries[a], entries[b]); });
     std::vector<TensorEntry> by_offset;
     by_offset.reserve(entries.size());
     for (const auto i : order) by_offset.push_back(std::move(entries[i]));
@@ -687,28 +711,62 @@ std::vector<TensorEntry> check_entries(std::vector<RawEntry>&& raw, const fs::pa
         fmt::format("the last {} bytes of the file belong to no tensor (the data section holds {} bytes, "
                     "its tensors {})",
                     data_size - at, data_size, at));
-  return entries;
 }
 
 // --- files ----------------------------------------------------------------------
 
 /// A private, copy-on-write mapping of a whole file, kept alive by the tensors
-/// that point into it.
-struct Mapping {
-  void* base = MAP_FAILED;
-  std::size_t size = 0;
-  Mapping() = default;
-  Mapping(const Mapping&) = delete;
-  Mapping& operator=(const Mapping&) = delete;
-  ~Mapping() {
-    if (base != MAP_FAILED) ::munmap(base, size);
+/// that point into it: each holds a reference (its DataPtr's context), and so
+/// does the shard that made it. Counted in place, so a mapped tensor costs no
+/// allocation of its own for it.
+class Mapping {
+ public:
+  /// Maps `size` bytes of `fd`, holding one reference; nullptr and errno when mmap fails.
+  static Mapping* make(int fd, std::size_t size) {
+    void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+    if (base == MAP_FAILED) return nullptr;
+    try {
+      return new Mapping(base, size);
+    } catch (...) {
+      ::munmap(base, size);
+      throw;
+    }
   }
+  char* data() const { return static_cast<char*>(base_); }
+  Mapping* hold() {
+    refs_.fetch_add(1, std::memory_order_relaxed);
+    return this;
+  }
+  /// Drops a reference; the last one unmaps.
+  static void release(void* ctx) {
+    auto* m = static_cast<Mapping*>(ctx);
+    if (m->refs_.fetch_sub(1, std::memory_order_acq_rel) == 1) delete m;
+  }
+
+ private:
+  Mapping(void* base, std::size_t size) : base_(base), size_(size) {}
+  ~Mapping() { ::munmap(base_, size_); }
+  void* base_;
+  std::size_t size_;
+  std::atomic<std::size_t> refs_{1};
 };
 
-/// The deleter of a mapped tensor's DataPtr: drops its hold on the mapping.
-void release_mapping(void* ctx) {
-  delete static_cast<std::shared_ptr<Mapping>*>(ctx);
-}
+/// A shard's own reference to its mapping.
+struct MappingRef {
+  Mapping* m = nullptr;
+  MappingRef() = default;
+  MappingRef(MappingRef&& o) noexcept : m(std::exchange(o.m, nullptr)) {}
+  MappingRef& operator=(MappingRef&& o) noexcept {
+    if (this != &o) {
+      if (m) Mapping::release(m);
+      m = std::exchange(o.m, nullptr);
+    }
+    return *this;
+  }
+  ~MappingRef() {
+    if (m) Mapping::release(m);
+  }
+};
 
 /// One `.safetensors` file: the whole checkpoint, or one shard of an index.
 struct Shard {
@@ -721,7 +779,7 @@ struct Shard {
   bool indexed = false;
   std::map<std::string, std::string> metadata;  // without ckpt's save id
   std::optional<std::string> save_id;           // ckpt's save id
-  std::shared_ptr<Mapping> mapping;
+  MappingRef mapping;
   /// For a shard: the names the index gives it.
   std::vector<std::string> expected;
 };
@@ -890,12 +948,21 @@ struct Reader::Impl {
     if (n > s.size - 8)
       corrupt(s.path, fmt::format("the header length {} runs past the end of the file ({} bytes; truncated?)",
                                   n, s.size));
-    std::string text(static_cast<std::size_t>(n), '\0');
-    read(s, text.data(), text.size(), 8);
-    HeaderSchema header(s.path);
-    parse_json(text, header, s.path, "the header");
-    std::vector<TensorEntry> entries =
-        check_entries(std::move(header.entries), s.path, 8 + n, s.size - 8 - n);
+    // A header of up to 16 KiB (a model of a few hundred tensors) is read
+    // onto the stack: a large heap block would cost more than its parse.
+    constexpr std::size_t kOnStack = 16 << 10;
+    char small[kOnStack];
+    std::unique_ptr<char[]> large;
+    char* text = small;
+    if (n > kOnStack) {
+      large.reset(new char[static_cast<std::size_t>(n)]);
+      text = large.get();
+    }
+    read(s, text, static_cast<std::size_t>(n), 8);
+    HeaderSchema header(s.path, n);
+    parse_json({text, static_cast<std::size_t>(n)}, header, s.path, "the header");
+    std::vector<TensorEntry>& entries = header.entries;
+    check_entries(entries, header.fields, s.path, 8 + n, s.size - 8 - n);
     {
       // A name given twice: found by sorting the names (no map is built
       // until a name is looked up).
@@ -1030,7 +1097,7 @@ struct Reader::Impl {
     return names;
   }
 
-  std::pair<Shard*, const TensorEntry*> find(const std::string& name) {
+  std::pair<Shard*, TensorEntry*> find(const std::string& name) {
     if (!index) {
       Shard& s = shards[0];
       const auto& names_of = by_name(s);
@@ -1045,22 +1112,23 @@ struct Reader::Impl {
     return {&s, &s.entries[by_name(s).at(name)]};
   }
 
-  void check_loadable(const TensorEntry& e) const {
+  static void check_loadable(const Shard& s, const TensorEntry& e) {
     if (e.scalar_type == c10::ScalarType::Undefined)
       throw Unsupported(fmt::format("{}: tensor '{}' is {}, a dtype this libtorch has no type for",
-                                    e.file.string(), e.name, e.dtype));
+                                    s.path.string(), e.name, e.dtype));
   }
 
-  void check_fits(const TensorEntry& e, const at::Tensor& target, std::string_view key) const {
+  static void check_fits(const Shard& s, const TensorEntry& e, const at::Tensor& target,
+                         std::string_view key) {
     if (target.sizes() != c10::IntArrayRef(e.shape) || target.scalar_type() != e.scalar_type)
       throw Mismatch(fmt::format("{}: '{}' is {} [{}] ({}) in the file but the target is {} [{}]",
-                                 e.file.string(), key, c10::toString(e.scalar_type), fmt::join(e.shape, ", "),
+                                 s.path.string(), key, c10::toString(e.scalar_type), fmt::join(e.shape, ", "),
                                  e.dtype, c10::toString(target.scalar_type()),
                                  fmt::join(target.sizes(), ", ")));
   }
 
   at::Tensor fresh(Shard& s, const TensorEntry& e) {
-    check_loadable(e);
+    check_loadable(s, e);
     at::Tensor t = at::empty(e.shape, at::TensorOptions().dtype(e.scalar_type));
     const std::uint64_t n = e.end - e.begin;
     if (n > 0) read(s, t.data_ptr(), static_cast<std::size_t>(n), e.file_offset);
@@ -1068,22 +1136,19 @@ struct Reader::Impl {
   }
 
   at::Tensor mapped(Shard& s, const TensorEntry& e) {
-    check_loadable(e);
+    check_loadable(s, e);
     if (e.end == e.begin) return fresh(s, e);
-    if (!s.mapping) {
-      auto m = std::make_shared<Mapping>();
-      m->size = static_cast<std::size_t>(s.size);
-      m->base = ::mmap(nullptr, m->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, s.fd.get(), 0);
-      if (m->base == MAP_FAILED) detail::throw_errno("mmap", s.path, errno);
-      s.mapping = std::move(m);
+    if (!s.mapping.m) {
+      s.mapping.m = Mapping::make(s.fd.get(), static_cast<std::size_t>(s.size));
+      if (!s.mapping.m) detail::throw_errno("mmap", s.path, errno);
     }
-    char* data = static_cast<char*>(s.mapping->base) + e.file_offset;
+    char* data = s.mapping.m->data() + e.file_offset;
     // A tensor's data must be aligned to its element size; a file whose
     // header length is not padded to 8 can put it anywhere: copy it then.
     if (reinterpret_cast<std::uintptr_t>(data) % c10::elementSize(e.scalar_type) != 0) return fresh(s, e);
-    // The tensor made directly over a storage whose DataPtr keeps the
+    // The tensor made directly over a storage whose DataPtr holds the
     // mapping: no std::function context (from_blob's) and no dispatch.
-    c10::DataPtr ptr(data, new std::shared_ptr<Mapping>(s.mapping), &release_mapping, c10::Device(c10::kCPU));
+    c10::DataPtr ptr(data, s.mapping.m->hold(), &Mapping::release, c10::Device(c10::kCPU));
     at::Storage storage(at::Storage::use_byte_size_t(), static_cast<std::size_t>(e.end - e.begin),
                         std::move(ptr), nullptr, false);
     auto impl =
@@ -1105,7 +1170,7 @@ struct Reader::Impl {
     try {
       target.copy_(value);
     } catch (const c10::Error& err) {
-      throw Mismatch(fmt::format("{}: cannot write '{}' into its target: {}", e.file.string(), e.name,
+      throw Mismatch(fmt::format("{}: cannot write '{}' into its target: {}", s.path.string(), e.name,
                                  err.what_without_backtrace()));
     }
   }
@@ -1127,8 +1192,9 @@ struct Reader::Impl {
     if (options.names.empty() && !index) {
       // Everything of one file: its entries in order, each checked first.
       Shard& s = shards[0];
-      for (const auto& e : s.entries) check_loadable(e);
+      for (const auto& e : s.entries) check_loadable(s, e);
       StateDict out;
+      c10::impl::GenericDict(out.dict()).reserve(static_cast<std::int64_t>(s.entries.size()));
       for (const auto& e : s.entries) out.insert(e.name, options.mmap ? mapped(s, e) : fresh(s, e));
       return out;
     }
@@ -1139,7 +1205,7 @@ struct Reader::Impl {
     found.reserve(wanted.size());
     for (const auto& n : wanted) {
       found.push_back(find(n));
-      check_loadable(*found.back().second);
+      check_loadable(*found.back().first, *found.back().second);
     }
     StateDict out;
     for (const auto& [s, e] : found) out.insert(e->name, options.mmap ? mapped(*s, *e) : fresh(*s, *e));
@@ -1170,13 +1236,13 @@ struct Reader::Impl {
     for (const auto& l : leaves) {
       if (!present.count(l.name)) continue;
       auto [s, e] = find(l.name);
-      check_loadable(*e);
+      check_loadable(*s, *e);
       bool in_place = false;
       if (l.value.isTensor() && l.value.toTensor().defined()) {
-        check_fits(*e, l.value.toTensor(), l.name);
+        check_fits(*s, *e, l.value.toTensor(), l.name);
         in_place = true;
       } else if (!l.value.isNone() && !l.value.isTensor()) {
-        throw Mismatch(fmt::format("{}: '{}' is {} in the target but a tensor in the file", e->file.string(),
+        throw Mismatch(fmt::format("{}: '{}' is {} in the target but a tensor in the file", s->path.string(),
                                    l.name, l.value.tagKind()));
       }
       jobs.push_back({&l, s, e, in_place});
@@ -1221,7 +1287,11 @@ const std::optional<std::string>& Reader::save_id() const {
   return impl_->save_id;
 }
 const TensorEntry& Reader::entry(const std::string& name) {
-  return *impl_->find(name).second;
+  auto [s, e] = impl_->find(name);
+  // Its file is named when first asked for (a copy of the path for every
+  // tensor would cost a load more than its parse).
+  if (e->file.empty()) e->file = s->path;
+  return *e;
 }
 at::Tensor Reader::tensor(const std::string& name) {
   auto [s, e] = impl_->find(name);
@@ -1233,10 +1303,10 @@ at::Tensor Reader::mapped(const std::string& name) {
 }
 void Reader::read_into(const std::string& name, at::Tensor& target) {
   auto [s, e] = impl_->find(name);
-  impl_->check_loadable(*e);
+  Impl::check_loadable(*s, *e);
   if (!target.defined())
-    throw Mismatch(fmt::format("{}: the target for '{}' is an undefined tensor", e->file.string(), name));
-  impl_->check_fits(*e, target, name);
+    throw Mismatch(fmt::format("{}: the target for '{}' is an undefined tensor", s->path.string(), name));
+  Impl::check_fits(*s, *e, target, name);
   impl_->fill(*s, *e, target);
 }
 StateDict Reader::load(const LoadOptions& options) {
