@@ -252,6 +252,131 @@ BOOST_AUTO_TEST_CASE(plans_and_metadata_survive_the_wire) {
   BOOST_CHECK_THROW(dcp::detail::decode_save_plan("{\"items\": 3}"), ckpt::Error);
 }
 
+BOOST_AUTO_TEST_CASE(a_rank_gets_only_the_metadata_it_loads) {
+  // A checkpoint of a 12×4 tensor saved as rows [0,4), [4,8), [8,12), a
+  // replicated tensor, a value, and a key no rank asks for.
+  dcp::CheckpointMetadata whole;
+  TensorStorageMetadata rows{{at::kFloat, false}, {12, 4}, {}};
+  for (std::int64_t r = 0; r < 3; ++r) {
+    rows.chunks.push_back({{4 * r, 0}, {4, 4}});
+    whole.storage_data[{"rows", Sizes{4 * r, 0}, std::nullopt}] = {
+        fmt::format("__{}_0.distcp", r), std::uint64_t(4096 * r), 64, 0, true, {}};
+  }
+  whole.metadata.state_dict_metadata["rows"] = rows;
+  whole.metadata.state_dict_metadata["full"] = TensorStorageMetadata{{at::kDouble, true}, {2}, {{{0}, {2}}}};
+  whole.storage_data[{"full", Sizes{0}, std::nullopt}] = {"__0_0.distcp",   8192, 16, 7, true,
+                                                          {"stream.zstd/1"}};
+  whole.metadata.state_dict_metadata["step"] = dcp::BytesStorageMetadata{};
+  whole.storage_data[{"step", std::nullopt, std::nullopt}] = {"__0_0.distcp", 12288, 10, 0, true, {}};
+  whole.metadata.state_dict_metadata["other"] = dcp::BytesStorageMetadata{};
+  whole.storage_data[{"other", std::nullopt, std::nullopt}] = {"__1_0.distcp", 8192, 10, 0, true, {}};
+  whole.metadata.planner_data["rows"] = {std::string("model"), std::string("rows")};
+  whole.metadata.planner_data["step"] = {std::string("step"), std::int64_t{3}};
+  whole.metadata.storage_meta = dcp::StorageMeta{"/ckpt/a", "save-1", ""};
+  whole.metadata.version = "1.0.0";
+
+  // A rank holding rows [3, 6) of "rows" (the first two saved chunks), all of
+  // "full", "step", and a key the checkpoint lacks.
+  dcp::MetadataRequest request;
+  request.keys.push_back({"rows", std::vector<ChunkStorageMetadata>{{{3, 0}, {3, 4}}}});
+  request.keys.push_back({"full", std::nullopt});
+  request.keys.push_back({"step", std::nullopt});
+  request.keys.push_back({"absent", std::nullopt});
+  const auto part = dcp::metadata_part(whole, request);
+  const auto& md = part.metadata.state_dict_metadata;
+  BOOST_TEST(md.size() == 3u);
+  BOOST_TEST(!md.count("other"));
+  BOOST_TEST(!md.count("absent"));
+  const auto& got_rows = std::get<TensorStorageMetadata>(md.at("rows"));
+  BOOST_TEST(got_rows.size == rows.size, boost::test_tools::per_element());
+  BOOST_REQUIRE_EQUAL(got_rows.chunks.size(), 2u);
+  BOOST_TEST((got_rows.chunks[0] == rows.chunks[0]));
+  BOOST_TEST((got_rows.chunks[1] == rows.chunks[1]));
+  BOOST_TEST((md.at("full") == whole.metadata.state_dict_metadata.at("full")));
+  BOOST_TEST(part.storage_data.size() == 4u);  // two row chunks, "full", "step"
+  BOOST_TEST(!part.storage_data.count({"rows", Sizes{8, 0}, std::nullopt}));
+  BOOST_TEST(!part.storage_data.count({"other", std::nullopt, std::nullopt}));
+  BOOST_TEST(part.metadata.planner_data.size() == 2u);
+  BOOST_TEST((part.metadata.storage_meta == whole.metadata.storage_meta));
+  BOOST_TEST(part.metadata.version == "1.0.0");
+  // A shard that touches no saved chunk's elements (an empty one) gets no
+  // chunk; a chunk of the wrong number of dims gets all (the planner then
+  // names the mismatch).
+  request.keys = {{"rows", std::vector<ChunkStorageMetadata>{{{4, 0}, {0, 4}}}}};
+  BOOST_TEST(std::get<TensorStorageMetadata>(
+                 dcp::metadata_part(whole, request).metadata.state_dict_metadata.at("rows"))
+                 .chunks.empty());
+  request.keys = {{"rows", std::vector<ChunkStorageMetadata>{{{0}, {12}}}}};
+  BOOST_TEST(std::get<TensorStorageMetadata>(
+                 dcp::metadata_part(whole, request).metadata.state_dict_metadata.at("rows"))
+                 .chunks.size() == 3u);
+
+  // Cutting many parts at once (the coordinator's way, through an index of
+  // each key's chunks) gives what a scan of every chunk gives: a 12×12 tensor
+  // saved as a 3×4 grid, as columns and as uneven rows, against boxes of every
+  // shape.
+  const std::vector<std::vector<ChunkStorageMetadata>> layouts{
+      {{{0, 0}, {4, 3}},
+       {{0, 3}, {4, 3}},
+       {{0, 6}, {4, 3}},
+       {{0, 9}, {4, 3}},
+       {{4, 0}, {4, 3}},
+       {{4, 3}, {4, 3}},
+       {{4, 6}, {4, 3}},
+       {{4, 9}, {4, 3}},
+       {{8, 0}, {4, 3}},
+       {{8, 3}, {4, 3}},
+       {{8, 6}, {4, 3}},
+       {{8, 9}, {4, 3}}},
+      {{{0, 8}, {12, 4}}, {{0, 0}, {12, 5}}, {{0, 5}, {12, 3}}},
+      {{{7, 0}, {5, 12}}, {{0, 0}, {1, 12}}, {{1, 0}, {0, 12}}, {{1, 0}, {6, 12}}}};
+  for (const auto& layout : layouts) {
+    dcp::CheckpointMetadata grid;
+    grid.metadata.state_dict_metadata["g"] = TensorStorageMetadata{{at::kFloat, false}, {12, 12}, layout};
+    std::vector<dcp::MetadataRequest> requests;
+    for (std::int64_t r0 = 0; r0 < 12; r0 += 3)
+      for (std::int64_t c0 = 0; c0 < 12; c0 += 5)
+        for (const Sizes& extent : {Sizes{1, 1}, Sizes{3, 7}, Sizes{12 - r0, 12 - c0}, Sizes{0, 4}})
+          requests.push_back({{{"g", std::vector<ChunkStorageMetadata>{{{r0, c0}, extent}}}}});
+    const auto parts = dcp::metadata_parts(grid, requests);
+    BOOST_REQUIRE_EQUAL(parts.size(), requests.size());
+    for (std::size_t i = 0; i < requests.size(); ++i) {
+      const auto& box = requests[i].keys[0].chunks->front();
+      std::vector<ChunkStorageMetadata> expected;
+      for (const auto& c : layout) {
+        bool meets = true;
+        for (std::size_t d = 0; d < 2; ++d)
+          meets = meets && std::max(c.offsets[d], box.offsets[d]) <
+                               std::min(c.offsets[d] + c.sizes[d], box.offsets[d] + box.sizes[d]);
+        if (meets) expected.push_back(c);
+      }
+      const auto& got = std::get<TensorStorageMetadata>(parts[i].metadata.state_dict_metadata.at("g")).chunks;
+      BOOST_TEST((got == expected), "box at [" << box.offsets[0] << ", " << box.offsets[1] << "] of ["
+                                               << box.sizes[0] << ", " << box.sizes[1] << "]");
+    }
+  }
+
+  // The part and the request travel whole: storage data with its transforms,
+  // planner data of text and integers, storage meta and version.
+  const auto back = dcp::detail::decode_metadata_part(dcp::detail::encode_metadata_part(part));
+  BOOST_TEST((back.metadata.state_dict_metadata == part.metadata.state_dict_metadata));
+  BOOST_TEST((back.metadata.planner_data == part.metadata.planner_data));
+  BOOST_TEST((back.metadata.storage_meta == part.metadata.storage_meta));
+  BOOST_TEST(back.metadata.version == part.metadata.version);
+  BOOST_TEST((back.storage_data == part.storage_data));
+  const auto all = dcp::detail::decode_metadata_part(dcp::detail::encode_metadata_part(whole));
+  BOOST_TEST((all.storage_data == whole.storage_data));
+  const dcp::MetadataRequest asked{
+      {{"rows", std::vector<ChunkStorageMetadata>{{{3, 0}, {3, 4}}}}, {"full", std::nullopt}}};
+  const auto asked_back = dcp::detail::decode_metadata_request(dcp::detail::encode(asked));
+  BOOST_REQUIRE_EQUAL(asked_back.keys.size(), 2u);
+  BOOST_TEST(asked_back.keys[0].fqn == "rows");
+  BOOST_TEST((asked_back.keys[0].chunks == asked.keys[0].chunks));
+  BOOST_TEST(!asked_back.keys[1].chunks.has_value());
+  BOOST_CHECK_THROW(dcp::detail::decode_metadata_part("{\"keys\": 3}"), ckpt::Error);
+  BOOST_CHECK_THROW(dcp::detail::decode_metadata_request("{\"keys\": [{}]}"), ckpt::Error);
+}
+
 BOOST_AUTO_TEST_SUITE_END()
 
 BOOST_AUTO_TEST_SUITE(filesystem)

@@ -35,6 +35,7 @@ class DistWrapper {
               std::chrono::milliseconds timeout);
 
   bool is_coordinator() const { return rank_ == coordinator_; }
+  std::int64_t world() const { return world_; }
 
   /// `map` on every rank; on the coordinator, `reduce` of every rank's result
   /// (index = rank) gives one result per rank, and rank r returns the r-th.

@@ -11,6 +11,7 @@
 #include <fmt/ranges.h>
 
 #include <algorithm>
+#include <limits>
 #include <map>
 #include <utility>
 
@@ -375,6 +376,146 @@ void validate_chunks(const std::string& fqn, const TensorStorageMetadata& md) {
   }
   if (covered != volume(md.size))
     throw bad(fmt::format("the chunks hold {} of its {} elements", covered, volume(md.size)));
+}
+
+}  // namespace ckpt::dcp
+
+namespace ckpt::dcp {
+
+std::optional<MetadataRequest> DefaultLoadPlanner::metadata_request(const DcpStateDict& state_dict) const {
+  MetadataRequest request;
+  request.keys.reserve(state_dict.size());
+  for (const auto& [fqn, value] : state_dict) {
+    MetadataRequest::Key key{fqn, std::nullopt};
+    if (const auto* st = std::get_if<ShardedTensor>(&value)) {
+      key.chunks.emplace();
+      for (const auto& s : st->local_shards()) key.chunks->push_back({s.metadata.offsets, s.metadata.sizes});
+    }
+    request.keys.push_back(std::move(key));
+  }
+  return request;
+}
+
+namespace {
+
+/// The saved chunks of one tensor, indexed along the dim where their offsets
+/// differ most (the dim it was sharded on): sorted by their start there, with
+/// the largest end so far, so the chunks that may overlap a box are found by
+/// two binary searches instead of a scan of every chunk.
+class ChunkIndex {
+ public:
+  explicit ChunkIndex(const TensorStorageMetadata& t) : t_(t) {
+    const std::size_t dims = t.size.size();
+    std::size_t most = 0;
+    for (std::size_t d = 0; d < dims; ++d) {
+      std::vector<std::int64_t> starts;
+      starts.reserve(t.chunks.size());
+      for (const auto& c : t.chunks) starts.push_back(c.offsets[d]);
+      std::sort(starts.begin(), starts.end());
+      const auto distinct =
+          static_cast<std::size_t>(std::unique(starts.begin(), starts.end()) - starts.begin());
+      if (distinct > most) {
+        most = distinct;
+        dim_ = d;
+      }
+    }
+    order_.resize(t.chunks.size());
+    for (std::size_t i = 0; i < order_.size(); ++i) order_[i] = i;
+    if (dims == 0) return;
+    std::sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) {
+      return t.chunks[a].offsets[dim_] < t.chunks[b].offsets[dim_];
+    });
+    max_end_.reserve(order_.size());
+    std::int64_t most_end = std::numeric_limits<std::int64_t>::min();
+    for (const auto i : order_) {
+      most_end = std::max(most_end, t.chunks[i].offsets[dim_] + t.chunks[i].sizes[dim_]);
+      max_end_.push_back(most_end);
+    }
+  }
+
+  /// Adds to `out` the positions of the saved chunks that overlap `box`.
+  void overlapping(const ChunkStorageMetadata& box, std::vector<std::size_t>& out) const {
+    if (t_.size.empty()) {
+      out.insert(out.end(), order_.begin(), order_.end());
+      return;
+    }
+    const std::int64_t lo = box.offsets[dim_], hi = lo + box.sizes[dim_];
+    // Before `first`, every chunk ends at or before lo; from `last` on, every
+    // chunk starts at or after hi.
+    const auto first =
+        static_cast<std::size_t>(std::upper_bound(max_end_.begin(), max_end_.end(), lo) - max_end_.begin());
+    const auto last = static_cast<std::size_t>(
+        std::lower_bound(order_.begin(), order_.end(), hi,
+                         [&](std::size_t i, std::int64_t v) { return t_.chunks[i].offsets[dim_] < v; }) -
+        order_.begin());
+    for (std::size_t k = first; k < last; ++k)
+      if (overlap(t_.chunks[order_[k]], box)) out.push_back(order_[k]);
+  }
+
+ private:
+  const TensorStorageMetadata& t_;
+  std::size_t dim_ = 0;
+  std::vector<std::size_t> order_;
+  std::vector<std::int64_t> max_end_;
+};
+
+}  // namespace
+
+std::vector<CheckpointMetadata> metadata_parts(const CheckpointMetadata& metadata,
+                                               const std::vector<MetadataRequest>& requests) {
+  std::map<std::string, ChunkIndex> indexes;  // built for a key when first asked for by chunks
+  std::vector<CheckpointMetadata> parts;
+  parts.reserve(requests.size());
+  std::vector<std::size_t> found;
+  for (const auto& request : requests) {
+    CheckpointMetadata& out = parts.emplace_back();
+    out.metadata.storage_meta = metadata.metadata.storage_meta;
+    out.metadata.version = metadata.metadata.version;
+    const auto storage_of = [&](MetadataIndex index) {
+      if (const auto it = metadata.storage_data.find(index); it != metadata.storage_data.end())
+        out.storage_data.emplace(std::move(index), it->second);
+    };
+    for (const auto& key : request.keys) {
+      const auto entry = metadata.metadata.state_dict_metadata.find(key.fqn);
+      if (entry == metadata.metadata.state_dict_metadata.end()) continue;
+      if (const auto path = metadata.metadata.planner_data.find(key.fqn);
+          path != metadata.metadata.planner_data.end())
+        out.metadata.planner_data.emplace(*path);
+      const auto* tensor = std::get_if<TensorStorageMetadata>(&entry->second);
+      if (!tensor) {
+        out.metadata.state_dict_metadata.emplace(*entry);
+        storage_of({key.fqn, std::nullopt, std::nullopt});
+        continue;
+      }
+      bool all = !key.chunks;
+      if (!all)
+        for (const auto& c : *key.chunks)
+          all = all || c.offsets.size() != tensor->size.size() || c.sizes.size() != tensor->size.size();
+      found.clear();
+      if (all) {
+        for (std::size_t i = 0; i < tensor->chunks.size(); ++i) found.push_back(i);
+      } else {
+        auto index = indexes.find(key.fqn);
+        if (index == indexes.end()) index = indexes.emplace(key.fqn, ChunkIndex(*tensor)).first;
+        for (const auto& c : *key.chunks) index->second.overlapping(c, found);
+        // In the checkpoint's order, each once (two local chunks may share one).
+        std::sort(found.begin(), found.end());
+        found.erase(std::unique(found.begin(), found.end()), found.end());
+      }
+      TensorStorageMetadata part{tensor->properties, tensor->size, {}};
+      part.chunks.reserve(found.size());
+      for (const auto i : found) {
+        part.chunks.push_back(tensor->chunks[i]);
+        storage_of({key.fqn, tensor->chunks[i].offsets, std::nullopt});
+      }
+      out.metadata.state_dict_metadata.emplace(key.fqn, std::move(part));
+    }
+  }
+  return parts;
+}
+
+CheckpointMetadata metadata_part(const CheckpointMetadata& metadata, const MetadataRequest& request) {
+  return std::move(metadata_parts(metadata, {request}).front());
 }
 
 }  // namespace ckpt::dcp

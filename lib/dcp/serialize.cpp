@@ -304,6 +304,97 @@ std::map<std::int64_t, RankFailure> decode_failures(std::string_view text) {
   return ckpt::detail::decode_failures(text);
 }
 
+std::string encode(const MetadataRequest& request) {
+  json::array keys;
+  keys.reserve(request.keys.size());
+  for (const auto& k : request.keys) {
+    json::object o{{"fqn", k.fqn}};
+    if (k.chunks) {
+      json::array chunks;
+      for (const auto& c : *k.chunks) chunks.push_back(to_json(c));
+      o["chunks"] = std::move(chunks);
+    }
+    keys.push_back(std::move(o));
+  }
+  return json::serialize(json::object{{"keys", std::move(keys)}});
+}
+
+MetadataRequest decode_metadata_request(std::string_view text) {
+  return parse(text, "metadata request", [](const json::value& v) {
+    MetadataRequest r;
+    for (const auto& k : v.at("keys").as_array()) {
+      MetadataRequest::Key key{str(k.at("fqn")), std::nullopt};
+      if (const auto* chunks = obj(k).if_contains("chunks")) {
+        key.chunks.emplace();
+        for (const auto& c : chunks->as_array()) key.chunks->push_back(chunk_from(c));
+      }
+      r.keys.push_back(std::move(key));
+    }
+    return r;
+  });
+}
+
+std::string encode_metadata_part(const CheckpointMetadata& metadata) {
+  json::array storage;
+  storage.reserve(metadata.storage_data.size());
+  for (const auto& [index, info] : metadata.storage_data) {
+    json::object s = to_json(info).as_object();
+    if (!info.transforms.empty()) {
+      json::array t;
+      for (const auto& x : info.transforms) t.push_back(json::string(x));
+      s["transforms"] = std::move(t);
+    }
+    storage.push_back(json::object{{"index", to_json(index)}, {"storage", std::move(s)}});
+  }
+  json::object paths;
+  for (const auto& [fqn, path] : metadata.metadata.planner_data) {
+    json::array parts;
+    for (const auto& part : path) {
+      if (const auto* text = std::get_if<std::string>(&part))
+        parts.push_back(json::object{{"s", *text}});
+      else
+        parts.push_back(json::object{{"i", std::get<std::int64_t>(part)}});
+    }
+    paths[fqn] = std::move(parts);
+  }
+  json::object root{{"keys", to_json(metadata.metadata)},
+                    {"planner_data", std::move(paths)},
+                    {"version", metadata.metadata.version},
+                    {"storage_data", std::move(storage)}};
+  if (const auto& m = metadata.metadata.storage_meta)
+    root["storage_meta"] =
+        json::object{{"checkpoint_id", m->checkpoint_id}, {"save_id", m->save_id}, {"load_id", m->load_id}};
+  return json::serialize(root);
+}
+
+CheckpointMetadata decode_metadata_part(std::string_view text) {
+  return parse(text, "metadata part", [](const json::value& v) {
+    CheckpointMetadata out;
+    out.metadata = metadata_from(v.at("keys"));
+    for (const auto& [fqn, parts] : obj(v.at("planner_data"))) {
+      ObjectPath path;
+      for (const auto& part : parts.as_array()) {
+        if (const auto* text = obj(part).if_contains("s"))
+          path.emplace_back(str(*text));
+        else
+          path.emplace_back(part.at("i").to_number<std::int64_t>());
+      }
+      out.metadata.planner_data.emplace(std::string(fqn), std::move(path));
+    }
+    out.metadata.version = str(v.at("version"));
+    if (const auto* m = obj(v).if_contains("storage_meta"))
+      out.metadata.storage_meta =
+          StorageMeta{str(m->at("checkpoint_id")), str(m->at("save_id")), str(m->at("load_id"))};
+    for (const auto& e : v.at("storage_data").as_array()) {
+      StorageInfo info = storage_from(e.at("storage"));
+      if (const auto* t = obj(e.at("storage")).if_contains("transforms"))
+        for (const auto& x : t->as_array()) info.transforms.push_back(str(x));
+      out.storage_data.emplace(index_from(e.at("index")), std::move(info));
+    }
+    return out;
+  });
+}
+
 std::string encode_checkpoint_metadata(const CheckpointMetadata& metadata) {
   json::array storage;
   for (const auto& [index, info] : metadata.storage_data)

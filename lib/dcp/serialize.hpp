@@ -28,6 +28,15 @@ std::vector<WriteResult> decode_write_results(std::string_view text);
 Metadata decode_metadata(std::string_view text);
 std::map<std::int64_t, RankFailure> decode_failures(std::string_view text);
 
+/// What a rank loads, sent to the coordinator (load_state_dict).
+std::string encode(const MetadataRequest& request);
+MetadataRequest decode_metadata_request(std::string_view text);
+/// A rank's part of the checkpoint's metadata, as the coordinator sends it:
+/// everything a CheckpointMetadata holds, no check made (the coordinator
+/// checked the whole when it read it; a part need not tile its tensors).
+std::string encode_metadata_part(const CheckpointMetadata& metadata);
+CheckpointMetadata decode_metadata_part(std::string_view text);
+
 /// The metadata file's text: format, version, keys and storage data.
 std::string encode_checkpoint_metadata(const CheckpointMetadata& metadata);
 /// Parses and checks it; throws CorruptCheckpoint naming `source` and the fault

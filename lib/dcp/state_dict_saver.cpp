@@ -98,10 +98,43 @@ void load_state_dict(DcpStateDict& state_dict, StorageReader& storage, LoadPlann
   detail::DistWrapper dist(group, !no_dist, coordinator_rank, timeout_of(group, timeout));
 
   CheckpointMetadata metadata;  // the planner refers to it until the load ends
+  // Where the reader allows it and there are other ranks, the coordinator
+  // alone reads the metadata and sends each rank the part its planner asks
+  // for (O(its items) per rank); else every rank reads it, as upstream's
+  // readers expect.
+  const bool share = !no_dist && dist.world() > 1 && storage.shares_metadata();
+  std::string part;
+  if (share)
+    part = dist.reduce_scatter(
+        "metadata",
+        [&] {
+          const auto request = planner->metadata_request(state_dict);
+          return request ? detail::encode(*request) : std::string();  // empty: all of it
+        },
+        [&](std::vector<std::string> requests) {
+          const CheckpointMetadata whole = storage.read_metadata();
+          std::vector<MetadataRequest> asked;
+          for (const auto& r : requests)
+            if (!r.empty()) asked.push_back(detail::decode_metadata_request(r));
+          std::vector<CheckpointMetadata> cut = metadata_parts(whole, asked);
+          std::string all;  // encoded once, for every rank that asks for all
+          std::vector<std::string> parts;
+          parts.reserve(requests.size());
+          std::size_t next = 0;
+          for (const auto& r : requests) {
+            if (!r.empty()) {
+              parts.push_back(detail::encode_metadata_part(cut[next++]));
+              continue;
+            }
+            if (all.empty()) all = detail::encode_metadata_part(whole);
+            parts.push_back(all);
+          }
+          return parts;
+        });
   const std::string central = dist.reduce_scatter(
       "plan",
       [&] {
-        metadata = storage.read_metadata();
+        metadata = share ? detail::decode_metadata_part(part) : storage.read_metadata();
         planner->set_up_planner(state_dict, metadata.metadata, dist.is_coordinator());
         storage.set_up_storage_reader(metadata, dist.is_coordinator());
         LoadPlan local = planner->create_local_plan();

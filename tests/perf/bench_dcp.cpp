@@ -1,7 +1,7 @@
 // The DCP core's coordination costs, and how they grow with the ranks.
 //
-// usage: bench_dcp [DIR [throughput]]   (default DIR $TMPDIR or /tmp;
-//        "throughput": table 3 only)
+// usage: bench_dcp [DIR [throughput|scaling]]   (default DIR $TMPDIR or /tmp;
+//        "throughput": table 3 only; "scaling": tables 1 and 2)
 //
 // Run without RANK it is the driver and prints two tables.
 //   1. 1, 2, 4, 8 and 16 local ranks (under ckpt-launch, found beside it) save
@@ -10,12 +10,19 @@
 //      keys and one value. Reported: this rank's local plan and the
 //      checkpoint's metadata in bytes, the time of a save and of a load, and
 //      those times as multiples of a bare Gloo barrier measured in the same
-//      run (the reference).
+//      run (the reference), and the most any rank but the coordinator read
+//      from storage for one load (its data: the coordinator alone reads the
+//      metadata, so this stays flat as the ranks grow), and the speed of the
+//      load against the same load with every rank reading the metadata
+//      itself (higher is faster).
 //   2. In this process, the coordinator's share for 16 to 10,000 ranks: the
 //      local plans of N ranks are made and encoded, then decoded, merged and
 //      validated (create_global_plan) and the global plans and metadata
 //      encoded, as the coordinator does. Reported: bytes gathered and scattered, metadata
-//      bytes, and microseconds and bytes per rank (flat means O(N)).
+//      bytes, and microseconds and bytes per rank (flat means O(N)). Then the
+//      load of that checkpoint: the metadata every rank read before, the
+//      largest part the coordinator now cuts a rank (metadata_part), and the
+//      coordinator's time to cut them all.
 //   3. Throughput against Python: ~1 GiB of float32 (16 tensors of 64 MiB) saved
 //      and loaded in place on one process, 5 rounds each (the best counts), by
 //      ckpt (dcp::save / dcp::load, PyTorch's format, CRCs checked) and by
@@ -70,6 +77,13 @@ dcp::DcpStateDict model_state(std::int64_t world, std::int64_t rank) {
   return sd;
 }
 
+/// A FileSystemReader that does not share its metadata: every rank reads it.
+class EveryRankReads : public dcp::FileSystemReader {
+ public:
+  using FileSystemReader::FileSystemReader;
+  bool shares_metadata() const override { return false; }
+};
+
 int rank_main(const fs::path& dir) {
   auto pg = ckpt::dist::init_process_group();
   auto& group = *pg->group;
@@ -96,10 +110,28 @@ int rank_main(const fs::path& dir) {
       dcp::load_state_dict(sd, reader, nullptr, pg);
     }
   });
+  // The same loads with every rank reading the metadata itself (upstream's
+  // way, and what a reader that does not share its metadata gets).
+  const double load_every_rank = timed(group, [&] {
+    for (int i = 0; i < kRounds; ++i) {
+      EveryRankReads reader(dir / fmt::format("ckpt_{}", i));
+      dcp::load_state_dict(sd, reader, nullptr, pg);
+    }
+  });
   const auto metadata_bytes = fs::file_size(dir / "ckpt_0" / dcp::kMetadataFileName);
+  // What the ranks other than the coordinator read from storage for a load
+  // (the most of any of them; rank 0's own when it is alone).
+  dcp::FileSystemReader probe(dir / "ckpt_0");
+  dcp::load_state_dict(sd, probe, nullptr, pg);
+  std::vector<at::Tensor> most{
+      at::full({1}, rank == 0 && world > 1 ? 0.0 : static_cast<double>(probe.bytes_read()), at::kDouble)};
+  c10d::AllreduceOptions max;
+  max.reduceOp = c10d::ReduceOp::MAX;
+  group.allreduce(most, max)->wait();
   if (rank == 0)
-    std::printf("RESULT %zu %ju %.6f %.6f %.6f\n", plan_bytes, static_cast<std::uintmax_t>(metadata_bytes),
-                save / kRounds, load / kRounds, bare / kRounds);
+    std::printf("RESULT %zu %ju %.6f %.6f %.6f %.0f %.6f\n", plan_bytes,
+                static_cast<std::uintmax_t>(metadata_bytes), save / kRounds, load / kRounds, bare / kRounds,
+                most[0].item<double>(), load_every_rank / kRounds);
   group.barrier()->wait();
   return 0;
 }
@@ -109,6 +141,12 @@ void coordinator_model() {
   fmt::print("\nthe coordinator's share of a save, N ranks made in this process\n\n");
   fmt::print("{:>6} {:>14} {:>14} {:>14} {:>12} {:>14} {:>16}\n", "ranks", "gathered B", "scattered B",
              "metadata B", "coord ms", "us per rank", "metadata B/rank");
+  struct Saved {
+    std::int64_t ranks;
+    dcp::CheckpointMetadata metadata;
+    std::size_t bytes;
+  };
+  std::vector<Saved> loads;
   for (std::int64_t n : {16, 128, 1000, 10000}) {
     std::vector<std::string> gathered;
     gathered.reserve(static_cast<std::size_t>(n));
@@ -158,6 +196,45 @@ void coordinator_model() {
     fmt::print("{:>6} {:>14} {:>14} {:>14} {:>12.1f} {:>14.1f} {:>16.0f}\n", n, gathered_bytes, scattered,
                metadata.size(), ms, ms * 1e3 / static_cast<double>(n),
                static_cast<double>(metadata.size()) / static_cast<double>(n));
+    loads.push_back({n, std::move(cm), metadata.size()});
+  }
+
+  // A load of the same checkpoint on the same N ranks: the coordinator alone
+  // reads the metadata and cuts each rank its part (metadata_part), as
+  // load_state_dict does with a FileSystemReader; a rank receives its part
+  // where it used to read the whole file.
+  fmt::print("\nthe metadata of a load, N ranks made in this process\n\n");
+  fmt::print("{:>6} {:>14} {:>16} {:>16} {:>12} {:>14}\n", "ranks", "metadata B", "rank's part B",
+             "part/metadata", "coord ms", "us per rank");
+  for (const auto& [n, cm, metadata_bytes] : loads) {
+    // What each rank asks for: its shard of every sharded key, the
+    // replicated keys and the value whole (the default load planner's
+    // request for model_state, encoded as a rank sends it).
+    std::vector<std::string> asked;
+    asked.reserve(static_cast<std::size_t>(n));
+    for (std::int64_t r = 0; r < n; ++r) {
+      dcp::MetadataRequest request;
+      for (int k = 0; k < kShardedKeys; ++k)
+        request.keys.push_back(
+            {fmt::format("model.layers.{}.weight", k),
+             std::vector<dcp::ChunkStorageMetadata>{{{kRowsPerRank * r, 0}, {kRowsPerRank, kCols}}}});
+      for (int k = 0; k < kReplicatedKeys; ++k)
+        request.keys.push_back({fmt::format("model.norm.{}.bias", k), {}});
+      request.keys.push_back({"step", std::nullopt});
+      asked.push_back(dcp::detail::encode(request));
+    }
+    // The coordinator's share, as load_state_dict runs it.
+    const auto start = Clock::now();
+    std::vector<dcp::MetadataRequest> requests;
+    requests.reserve(asked.size());
+    for (const auto& a : asked) requests.push_back(dcp::detail::decode_metadata_request(a));
+    std::size_t largest = 0;
+    for (const auto& part : dcp::metadata_parts(cm, requests))
+      largest = std::max(largest, dcp::detail::encode_metadata_part(part).size());
+    const double ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    fmt::print("{:>6} {:>14} {:>16} {:>16.5f} {:>12.1f} {:>14.1f}\n", n, metadata_bytes, largest,
+               static_cast<double>(largest) / static_cast<double>(metadata_bytes), ms,
+               ms * 1e3 / static_cast<double>(n));
   }
 }
 
@@ -248,6 +325,7 @@ int main(int argc, char** argv) try {
   const fs::path root = fs::path(argc > 1 ? argv[1] : (tmp && *tmp ? tmp : "/tmp")) / "ckpt-bench-dcp";
   const fs::path self = fs::canonical("/proc/self/exe");
   const fs::path launcher = self.parent_path() / "ckpt-launch";
+  const bool scaling_only = argc > 2 && std::string(argv[2]) == "scaling";
   if (argc > 2 && std::string(argv[2]) == "throughput") {
     fs::create_directories(root);
     throughput(root);
@@ -259,18 +337,21 @@ int main(int argc, char** argv) try {
       "save_state_dict / load_state_dict of {} sharded keys ({} KiB per rank each), {} replicated keys\n"
       "and a value; 10 rounds; reference: a bare Gloo barrier in the same run\n\n",
       kShardedKeys, kRowsPerRank * kCols * 4 / 1024, kReplicatedKeys);
-  fmt::print("{:>5} {:>12} {:>12} {:>10} {:>10} {:>11} {:>14} {:>14}\n", "ranks", "local plan B",
-             "metadata B", "save ms", "load ms", "barrier ms", "save/barrier", "load/barrier");
+  fmt::print("{:>5} {:>12} {:>12} {:>10} {:>10} {:>11} {:>14} {:>14} {:>14} {:>18}\n", "ranks",
+             "local plan B", "metadata B", "save ms", "load ms", "barrier ms", "save/barrier", "load/barrier",
+             "rank load B", "load/every-rank");
   for (int n : {1, 2, 4, 8, 16}) {
     fs::remove_all(root);
     fs::create_directories(root);
     const auto r = result_of(capture(fmt::format("'{}' -n {} --timeout 600 '{}' '{}' 2>&1", launcher.string(),
                                                  n, self.string(), root.string())));
-    fmt::print("{:>5} {:>12.0f} {:>12.0f} {:>10.2f} {:>10.2f} {:>11.3f} {:>14.1f} {:>14.1f}\n", n, r[0], r[1],
-               r[2] * 1e3, r[3] * 1e3, r[4] * 1e3, r[2] / r[4], r[3] / r[4]);
+    fmt::print(
+        "{:>5} {:>12.0f} {:>12.0f} {:>10.2f} {:>10.2f} {:>11.3f} {:>14.1f} {:>14.1f} {:>14.0f} {:>17.2f}x\n",
+        n, r[0], r[1], r[2] * 1e3, r[3] * 1e3, r[4] * 1e3, r[2] / r[4], r[3] / r[4], r[5], r[6] / r[3]);
   }
   fs::remove_all(root);
   coordinator_model();
+  if (scaling_only) return 0;
   fs::create_directories(root);
   throughput(root);
   fs::remove_all(root);

@@ -126,13 +126,13 @@ inline std::uint64_t overlap_bytes(const dcp::TensorStorageMetadata& md,
 }
 
 /// What a FileSystemReader must have read to load `sd` from `directory`: its
-/// metadata file; of every saved chunk that overlaps a tensor or local shard
-/// of `sd`, the headers of its archive (zip directory, pickle: what opening
-/// the item costs) once; and the bytes of every overlap.
-inline std::uint64_t expected_bytes_read(const std::filesystem::path& directory,
-                                         const dcp::DcpStateDict& sd) {
+/// metadata file (only on the rank that reads it: `reads_metadata`); of every saved chunk that overlaps a
+/// tensor or local shard of `sd`, the headers of its archive (zip directory, pickle: what opening the item
+/// costs) once; and the bytes of every overlap.
+inline std::uint64_t expected_bytes_read(const std::filesystem::path& directory, const dcp::DcpStateDict& sd,
+                                         bool reads_metadata = true) {
   const auto saved = dcp::read_checkpoint_metadata(directory);
-  std::uint64_t n = std::filesystem::file_size(directory / dcp::kMetadataFileName);
+  std::uint64_t n = reads_metadata ? std::filesystem::file_size(directory / dcp::kMetadataFileName) : 0;
   for (const auto& [fqn, value] : sd) {
     const auto& md = std::get<dcp::TensorStorageMetadata>(saved.metadata.state_dict_metadata.at(fqn));
     std::vector<std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>> regions;

@@ -90,6 +90,8 @@ class HuggingFaceStorageReader : public StorageReader {
   explicit HuggingFaceStorageReader(std::filesystem::path path);
   void reset(const std::optional<std::filesystem::path>& checkpoint_id = std::nullopt) override;
   CheckpointMetadata read_metadata() override;
+  /// True: it needs nothing of the metadata but what set_up_storage_reader gives.
+  bool shares_metadata() const override { return true; }
   void set_up_storage_reader(const CheckpointMetadata& metadata, bool is_coordinator) override;
   LoadPlan prepare_local_plan(LoadPlan plan) override;
   std::vector<LoadPlan> prepare_global_plan(std::vector<LoadPlan> plans) override;

@@ -120,6 +120,31 @@ class SavePlanner {
   virtual c10::IValue resolve_data(const WriteItem& item) = 0;
 };
 
+/// What a rank will load, as the coordinator needs it to send the rank only
+/// its part of the checkpoint's metadata: each key, and for a key of which
+/// the rank holds only some chunks (a sharded tensor), those chunks.
+struct MetadataRequest {
+  struct Key {
+    std::string fqn;
+    /// The chunks of the global tensor the rank loads; nullopt: all of the key.
+    std::optional<std::vector<ChunkStorageMetadata>> chunks;
+  };
+  std::vector<Key> keys;
+};
+
+/// The part of `metadata` that `request` needs: the keys it names that the
+/// checkpoint holds, of a tensor only the saved chunks that overlap a chunk
+/// asked for (all of them when no chunks are given, or when a chunk asked for
+/// has another number of dims than the tensor), their storage data, the keys'
+/// planner data, and the checkpoint's storage meta and version.
+CheckpointMetadata metadata_part(const CheckpointMetadata& metadata, const MetadataRequest& request);
+/// metadata_part for each of `requests` (a coordinator cutting every rank its
+/// part): each key's saved chunks are indexed once, along the dim where their
+/// offsets differ most, so a request costs O(its keys × log(chunks) + the
+/// chunks it gets) for a checkpoint sharded along one dim, not O(all chunks).
+std::vector<CheckpointMetadata> metadata_parts(const CheckpointMetadata& metadata,
+                                               const std::vector<MetadataRequest>& requests);
+
 /// What a load into a state dict consists of. Called in this order on every
 /// rank: set_up_planner (after the metadata was read), create_local_plan;
 /// create_global_plan on the coordinator only; finish_plan; while reading,
@@ -128,6 +153,16 @@ class SavePlanner {
 class LoadPlanner {
  public:
   virtual ~LoadPlanner() = default;
+  /// Which part of the checkpoint's metadata this planner needs to load
+  /// `state_dict`, asked before set_up_planner. Where the storage reader
+  /// shares its metadata (StorageReader::shares_metadata), the coordinator
+  /// alone reads it and sends each rank the part it asked for: set_up_planner
+  /// then sees only that part. nullopt (the default): all of it, for planners
+  /// that look at keys their state dict does not name (renaming, say).
+  virtual std::optional<MetadataRequest> metadata_request(const DcpStateDict& state_dict) const {
+    (void)state_dict;
+    return std::nullopt;
+  }
   virtual void set_up_planner(DcpStateDict& state_dict, const Metadata& metadata, bool is_coordinator) = 0;
   virtual LoadPlan create_local_plan() = 0;
   virtual std::vector<LoadPlan> create_global_plan(std::vector<LoadPlan> plans) = 0;
@@ -176,6 +211,9 @@ class DefaultLoadPlanner : public LoadPlanner {
   /// are left as they are (else MissingKeys names them). Keys the checkpoint
   /// has and the state dict lacks are never read.
   explicit DefaultLoadPlanner(bool allow_partial_load = false) : allow_partial_(allow_partial_load) {}
+  /// Each key of `state_dict`: a tensor or a value whole, a sharded tensor's
+  /// local shards. A subclass that reads other keys returns nullopt.
+  std::optional<MetadataRequest> metadata_request(const DcpStateDict& state_dict) const override;
   void set_up_planner(DcpStateDict& state_dict, const Metadata& metadata, bool is_coordinator) override;
   LoadPlan create_local_plan() override;
   std::vector<LoadPlan> create_global_plan(std::vector<LoadPlan> plans) override;

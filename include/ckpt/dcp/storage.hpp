@@ -56,8 +56,16 @@ class StorageReader {
  public:
   virtual ~StorageReader() = default;
   virtual void reset(const std::optional<std::filesystem::path>& checkpoint_id = std::nullopt) = 0;
-  /// The checkpoint's metadata (every rank reads it).
+  /// The checkpoint's metadata: read on every rank, or, where
+  /// shares_metadata(), on the coordinator alone.
   virtual CheckpointMetadata read_metadata() = 0;
+  /// Whether the coordinator alone may read the metadata and send each rank
+  /// the part its planner asks for (LoadPlanner::metadata_request): a rank's
+  /// load then costs O(its items), not O(the checkpoint), and shared storage
+  /// serves one metadata read instead of one per rank. read_metadata is then
+  /// not called on the other ranks, and set_up_storage_reader gets the part.
+  /// Default false: every rank reads it, as upstream's readers expect.
+  virtual bool shares_metadata() const { return false; }
   virtual void set_up_storage_reader(const CheckpointMetadata& metadata, bool is_coordinator) = 0;
   virtual LoadPlan prepare_local_plan(LoadPlan plan) = 0;
   virtual std::vector<LoadPlan> prepare_global_plan(std::vector<LoadPlan> plans) = 0;
@@ -115,6 +123,8 @@ class FileSystemReader : public StorageReader {
   explicit FileSystemReader(std::filesystem::path path);
   void reset(const std::optional<std::filesystem::path>& checkpoint_id = std::nullopt) override;
   CheckpointMetadata read_metadata() override;
+  /// True: it needs nothing of the metadata but what set_up_storage_reader gives.
+  bool shares_metadata() const override { return true; }
   void set_up_storage_reader(const CheckpointMetadata& metadata, bool is_coordinator) override;
   LoadPlan prepare_local_plan(LoadPlan plan) override;
   std::vector<LoadPlan> prepare_global_plan(std::vector<LoadPlan> plans) override;
