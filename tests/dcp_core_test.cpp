@@ -453,6 +453,97 @@ BOOST_AUTO_TEST_CASE(every_item_is_a_torch_save_archive) {
   BOOST_TEST(r.output.find("ok") != std::string::npos, r.output);
 }
 
+BOOST_AUTO_TEST_CASE(plan_caching_reuses_unchanged_plans_and_never_data) {
+  // A planner that counts the global plans it makes (what the cache spares).
+  struct Counting : dcp::DefaultSavePlanner {
+    explicit Counting(bool caching) : DefaultSavePlanner(true, caching) {}
+    int merges = 0;
+    std::pair<std::vector<dcp::SavePlan>, dcp::Metadata> create_global_plan(
+        std::vector<dcp::SavePlan> plans) override {
+      ++merges;
+      return DefaultSavePlanner::create_global_plan(std::move(plans));
+    }
+  };
+  // A writer that fails in write_data when told to.
+  struct Failing : dcp::FileSystemWriter {
+    using FileSystemWriter::FileSystemWriter;
+    bool fail = false;
+    std::future<std::vector<dcp::WriteResult>> write_data(const dcp::SavePlan& plan,
+                                                          dcp::SavePlanner& planner) override {
+      if (fail) throw std::runtime_error("disk gone");
+      return FileSystemWriter::write_data(plan, planner);
+    }
+  };
+  const auto state = [](double v, bool more) {
+    DcpStateDict sd{{"a", at::full({4, 3}, v)},
+                    {"s", ShardedTensor::full(ChunkShardingSpec{0, {"rank:0/cpu"}}, {6, 2}, 0, v)},
+                    {"step", c10::IValue(static_cast<std::int64_t>(v))}};
+    if (more) sd.emplace_back("b", at::full({2}, v));
+    return sd;
+  };
+  const auto loads_as = [](const std::filesystem::path& dir, const DcpStateDict& saved) {
+    DcpStateDict sd = saved;
+    for (auto& [key, value] : sd) {
+      if (auto* t = std::get_if<at::Tensor>(&value)) *t = at::zeros_like(*t);
+      if (auto* st = std::get_if<ShardedTensor>(&value))
+        for (auto& shard : st->local_shards()) shard.tensor = at::zeros_like(shard.tensor);
+    }
+    dcp::FileSystemReader reader(dir);
+    dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, true);
+    BOOST_REQUIRE_EQUAL(sd.size(), saved.size());
+    for (std::size_t i = 0; i < sd.size(); ++i) {
+      const auto& [key, got] = sd[i];
+      const auto& want = saved[i].second;
+      if (const auto* t = std::get_if<at::Tensor>(&want))
+        BOOST_TEST(at::equal(std::get<at::Tensor>(got), *t), key);
+      else if (const auto* st = std::get_if<ShardedTensor>(&want))
+        BOOST_TEST(
+            at::equal(std::get<ShardedTensor>(got).local_shards()[0].tensor, st->local_shards()[0].tensor),
+            key);
+      else
+        BOOST_TEST(std::get<c10::IValue>(got).toInt() == std::get<c10::IValue>(want).toInt(), key);
+    }
+  };
+  TempDir dir;
+  Counting planner(true);
+  Failing writer(dir / "c");
+  const auto save = [&](const DcpStateDict& sd) {
+    writer.reset(dir / "c");
+    dcp::save_state_dict(sd, writer, &planner, nullptr, 0, true);
+  };
+  save(state(1, false));
+  BOOST_TEST(planner.merges == 1);
+  // The same layout with new values: the plan is reused, the values are new.
+  save(state(2, false));
+  BOOST_TEST(planner.merges == 1);
+  loads_as(dir / "c", state(2, false));
+  // A key more: planned afresh.
+  save(state(3, true));
+  BOOST_TEST(planner.merges == 2);
+  loads_as(dir / "c", state(3, true));
+  // A failed save drops the cache: the next one plans afresh, and the last
+  // good checkpoint stayed whole meanwhile.
+  writer.fail = true;
+  BOOST_CHECK_THROW(save(state(4, true)), ckpt::CheckpointException);
+  loads_as(dir / "c", state(3, true));
+  writer.fail = false;
+  const int before = planner.merges;
+  save(state(5, true));
+  BOOST_TEST(planner.merges == before + 1);
+  loads_as(dir / "c", state(5, true));
+  save(state(6, true));
+  BOOST_TEST(planner.merges == before + 1);
+  loads_as(dir / "c", state(6, true));
+  // Without caching every save plans.
+  Counting plain(false);
+  for (double v : {7.0, 8.0}) {
+    writer.reset(dir / "c");
+    dcp::save_state_dict(state(v, true), writer, &plain, nullptr, 0, true);
+  }
+  BOOST_TEST(plain.merges == 2);
+  loads_as(dir / "c", state(8, true));
+}
+
 BOOST_AUTO_TEST_CASE(a_save_that_fails_before_its_commit_leaves_the_last_checkpoint_whole) {
   TempDir dir;
   dcp::FileSystemWriter first(dir.path());

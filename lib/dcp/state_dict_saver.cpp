@@ -4,11 +4,13 @@
 #include <ckpt/types.hpp>
 
 #include "dcp/dist_wrapper.hpp"
+#include "dcp/plan_cache.hpp"
 #include "dcp/serialize.hpp"
 
 #include <fmt/format.h>
 
 #include <cstdlib>
+#include <tuple>
 
 namespace ckpt::dcp {
 
@@ -46,46 +48,136 @@ Metadata save_state_dict(const DcpStateDict& state_dict, StorageWriter& storage,
   if (!planner) planner = &default_planner;
   detail::DistWrapper dist(group, !no_dist, coordinator_rank, timeout_of(group, timeout));
 
-  Metadata global_metadata;
-  const std::string central = dist.reduce_scatter(
-      "plan",
-      [&] {
-        planner->set_up_planner(state_dict, dist.is_coordinator());
-        storage.set_up_storage_writer(dist.is_coordinator());
-        SavePlan local = planner->create_local_plan();
-        local = storage.prepare_local_plan(std::move(local));
-        return detail::encode(local);
-      },
-      [&](std::vector<std::string> all) {
-        std::vector<SavePlan> plans;
-        plans.reserve(all.size());
-        for (const auto& s : all) plans.push_back(detail::decode_save_plan(s));
-        auto [global_plans, metadata] = planner->create_global_plan(std::move(plans));
-        global_plans = storage.prepare_global_plan(std::move(global_plans));
-        global_metadata = std::move(metadata);
-        std::vector<std::string> out;
-        out.reserve(global_plans.size());
-        for (const auto& p : global_plans) out.push_back(detail::encode(p));
-        return out;
-      });
+  // With plan caching, what the last successful save planned (for this
+  // coordinator and group size) stands in for plans that did not change; what
+  // this save plans goes into `next`, which replaces the cache once the save
+  // has succeeded everywhere.
+  std::shared_ptr<detail::PlanCache>* slot = planner->plan_cache();
+  if (slot && !*slot) *slot = std::make_shared<detail::PlanCache>();
+  detail::PlanCache* cache = slot ? slot->get() : nullptr;
+  const bool cached =
+      cache && cache->valid && cache->coordinator == coordinator_rank && cache->world == dist.world();
+  detail::PlanCache next;
+  const auto same_items = [](const SavePlan& a, const SavePlan& b) {
+    if (a.items.size() != b.items.size()) return false;
+    for (std::size_t i = 0; i < a.items.size(); ++i) {
+      const WriteItem &x = a.items[i], &y = b.items[i];
+      if (x.index != y.index || x.index.index != y.index.index || x.type != y.type ||
+          x.tensor_data != y.tensor_data)
+        return false;
+    }
+    return true;
+  };
+  const auto bare = [](SavePlan plan) {  // a plan without what changes every save
+    plan.storage_data.clear();
+    plan.planner_data.clear();
+    return plan;
+  };
 
-  dist.all_reduce(
-      "write",
-      [&] {
-        SavePlan plan = planner->finish_plan(detail::decode_save_plan(central));
-        return detail::encode(storage.write_data(plan, *planner).get());
-      },
-      [&](std::vector<std::string> all) {
-        std::vector<std::vector<WriteResult>> results;
-        results.reserve(all.size());
-        for (const auto& s : all) results.push_back(detail::decode_write_results(s));
-        storage.finish(global_metadata, results);
-        return std::string();
-      });
-  // The whole metadata stays on the coordinator: sending it to every rank
-  // would cost each O(world) bytes. The others compute the global layout of
-  // their own keys, which needs no communication.
-  if (dist.is_coordinator()) return global_metadata;
+  try {
+    Metadata global_metadata;
+    const std::string central = dist.reduce_scatter(
+        "plan",
+        [&] {
+          planner->set_up_planner(state_dict, dist.is_coordinator());
+          storage.set_up_storage_writer(dist.is_coordinator());
+          SavePlan local = planner->create_local_plan();
+          local = storage.prepare_local_plan(std::move(local));
+          if (!cache) return detail::encode(local);
+          next.local = detail::encode(local);
+          return cached && next.local == cache->local ? std::string(1, detail::kSamePlan) : next.local;
+        },
+        [&](std::vector<std::string> all) {
+          bool unchanged = cached;
+          std::vector<bool> same(all.size(), false);  // ranks that hold what they had last time
+          for (std::size_t r = 0; r < all.size(); ++r) {
+            if (all[r].empty() || all[r][0] != detail::kSamePlan) {
+              unchanged = false;
+              continue;
+            }
+            same[r] = true;
+            if (!cached || r >= cache->all.size())
+              throw Error(
+                  fmt::format("rank {} sent its plan as unchanged, but the coordinator holds none", r));
+            all[r] = cache->all[r];
+          }
+          std::vector<SavePlan> global_plans;
+          if (unchanged) {
+            // No rank's plan changed: the global plan and metadata are what
+            // merging and validating them gave last time.
+            global_plans = cache->global;
+            global_metadata = cache->metadata;
+          } else {
+            std::vector<SavePlan> plans;
+            plans.reserve(all.size());
+            for (const auto& text : all) plans.push_back(detail::decode_save_plan(text));
+            std::tie(global_plans, global_metadata) = planner->create_global_plan(std::move(plans));
+          }
+          if (cache) {
+            next.all = std::move(all);
+            next.global = global_plans;
+            next.metadata = global_metadata;
+          }
+          global_plans = storage.prepare_global_plan(std::move(global_plans));
+          std::vector<std::string> out;
+          out.reserve(global_plans.size());
+          for (std::size_t r = 0; r < global_plans.size(); ++r) {
+            const SavePlan& p = global_plans[r];
+            if (!cache) {
+              out.push_back(detail::encode(p));
+              continue;
+            }
+            next.sent.push_back(bare(p));
+            if (same[r] && r < cache->sent.size() && same_items(p, cache->sent[r]))
+              out.push_back(detail::kSamePlan + detail::encode(SavePlan{{}, p.storage_data, p.planner_data}));
+            else
+              out.push_back(detail::encode(p));
+          }
+          return out;
+        });
+
+    dist.all_reduce(
+        "write",
+        [&] {
+          SavePlan received;
+          if (!central.empty() && central[0] == detail::kSamePlan) {
+            // The part of the global plan this rank had last time, with this
+            // save's storage and planner data.
+            if (!cached) throw Error("the coordinator sent this rank's plan as unchanged, but it holds none");
+            const SavePlan fresh = detail::decode_save_plan(std::string_view(central).substr(1));
+            received = cache->central;
+            received.storage_data = fresh.storage_data;
+            received.planner_data = fresh.planner_data;
+          } else {
+            received = detail::decode_save_plan(central);
+          }
+          if (cache) next.central = bare(received);
+          SavePlan plan = planner->finish_plan(std::move(received));
+          return detail::encode(storage.write_data(plan, *planner).get());
+        },
+        [&](std::vector<std::string> all) {
+          std::vector<std::vector<WriteResult>> results;
+          results.reserve(all.size());
+          for (const auto& s : all) results.push_back(detail::decode_write_results(s));
+          storage.finish(global_metadata, results);
+          return std::string();
+        });
+    if (cache) {
+      next.valid = true;
+      next.coordinator = coordinator_rank;
+      next.world = dist.world();
+      *cache = std::move(next);
+    }
+    // The whole metadata stays on the coordinator: sending it to every rank
+    // would cost each O(world) bytes. The others compute the global layout of
+    // their own keys, which needs no communication.
+    if (dist.is_coordinator()) return global_metadata;
+  } catch (...) {
+    // A failed save leaves no plan behind: every rank raised the same error,
+    // so every rank starts the next save from scratch.
+    if (cache) cache->valid = false;
+    throw;
+  }
   return create_default_local_metadata(state_dict);
 }
 

@@ -850,6 +850,52 @@ void hf_load(Rank& r) {
   r.leave(r.world());
 }
 
+// plan_cache: every rank saves into DIR/cached with its own caching planner
+// (enable_plan_caching): three saves of one layout with new values, then one
+// where rank 2 holds a key more. After each save every rank loads it back and
+// checks the values of that save; rank 0 reports how many global plans it
+// made: 2 (the first save, and the one whose layout changed).
+void plan_cache(Rank& r) {
+  struct Counting : ckpt::dcp::DefaultSavePlanner {
+    Counting() : DefaultSavePlanner(true, true) {}
+    int merges = 0;
+    std::pair<std::vector<ckpt::dcp::SavePlan>, ckpt::dcp::Metadata> create_global_plan(
+        std::vector<ckpt::dcp::SavePlan> plans) override {
+      ++merges;
+      return DefaultSavePlanner::create_global_plan(std::move(plans));
+    }
+  };
+  Counting planner;
+  const auto path = r.dir() / "cached";
+  const auto state = [&](double v, bool more) {
+    DcpStateDict sd{{"rows", ShardedTensor::full(spec_over(r.world(), 0), {8, 3}, r.rank(), v)},
+                    {"replicated", at::full({5}, v)}};
+    if (more && r.rank() == 2) sd.emplace_back("extra", at::full({2}, v));
+    return sd;
+  };
+  const auto round = [&](const std::string& label, double v, bool more) {
+    ckpt::dcp::FileSystemWriter writer(path);
+    r.expect(label, outcome_of([&] { ckpt::dcp::save_state_dict(state(v, more), writer, &planner); }), "ok");
+    DcpStateDict sd = state(0, more);
+    ckpt::dcp::FileSystemReader reader(path);
+    r.expect(label + "/load", outcome_of([&] { ckpt::dcp::load_state_dict(sd, reader); }), "ok");
+    bool same = true;
+    for (const auto& [key, value] : sd) {
+      if (const auto* t = std::get_if<at::Tensor>(&value)) same = same && at::equal(*t, at::full_like(*t, v));
+      if (const auto* st = std::get_if<ShardedTensor>(&value))
+        for (const auto& shard : st->local_shards())
+          same = same && at::equal(shard.tensor, at::full_like(shard.tensor, v));
+    }
+    r.report(label + "/values", same ? "as-saved" : "different", same);
+  };
+  round("save1", 1, false);
+  round("save2", 2, false);
+  round("save3", 3, false);
+  round("save4", 4, true);
+  if (r.rank() == 0) r.report("global_plans_made", std::to_string(planner.merges), planner.merges == 2);
+  r.leave(r.world());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -878,6 +924,7 @@ int main(int argc, char** argv) try {
       {"nested_save", nested_save},
       {"hf_save", hf_save},
       {"hf_load", hf_load},
+      {"plan_cache", plan_cache},
   };
   const auto it = scenarios.find(scenario);
   if (it == scenarios.end()) {

@@ -19,6 +19,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -106,9 +107,17 @@ struct CheckpointMetadata {
 /// rank: set_up_planner, create_local_plan; create_global_plan on the
 /// coordinator only; finish_plan with this rank's part of the global plan;
 /// resolve_data for each item while writing.
+namespace detail {
+struct PlanCache;
+}  // namespace detail
+
 class SavePlanner {
  public:
   virtual ~SavePlanner() = default;
+  /// Where save_state_dict keeps this planner's plans between saves (see
+  /// DefaultSavePlanner's enable_plan_caching; save_state_dict fills the slot
+  /// on the first save); null (the default): no caching.
+  virtual std::shared_ptr<detail::PlanCache>* plan_cache() { return nullptr; }
   virtual void set_up_planner(const DcpStateDict& state_dict, bool is_coordinator) = 0;
   virtual SavePlan create_local_plan() = 0;
   /// Merges every rank's local plan (index = rank) into the global plan and the
@@ -183,7 +192,16 @@ class DefaultSavePlanner : public SavePlanner {
  public:
   /// `dedup_replicated`: a tensor that several ranks hold (replicated) is
   /// written once, by the rank with the least planned so far (ties: the lowest).
-  explicit DefaultSavePlanner(bool dedup_replicated = true) : dedup_(dedup_replicated) {}
+  /// `enable_plan_caching` (upstream's): save after save with this planner, a
+  /// rank whose local plan is what it was does not send it again, and when no
+  /// rank's plan changed the coordinator reuses its global plan and metadata
+  /// instead of merging and validating every plan; a rank whose part of the
+  /// global plan is unchanged gets only its new storage data. The cache holds
+  /// only plans (layouts), never data; it is dropped when a save fails, and
+  /// not used when the coordinator or the group's size changed.
+  explicit DefaultSavePlanner(bool dedup_replicated = true, bool enable_plan_caching = false)
+      : dedup_(dedup_replicated), caching_(enable_plan_caching) {}
+  std::shared_ptr<detail::PlanCache>* plan_cache() override { return caching_ ? &cache_ : nullptr; }
   void set_up_planner(const DcpStateDict& state_dict, bool is_coordinator) override;
   SavePlan create_local_plan() override;
   std::pair<std::vector<SavePlan>, Metadata> create_global_plan(std::vector<SavePlan> plans) override;
@@ -200,6 +218,8 @@ class DefaultSavePlanner : public SavePlanner {
   bool is_coordinator_ = false;
   bool dedup_ = true;
   std::map<std::string, std::size_t> position_;  // fqn → position in the state dict
+  bool caching_ = false;
+  std::shared_ptr<detail::PlanCache> cache_;  // with enable_plan_caching, from the first save on
 };
 
 /// upstream's DefaultLoadPlanner: every tensor and local shard of the state
