@@ -643,20 +643,22 @@ BOOST_AUTO_TEST_CASE(strict_load_of_keys_the_checkpoint_lacks_fails_on_every_ran
 
 // Beyond upstream's tests, its enable_plan_caching: saves with unchanged plans
 // reuse the coordinator's global plan (only the first save and the one whose
-// layout changed on one rank make one) and every save loads back as saved.
+// layout changed on one rank make one), a coordinator that lost its cache
+// gets every plan again, and every save loads back as saved.
 BOOST_AUTO_TEST_CASE(plan_caching_on_4_ranks) {
   TempDir dir;
   const auto run = launch(kRanks, "plan_cache", dir.path(), 120);
   check_every_rank_as_expected(run, kRanks);
   for (int r = 0; r < kRanks; ++r) {
     BOOST_TEST_CONTEXT("rank " << r) {
-      for (const std::string save : {"save1", "save2", "save3", "save4"}) {
+      for (const std::string save : {"save1", "save2", "save3", "save4", "save5"}) {
         BOOST_CHECK_EQUAL(run.at(r, save), "ok");
         BOOST_CHECK_EQUAL(run.at(r, save + "/values"), "as-saved");
       }
     }
   }
   BOOST_CHECK_EQUAL(run.at(0, "global_plans_made"), "2");
+  BOOST_CHECK_EQUAL(run.at(0, "global_plans_made_after_restart"), "1");
 }
 
 BOOST_AUTO_TEST_CASE(allow_partial_load_leaves_the_keys_the_checkpoint_lacks_untouched) {

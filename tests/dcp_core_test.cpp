@@ -366,6 +366,12 @@ BOOST_AUTO_TEST_CASE(a_rank_gets_only_the_metadata_it_loads) {
   BOOST_TEST((back.storage_data == part.storage_data));
   const auto all = dcp::detail::decode_metadata_part(dcp::detail::encode_metadata_part(whole));
   BOOST_TEST((all.storage_data == whole.storage_data));
+  // Any dtype a checkpoint holds travels, also those ckpt does not save.
+  dcp::CheckpointMetadata odd;
+  odd.metadata.state_dict_metadata["c"] = TensorStorageMetadata{{at::kComplexHalf, false}, {2}, {{{0}, {2}}}};
+  BOOST_CHECK_THROW(dcp::detail::encode(odd.metadata), ckpt::Unsupported);
+  BOOST_TEST((dcp::detail::decode_metadata_part(dcp::detail::encode_metadata_part(odd))
+                  .metadata.state_dict_metadata == odd.metadata.state_dict_metadata));
   const dcp::MetadataRequest asked{
       {{"rows", std::vector<ChunkStorageMetadata>{{{3, 0}, {3, 4}}}}, {"full", std::nullopt}}};
   const auto asked_back = dcp::detail::decode_metadata_request(dcp::detail::encode(asked));

@@ -74,10 +74,13 @@ DistWrapper::DistWrapper(std::shared_ptr<dist::ProcessGroupHandle> group, bool u
         fmt::format("coordinator rank {} is not a rank of the group (world size {})", coordinator_, world_));
   call_ = group_->next_sequence("dcp");
   // Marks of two calls ago: every rank has finished the call after it, so
-  // nobody reads them any more.
+  // nobody reads them any more. (A call runs at most kMostSteps steps: a
+  // load's metadata, plan and read; a save's plan, a second plan when the
+  // coordinator's plan cache cannot serve, and write.)
+  constexpr int kMostSteps = 4;
   if (call_ >= 2) {
     try {
-      for (int step = 0; step < 2; ++step) {
+      for (int step = 0; step < kMostSteps; ++step) {
         group_->store->deleteKey(fmt::format("ckpt/dcp/{}/{}/done/{}", call_ - 2, step, rank_));
         if (rank_ == 0)
           for (const char* what : {"go", "decided"})

@@ -2,6 +2,17 @@
 // (DefaultSavePlanner's enable_plan_caching, as upstream's): the plans of the
 // last save that succeeded, so that an unchanged plan is neither sent nor
 // merged again.
+//
+// The messages of the plan step, when the coordinator caches:
+//   rank → coordinator: a plan (JSON: starts with '{'), or "=<id>": the plan
+//     it sent in the save whose global plan had the id <id>;
+//   coordinator → rank: "P<id>\n<plan>" (this rank's part of global plan
+//     <id>), "=<id>\n<plan without items>" (the part it had last time, with
+//     this save's storage and planner data), or "!": the coordinator cannot
+//     serve an "=<id>" (it holds no plans of that id: another group, a
+//     restarted coordinator, a save that failed for it alone), and every rank
+//     sends its plan again, in full.
+// A coordinator without a cache answers with plain plans.
 #pragma once
 
 #include <ckpt/dcp/metadata.hpp>
@@ -13,11 +24,9 @@
 
 namespace ckpt::dcp::detail {
 
-/// What a rank sends in place of a plan it sent before, and what starts the
-/// coordinator's answer to a rank whose part of the global plan it sent before
-/// (followed by a plan without items that carries the new storage and planner
-/// data). A plan itself is a JSON object, so it never starts with it.
 inline constexpr char kSamePlan = '=';
+inline constexpr char kFreshPlan = 'P';
+inline constexpr char kResend = '!';
 
 struct PlanCache {
   /// Set once a save has succeeded with what follows, for this coordinator
@@ -25,6 +34,9 @@ struct PlanCache {
   bool valid = false;
   std::int64_t coordinator = -1;
   std::int64_t world = 0;
+  /// The global plan's id, drawn at random by the coordinator each time it
+  /// plans afresh: an "=<id>" names what it stands for.
+  std::uint64_t id = 0;
   // On every rank.
   std::string local;  ///< the local plan it sent, encoded
   SavePlan central;   ///< its part of the global plan, without storage and planner data

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <limits>
 #include <map>
+#include <typeinfo>
 #include <utility>
 
 namespace ckpt::dcp {
@@ -383,6 +384,13 @@ void validate_chunks(const std::string& fqn, const TensorStorageMetadata& md) {
 namespace ckpt::dcp {
 
 std::optional<MetadataRequest> DefaultLoadPlanner::metadata_request(const DcpStateDict& state_dict) const {
+  // A subclass may read keys its state dict does not name (renaming them,
+  // say): it gets all of the metadata unless it asks for less itself.
+  if (typeid(*this) != typeid(DefaultLoadPlanner)) return std::nullopt;
+  return request_for(state_dict);
+}
+
+MetadataRequest DefaultLoadPlanner::request_for(const DcpStateDict& state_dict) {
   MetadataRequest request;
   request.keys.reserve(state_dict.size());
   for (const auto& [fqn, value] : state_dict) {
@@ -406,6 +414,13 @@ class ChunkIndex {
  public:
   explicit ChunkIndex(const TensorStorageMetadata& t) : t_(t) {
     const std::size_t dims = t.size.size();
+    order_.resize(t.chunks.size());
+    for (std::size_t i = 0; i < order_.size(); ++i) order_[i] = i;
+    // Chunks of another number of dims (metadata no reader checked): no
+    // index; every chunk is handed out, and the planner names the fault.
+    for (const auto& c : t.chunks)
+      if (c.offsets.size() != dims || c.sizes.size() != dims) return;
+    indexed_ = dims > 0;
     std::size_t most = 0;
     for (std::size_t d = 0; d < dims; ++d) {
       std::vector<std::int64_t> starts;
@@ -419,9 +434,7 @@ class ChunkIndex {
         dim_ = d;
       }
     }
-    order_.resize(t.chunks.size());
-    for (std::size_t i = 0; i < order_.size(); ++i) order_[i] = i;
-    if (dims == 0) return;
+    if (!indexed_) return;
     std::sort(order_.begin(), order_.end(), [&](std::size_t a, std::size_t b) {
       return t.chunks[a].offsets[dim_] < t.chunks[b].offsets[dim_];
     });
@@ -435,7 +448,7 @@ class ChunkIndex {
 
   /// Adds to `out` the positions of the saved chunks that overlap `box`.
   void overlapping(const ChunkStorageMetadata& box, std::vector<std::size_t>& out) const {
-    if (t_.size.empty()) {
+    if (!indexed_) {
       out.insert(out.end(), order_.begin(), order_.end());
       return;
     }
@@ -454,6 +467,7 @@ class ChunkIndex {
 
  private:
   const TensorStorageMetadata& t_;
+  bool indexed_ = false;
   std::size_t dim_ = 0;
   std::vector<std::size_t> order_;
   std::vector<std::int64_t> max_end_;

@@ -80,14 +80,22 @@ json::value to_json(const ReadItem& r) {
                       {"lengths", ints(r.lengths)}};
 }
 
-json::value to_json(const Metadata& md) {
+/// `wire`: for another rank of this build (a metadata part), the dtype as its
+/// number, so any dtype a checkpoint holds travels; else its torch name, for
+/// files, refusing the dtypes DCP does not save.
+json::value to_json(const Metadata& md, bool wire = false) {
   json::object keys;
   for (const auto& [fqn, sm] : md.state_dict_metadata) {
     if (const auto* t = std::get_if<TensorStorageMetadata>(&sm)) {
       json::array chunks;
       for (const auto& c : t->chunks) chunks.push_back(to_json(c));
+      json::value dtype;
+      if (wire)
+        dtype = static_cast<std::int64_t>(t->properties.dtype);
+      else
+        dtype = dtype_name(t->properties.dtype);
       keys[fqn] = json::object{{"type", "tensor"},
-                               {"dtype", dtype_name(t->properties.dtype)},
+                               {"dtype", std::move(dtype)},
                                {"requires_grad", t->properties.requires_grad},
                                {"size", ints(t->size)},
                                {"chunks", std::move(chunks)}};
@@ -177,7 +185,7 @@ ReadItem read_item_from(const json::value& v) {
   return r;
 }
 
-Metadata metadata_from(const json::value& v) {
+Metadata metadata_from(const json::value& v, bool wire = false) {
   Metadata md;
   for (const auto& [key, value] : obj(v)) {
     const auto& o = obj(value);
@@ -186,7 +194,16 @@ Metadata metadata_from(const json::value& v) {
       md.state_dict_metadata.emplace(std::string(key), BytesStorageMetadata{});
     } else if (type == "tensor") {
       TensorStorageMetadata t;
-      t.properties = {dtype_from(o.at("dtype").as_string()), o.at("requires_grad").as_bool()};
+      c10::ScalarType dtype{};
+      if (wire) {
+        const auto n = o.at("dtype").to_number<std::int64_t>();
+        if (n < 0 || n >= static_cast<std::int64_t>(c10::ScalarType::NumOptions))
+          throw Error(fmt::format("key '{}' has dtype number {}", std::string_view(key), n));
+        dtype = static_cast<c10::ScalarType>(n);
+      } else {
+        dtype = dtype_from(o.at("dtype").as_string());
+      }
+      t.properties = {dtype, o.at("requires_grad").as_bool()};
       t.size = ints_from(o.at("size"));
       for (const auto& c : o.at("chunks").as_array()) t.chunks.push_back(chunk_from(c));
       md.state_dict_metadata.emplace(std::string(key), std::move(t));
@@ -357,7 +374,7 @@ std::string encode_metadata_part(const CheckpointMetadata& metadata) {
     }
     paths[fqn] = std::move(parts);
   }
-  json::object root{{"keys", to_json(metadata.metadata)},
+  json::object root{{"keys", to_json(metadata.metadata, /*wire=*/true)},
                     {"planner_data", std::move(paths)},
                     {"version", metadata.metadata.version},
                     {"storage_data", std::move(storage)}};
@@ -370,7 +387,7 @@ std::string encode_metadata_part(const CheckpointMetadata& metadata) {
 CheckpointMetadata decode_metadata_part(std::string_view text) {
   return parse(text, "metadata part", [](const json::value& v) {
     CheckpointMetadata out;
-    out.metadata = metadata_from(v.at("keys"));
+    out.metadata = metadata_from(v.at("keys"), /*wire=*/true);
     for (const auto& [fqn, parts] : obj(v.at("planner_data"))) {
       ObjectPath path;
       for (const auto& part : parts.as_array()) {

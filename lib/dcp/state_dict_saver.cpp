@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include <cstdlib>
+#include <random>
 #include <tuple>
 
 namespace ckpt::dcp {
@@ -76,80 +77,104 @@ Metadata save_state_dict(const DcpStateDict& state_dict, StorageWriter& storage,
 
   try {
     Metadata global_metadata;
-    const std::string central = dist.reduce_scatter(
-        "plan",
-        [&] {
-          planner->set_up_planner(state_dict, dist.is_coordinator());
-          storage.set_up_storage_writer(dist.is_coordinator());
-          SavePlan local = planner->create_local_plan();
-          local = storage.prepare_local_plan(std::move(local));
-          if (!cache) return detail::encode(local);
-          next.local = detail::encode(local);
-          return cached && next.local == cache->local ? std::string(1, detail::kSamePlan) : next.local;
-        },
-        [&](std::vector<std::string> all) {
-          bool unchanged = cached;
-          std::vector<bool> same(all.size(), false);  // ranks that hold what they had last time
-          for (std::size_t r = 0; r < all.size(); ++r) {
-            if (all[r].empty() || all[r][0] != detail::kSamePlan) {
-              unchanged = false;
-              continue;
+    std::string local_text;  // this rank's local plan, encoded (made in the first plan step)
+    const auto plan_step = [&](bool use_cache) {
+      return dist.reduce_scatter(
+          use_cache ? "plan" : "plan (sent again in full)",
+          [&] {
+            if (local_text.empty()) {
+              planner->set_up_planner(state_dict, dist.is_coordinator());
+              storage.set_up_storage_writer(dist.is_coordinator());
+              SavePlan local = planner->create_local_plan();
+              local = storage.prepare_local_plan(std::move(local));
+              local_text = detail::encode(local);
             }
-            same[r] = true;
-            if (!cached || r >= cache->all.size())
-              throw Error(
-                  fmt::format("rank {} sent its plan as unchanged, but the coordinator holds none", r));
-            all[r] = cache->all[r];
-          }
-          std::vector<SavePlan> global_plans;
-          if (unchanged) {
-            // No rank's plan changed: the global plan and metadata are what
-            // merging and validating them gave last time.
-            global_plans = cache->global;
-            global_metadata = cache->metadata;
-          } else {
-            std::vector<SavePlan> plans;
-            plans.reserve(all.size());
-            for (const auto& text : all) plans.push_back(detail::decode_save_plan(text));
-            std::tie(global_plans, global_metadata) = planner->create_global_plan(std::move(plans));
-          }
-          if (cache) {
-            next.all = std::move(all);
-            next.global = global_plans;
-            next.metadata = global_metadata;
-          }
-          global_plans = storage.prepare_global_plan(std::move(global_plans));
-          std::vector<std::string> out;
-          out.reserve(global_plans.size());
-          for (std::size_t r = 0; r < global_plans.size(); ++r) {
-            const SavePlan& p = global_plans[r];
-            if (!cache) {
-              out.push_back(detail::encode(p));
-              continue;
+            next.local = local_text;
+            if (use_cache && cached && local_text == cache->local)
+              return detail::kSamePlan + std::to_string(cache->id);
+            return local_text;
+          },
+          [&](std::vector<std::string> all) {
+            bool unchanged = cache != nullptr;
+            std::vector<bool> same(all.size(), false);  // ranks that hold the plans of cache->id
+            for (std::size_t r = 0; r < all.size(); ++r) {
+              if (all[r].empty() || all[r][0] != detail::kSamePlan) {
+                unchanged = false;
+                continue;
+              }
+              if (!cached || r >= cache->all.size() || all[r].substr(1) != std::to_string(cache->id))
+                return std::vector<std::string>(all.size(), std::string(1, detail::kResend));
+              same[r] = true;
+              all[r] = cache->all[r];
             }
-            next.sent.push_back(bare(p));
-            if (same[r] && r < cache->sent.size() && same_items(p, cache->sent[r]))
-              out.push_back(detail::kSamePlan + detail::encode(SavePlan{{}, p.storage_data, p.planner_data}));
-            else
-              out.push_back(detail::encode(p));
-          }
-          return out;
-        });
+            std::vector<SavePlan> global_plans;
+            if (unchanged) {
+              // No rank's plan changed: the global plan and metadata are what
+              // merging and validating them gave last time.
+              global_plans = cache->global;
+              global_metadata = cache->metadata;
+              next.id = cache->id;
+            } else {
+              std::vector<SavePlan> plans;
+              plans.reserve(all.size());
+              for (const auto& text : all) plans.push_back(detail::decode_save_plan(text));
+              std::tie(global_plans, global_metadata) = planner->create_global_plan(std::move(plans));
+              if (cache) {
+                static thread_local std::mt19937_64 draw{std::random_device{}()};
+                next.id = draw();
+              }
+            }
+            if (cache) {
+              next.all = std::move(all);
+              next.global = global_plans;
+              next.metadata = global_metadata;
+            }
+            global_plans = storage.prepare_global_plan(std::move(global_plans));
+            std::vector<std::string> out;
+            out.reserve(global_plans.size());
+            const std::string id = std::to_string(next.id) + "\n";
+            for (std::size_t r = 0; r < global_plans.size(); ++r) {
+              const SavePlan& p = global_plans[r];
+              if (!cache) {
+                out.push_back(detail::encode(p));
+                continue;
+              }
+              next.sent.push_back(bare(p));
+              if (same[r] && r < cache->sent.size() && same_items(p, cache->sent[r]))
+                out.push_back(detail::kSamePlan + id +
+                              detail::encode(SavePlan{{}, p.storage_data, p.planner_data}));
+              else
+                out.push_back(detail::kFreshPlan + id + detail::encode(p));
+            }
+            return out;
+          });
+    };
+    std::string central = plan_step(true);
+    if (central == std::string(1, detail::kResend)) central = plan_step(false);
 
     dist.all_reduce(
         "write",
         [&] {
           SavePlan received;
-          if (!central.empty() && central[0] == detail::kSamePlan) {
-            // The part of the global plan this rank had last time, with this
-            // save's storage and planner data.
+          std::string_view text = central;
+          const char kind = text.empty() ? '{' : text[0];
+          if (kind == detail::kSamePlan || kind == detail::kFreshPlan) {
+            const auto end = text.find('\n');
+            if (end == std::string_view::npos) throw Error("malformed plan from the coordinator");
+            next.id = std::stoull(std::string(text.substr(1, end - 1)));
+            text = text.substr(end + 1);
+          }
+          if (kind == detail::kSamePlan) {
+            // The part of the global plan this rank had last time (the
+            // coordinator sends this only to a rank that said it holds it),
+            // with this save's storage and planner data.
             if (!cached) throw Error("the coordinator sent this rank's plan as unchanged, but it holds none");
-            const SavePlan fresh = detail::decode_save_plan(std::string_view(central).substr(1));
+            const SavePlan fresh = detail::decode_save_plan(text);
             received = cache->central;
             received.storage_data = fresh.storage_data;
             received.planner_data = fresh.planner_data;
           } else {
-            received = detail::decode_save_plan(central);
+            received = detail::decode_save_plan(text);
           }
           if (cache) next.central = bare(received);
           SavePlan plan = planner->finish_plan(std::move(received));

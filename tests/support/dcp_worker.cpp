@@ -851,10 +851,13 @@ void hf_load(Rank& r) {
 }
 
 // plan_cache: every rank saves into DIR/cached with its own caching planner
-// (enable_plan_caching): three saves of one layout with new values, then one
-// where rank 2 holds a key more. After each save every rank loads it back and
-// checks the values of that save; rank 0 reports how many global plans it
-// made: 2 (the first save, and the one whose layout changed).
+// (enable_plan_caching): two saves of one layout with new values, one where
+// rank 2 holds a key more, then two more of that layout after rank 0 (the
+// coordinator) took a fresh planner, as a restarted coordinator would. After
+// each save every rank loads it back and checks the values of that save;
+// rank 0 reports how many global plans each of its planners made: 2 (the
+// first save, and the one whose layout changed) and 1 (the first save after
+// its restart, for which the others send their plans again).
 void plan_cache(Rank& r) {
   struct Counting : ckpt::dcp::DefaultSavePlanner {
     Counting() : DefaultSavePlanner(true, true) {}
@@ -866,6 +869,8 @@ void plan_cache(Rank& r) {
     }
   };
   Counting planner;
+  Counting restarted;  // rank 0's planner from the fourth save on: a coordinator without the cache
+  Counting* active = &planner;
   const auto path = r.dir() / "cached";
   const auto state = [&](double v, bool more) {
     DcpStateDict sd{{"rows", ShardedTensor::full(spec_over(r.world(), 0), {8, 3}, r.rank(), v)},
@@ -875,7 +880,7 @@ void plan_cache(Rank& r) {
   };
   const auto round = [&](const std::string& label, double v, bool more) {
     ckpt::dcp::FileSystemWriter writer(path);
-    r.expect(label, outcome_of([&] { ckpt::dcp::save_state_dict(state(v, more), writer, &planner); }), "ok");
+    r.expect(label, outcome_of([&] { ckpt::dcp::save_state_dict(state(v, more), writer, active); }), "ok");
     DcpStateDict sd = state(0, more);
     ckpt::dcp::FileSystemReader reader(path);
     r.expect(label + "/load", outcome_of([&] { ckpt::dcp::load_state_dict(sd, reader); }), "ok");
@@ -890,9 +895,16 @@ void plan_cache(Rank& r) {
   };
   round("save1", 1, false);
   round("save2", 2, false);
-  round("save3", 3, false);
+  round("save3", 3, true);
+  // The coordinator restarts with an empty cache while the others keep
+  // theirs: it asks them for their plans in full, once.
+  if (r.rank() == 0) active = &restarted;
   round("save4", 4, true);
-  if (r.rank() == 0) r.report("global_plans_made", std::to_string(planner.merges), planner.merges == 2);
+  round("save5", 5, true);
+  if (r.rank() == 0) {
+    r.report("global_plans_made", std::to_string(planner.merges), planner.merges == 2);
+    r.report("global_plans_made_after_restart", std::to_string(restarted.merges), restarted.merges == 1);
+  }
   r.leave(r.world());
 }
 

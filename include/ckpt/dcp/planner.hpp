@@ -231,9 +231,13 @@ class DefaultLoadPlanner : public LoadPlanner {
   /// are left as they are (else MissingKeys names them). Keys the checkpoint
   /// has and the state dict lacks are never read.
   explicit DefaultLoadPlanner(bool allow_partial_load = false) : allow_partial_(allow_partial_load) {}
-  /// Each key of `state_dict`: a tensor or a value whole, a sharded tensor's
-  /// local shards. A subclass that reads other keys returns nullopt.
+  /// request_for(state_dict); for a subclass, nullopt (all of the metadata:
+  /// a subclass may read keys its state dict does not name). A subclass that
+  /// reads only its state dict's keys overrides this to return request_for.
   std::optional<MetadataRequest> metadata_request(const DcpStateDict& state_dict) const override;
+  /// Each key of `state_dict`: a tensor or a value whole, a sharded tensor's
+  /// local shards.
+  static MetadataRequest request_for(const DcpStateDict& state_dict);
   void set_up_planner(DcpStateDict& state_dict, const Metadata& metadata, bool is_coordinator) override;
   LoadPlan create_local_plan() override;
   std::vector<LoadPlan> create_global_plan(std::vector<LoadPlan> plans) override;

@@ -7,10 +7,17 @@
 //         plans, makes the global plan (create_global_plan,
 //         prepare_global_plan) and scatters each rank its part ("plan"); each
 //         rank writes (finish_plan, write_data); the coordinator gathers the
-//         results and runs finish, the commit point ("write").
-//   load: each rank reads the metadata and plans; the coordinator runs
-//         create_global_plan and prepare_global_plan and scatters ("plan");
-//         each rank reads its items ("read").
+//         results and runs finish, the commit point ("write"). With plan
+//         caching (DefaultSavePlanner's enable_plan_caching), unchanged plans
+//         travel as markers and the coordinator reuses its global plan.
+//   load: where the storage reader shares its metadata (FileSystemReader,
+//         HuggingFaceStorageReader) and there are other ranks, each rank
+//         sends what it loads, the coordinator alone reads the metadata and
+//         sends each rank its part ("metadata"; a missing or damaged
+//         checkpoint then fails there, naming the coordinator); else every
+//         rank reads the metadata itself. Each rank plans from it; the
+//         coordinator runs create_global_plan and prepare_global_plan and
+//         scatters ("plan"); each rank reads its items ("read").
 // Plans, results and errors travel as serialized bytes through Gloo
 // collectives. A failure anywhere (any phase, any rank, the coordinator's own
 // steps included) makes every rank raise the same CheckpointException, which
