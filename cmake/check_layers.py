@@ -13,6 +13,7 @@ The layers, bottom up (docs/architecture.md explains them):
   checkpoint  writer, reader, sync checkpointer, commit marker, manager
   async       stager, arena, device copies, the writer child and its protocol
   dcp         planners, storage layers, save/load over a process group
+  dcp_async   the asynchronous DCP save (AsyncSaver): dcp over the stager and the child
 
 A layer's files are lib/<layer>/* and the public headers assigned to it below.
 """
@@ -29,6 +30,7 @@ LAYERS = {
     "checkpoint": ["core", "format", "dist"],
     "async": ["core", "format", "dist", "checkpoint"],
     "dcp": ["core", "format", "dist"],
+    "dcp_async": ["core", "format", "dist", "checkpoint", "async", "dcp"],
 }
 
 # Every public header belongs to one layer (include paths are API, so the
@@ -60,6 +62,7 @@ PUBLIC = {
     "dcp/hf_storage.hpp": "dcp",
     "dcp/convert.hpp": "dcp",
     "dcp/state_dict_saver.hpp": "dcp",
+    "dcp/async_saver.hpp": "dcp_async",
 }
 UMBRELLA = "ckpt.hpp"
 

@@ -22,6 +22,7 @@
 #include <ckpt/format.hpp>
 #include <ckpt/staging.hpp>
 
+#include "support/dir_watch.hpp"
 #include "support/io_threads.hpp"
 #include "support/test_support.hpp"
 
@@ -75,11 +76,13 @@ using ckpt::test::identical;
 using ckpt::test::TempDir;
 
 using ckpt::test::child_processes;
+using ckpt::test::DirWatch;
 using ckpt::test::IoThreads;
 using ckpt::test::kWaitBound;
 using ckpt::test::mentions;
 using ckpt::test::process_gone;
 using ckpt::test::wait_get;
+
 namespace {
 
 const ckpt::RankInfo kRank{0, 1};
@@ -254,49 +257,6 @@ std::uint64_t rss_bytes(const std::string& pid = "self") {
   BOOST_FAIL("no VmRSS in /proc/" << pid << "/status");
   return 0;
 }
-
-/// Watches a directory for created files (inotify): how the test knows the
-/// child has begun writing, without sleeping or polling.
-class DirWatch {
- public:
-  explicit DirWatch(const fs::path& dir) : fd_(::inotify_init1(IN_CLOEXEC | IN_NONBLOCK)) {
-    BOOST_REQUIRE_MESSAGE(fd_ >= 0, "inotify_init1: " << std::strerror(errno));
-    BOOST_REQUIRE_MESSAGE(::inotify_add_watch(fd_, dir.c_str(), IN_CREATE) >= 0,
-                          "inotify_add_watch " << dir << ": " << std::strerror(errno));
-  }
-  ~DirWatch() { ::close(fd_); }
-  DirWatch(const DirWatch&) = delete;
-  DirWatch& operator=(const DirWatch&) = delete;
-
-  /// Waits until a file whose name starts with `prefix` is created there;
-  /// returns its name, or nothing past `bound`.
-  std::string wait_created(std::string_view prefix, std::chrono::milliseconds bound) {
-    const auto deadline = std::chrono::steady_clock::now() + bound;
-    alignas(inotify_event) char buf[16384];
-    for (;;) {
-      const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) return {};
-      pollfd p{fd_, POLLIN, 0};
-      const int ready = ::poll(&p, 1, static_cast<int>(left.count()));
-      if (ready < 0 && errno == EINTR) continue;
-      if (ready <= 0) return {};
-      const ssize_t n = ::read(fd_, buf, sizeof buf);
-      if (n <= 0) continue;
-      for (ssize_t at = 0; at < n;) {
-        const auto* ev = reinterpret_cast<const inotify_event*>(buf + at);
-        if (ev->len > 0) {
-          const std::string name(ev->name);
-          if (name.rfind(prefix, 0) == 0) return name;
-        }
-        at += static_cast<ssize_t>(sizeof(inotify_event) + ev->len);
-      }
-    }
-  }
-
- private:
-  int fd_;
-};
 
 std::uint64_t round_to_page(std::uint64_t n) {
   return (n + 4095) / 4096 * 4096;

@@ -672,3 +672,83 @@ BOOST_AUTO_TEST_CASE(allow_partial_load_leaves_the_keys_the_checkpoint_lacks_unt
 }
 
 BOOST_AUTO_TEST_SUITE_END()
+
+// =====================================================================================
+// The same through dcp::AsyncSaver (every save staged, then written on the
+// saver's thread and its own group; its outcome that of the written future):
+// upstream's save fault tables, dead and hung ranks, and a writer child killed
+// in the middle of a data file.
+BOOST_AUTO_TEST_SUITE(async_saver)
+
+const SharedRun& async_faults_run() {
+  static std::unique_ptr<SharedRun> shared;
+  if (!shared) {
+    shared = std::make_unique<SharedRun>();
+    shared->run = launch(kRanks, "async_faults", shared->dir.path(), 240);
+  }
+  check_every_rank_as_expected(shared->run, kRanks);
+  return *shared;
+}
+
+BOOST_AUTO_TEST_CASE(test_save_error_handling_through_async_save) {
+  const auto& shared = async_faults_run();
+  check_table(shared.run, shared.dir.path(), "test_save_error_handling", kSaveCases, all_ranks(), true);
+  BOOST_TEST_CONTEXT("rank 0 of 4, no_dist") {
+    check_table(shared.run, shared.dir.path(), "test_save_error_handling_no_dist", kSaveNoDistCases, {0},
+                true);
+  }
+  for (int r = 0; r < kRanks; ++r) BOOST_CHECK_EQUAL(shared.run.at(r, "test_dummy_writer_works"), "ok");
+}
+
+BOOST_AUTO_TEST_CASE(test_save_error_handling_no_dist_through_async_save) {
+  TempDir dir;
+  const auto run = run_alone("async_faults_alone", dir.path());
+  check_every_rank_as_expected(run, 1);
+  check_table(run, dir.path(), "test_save_error_handling_no_dist", kSaveNoDistCases, {0}, true);
+}
+
+BOOST_AUTO_TEST_CASE(a_rank_that_dies_in_write_data_is_named_through_async_save) {
+  check_missing_rank("async_rank_dies_in_write_data", 3, "write_data", true, false, 1);
+}
+
+BOOST_AUTO_TEST_CASE(a_coordinator_that_dies_in_finish_is_named_through_async_save) {
+  check_missing_rank("async_coordinator_dies_in_finish", 1, "finish", true, false);
+}
+
+BOOST_AUTO_TEST_CASE(a_rank_that_hangs_in_set_up_storage_writer_is_named_through_async_save) {
+  check_missing_rank("async_rank_hangs_in_set_up_storage_writer", 2, "set_up_storage_writer", false, false);
+}
+
+BOOST_AUTO_TEST_CASE(a_coordinator_that_hangs_in_prepare_local_plan_is_named_through_async_save) {
+  check_missing_rank("async_coordinator_hangs_in_prepare_local_plan", 1, "prepare_local_plan", false, false);
+}
+
+// Rank 2's writer child is held in its first write of the data file and
+// killed there: every rank raises the same CheckpointException naming rank 2
+// alone, nothing is committed, and the next save commits.
+BOOST_AUTO_TEST_CASE(a_writer_child_killed_mid_write_fails_the_save_on_every_rank) {
+  TempDir dir;
+  const auto run = launch(kRanks, "async_child_killed", dir.path(), 120);
+  check_every_rank_as_expected(run, kRanks);
+  std::string first;
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      BOOST_CHECK_EQUAL(run.at(r, "first_save"), "ok");
+      const auto outcome = run.at(r, "killed_save");
+      BOOST_CHECK_MESSAGE(starts_with(outcome,
+                                      "CheckpointException ranks=[2] failures={2:WriterProcessError="
+                                      "Child process terminated unexpectedly (killed by signal 9"),
+                          outcome);
+      if (r == 0) first = outcome;
+      BOOST_CHECK_EQUAL(outcome, first);  // the same exception everywhere
+      BOOST_CHECK_EQUAL(run.at(r, "killed_save/committed"), "no");
+      BOOST_CHECK_EQUAL(run.at(r, "next_save"), "ok");
+      BOOST_CHECK_EQUAL(run.at(r, "next_save/values"), "as-saved");
+    }
+  }
+  BOOST_CHECK_EQUAL(run.at(2, "held"), "yes");
+  BOOST_CHECK_EQUAL(run.at(2, "killed"), "yes");
+  BOOST_CHECK(fs::exists(dir / "second" / ckpt::dcp::kMetadataFileName));
+}
+
+BOOST_AUTO_TEST_SUITE_END()

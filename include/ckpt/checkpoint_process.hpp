@@ -40,6 +40,21 @@ struct WriterOptions {
 /// The executable WriterOptions{}.executable resolves to.
 std::filesystem::path default_writer_executable();
 
+/// A DCP data file staged in an arena (dcp::AsyncSaver): archives one after
+/// another, each a torch.save archive laid out as staging lays out a file
+/// (local headers with CRC fields zero, then data) or bytes written as they
+/// are. The file gets them in this order, each on the next 4096-byte boundary.
+struct StagedArchives {
+  struct Archive {
+    std::uint64_t offset = 0;         ///< where it starts in the arena (a multiple of 4096)
+    std::uint64_t cd_offset = 0;      ///< a zip archive's directory offset, from its start
+    std::vector<RecordInfo> records;  ///< a zip archive's records, offsets from its start
+    std::uint64_t raw_size = 0;       ///< with no records: bytes written as they are
+  };
+  std::shared_ptr<detail::Arena> arena;
+  std::vector<Archive> archives;
+};
+
 /// Upstream's CheckpointProcess: owns the writer child.
 class CheckpointProcess {
  public:
@@ -88,6 +103,21 @@ class CheckpointProcess {
         token, std::move(staged), std::move(path), std::move(kwargs));
   }
 
+  /// Has the child write `staged` into `file` durably (a temporary file,
+  /// fsynced, renamed over `file`, the directory fsynced; `options` say
+  /// whether with O_DIRECT and fsync), with no hooks and no barrier: a DCP
+  /// data file, whose commit is someone else's. Completes as async_write does,
+  /// with its errors; a dead child leaves no temporary. One write at a time.
+  template <boost::asio::completion_token_for<Signature> Token>
+  auto async_write_archives(StagedArchives staged, std::filesystem::path file, WriteOptions options,
+                            Token&& token) {
+    return boost::asio::async_initiate<Token, Signature>(
+        [this](auto handler, StagedArchives s, std::filesystem::path f, WriteOptions o) {
+          do_write_archives(std::move(s), std::move(f), o,
+                            boost::asio::any_completion_handler<Signature>(std::move(handler)));
+        },
+        token, std::move(staged), std::move(file), options);
+  }
   /// Tells the child to exit, waits up to the shutdown timeout, then kills it;
   /// reaps it. Idempotent; a write in progress fails. Blocking: the shutdown
   /// runs on the process's strand (the child's exit awaited through a pidfd);
@@ -105,6 +135,8 @@ class CheckpointProcess {
   explicit CheckpointProcess(executor_type executor);
   virtual void do_write(StagedCheckpoint staged, std::filesystem::path path, Kwargs kwargs,
                         boost::asio::any_completion_handler<Signature> handler);
+  virtual void do_write_archives(StagedArchives staged, std::filesystem::path file, WriteOptions options,
+                                 boost::asio::any_completion_handler<Signature> handler);
 
  private:
   void do_wait_ready(boost::asio::any_completion_handler<Signature> handler);

@@ -9,6 +9,7 @@
 #include <ckpt/checkpoint_writer.hpp>
 #include <ckpt/checkpointer.hpp>
 #include <ckpt/commit.hpp>
+#include <ckpt/dcp/async_saver.hpp>
 #include <ckpt/dcp/convert.hpp>
 #include <ckpt/dcp/hf_storage.hpp>
 #include <ckpt/dcp/metadata.hpp>

@@ -19,6 +19,7 @@
 
 #include "async/blocking.hpp"
 #include "async/event.hpp"
+#include "async/save_futures.hpp"
 
 #include <fmt/format.h>
 
@@ -195,23 +196,9 @@ void AsyncCheckpointer::do_save(std::filesystem::path path, StateDict state_dict
 
 SaveFutures AsyncCheckpointer::save(const std::filesystem::path& path, const StateDict& state_dict,
                                     const Kwargs& kwargs) {
-  auto staged = std::make_shared<std::promise<void>>();
-  auto written = std::make_shared<std::promise<void>>();
-  SaveFutures futures{staged->get_future(), written->get_future()};
-  async_save(path, state_dict, kwargs, [staged, written](std::exception_ptr e, PendingWrite w) {
-    if (e) {
-      staged->set_exception(e);
-      written->set_exception(e);
-      return;
-    }
-    staged->set_value();
-    w.async_wait([written](std::exception_ptr we) {
-      if (we)
-        written->set_exception(we);
-      else
-        written->set_value();
-    });
-  });
+  detail::SaveFuturesHandler<PendingWrite> handler;
+  SaveFutures futures = handler.futures();
+  async_save(path, state_dict, kwargs, handler);
   return futures;
 }
 

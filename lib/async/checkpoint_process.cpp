@@ -25,6 +25,14 @@
 //      tcp_store barrier, rank 0's parent hosts the barrier's store (it
 //      outlives the child) and every child only connects. One write at a time. Errors come back
 //      typed; a CheckpointException with its rank → error map.
+//   4b. write_archives: {file, arena_size, direct, fsync, archives[{offset,
+//      cd_offset, records} or {offset, raw_size}]}, with the arena's memfd
+//      attached: a DCP data file (dcp::AsyncSaver). The child checks that every
+//      archive lies within the arena, aligned, and is placed as staging places
+//      it, then writes them one after another at 4096-byte boundaries (CRCs
+//      computed and patched, central directories appended), durably: a
+//      temporary file, fsync, rename, directory fsync. No hooks, no barrier:
+//      the DCP commit is the coordinator's `.metadata`.
 //   5. exit: the child answers and exits; after subprocess_shutdown_timeout it
 //      is killed. The parent always reaps it.
 // A child that dies shows as the end of the stream: the pending request fails
@@ -408,6 +416,26 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     }
   }
 
+  /// The one write in progress: `writing` while it lives.
+  struct WriteSlot {
+    bool& writing;
+    ~WriteSlot() { writing = false; }
+  };
+  /// Takes the one write slot for a write to `target`; throws when the child
+  /// is closed or a write is in progress.
+  WriteSlot claim_write(const std::filesystem::path& target) {
+    if (closed)
+      throw WriterProcessError(fmt::format("cannot write {}: the writer process is closed", target.string()));
+    if (writing) throw WriterProcessError("one write at a time: the previous write has not completed");
+    writing = true;
+    return WriteSlot{writing};
+  }
+  /// A running child: a dead one is replaced (steps 1–3); its start's error.
+  asio::awaitable<void> ensure_child() {
+    if (pid <= 0) co_await start();
+    if (auto e = ready->error()) std::rethrow_exception(e);
+  }
+
   /// Step 4 (and 1–3 first when there is no child).
   asio::awaitable<void> write(StagedCheckpoint staged, std::filesystem::path path, Kwargs kwargs) {
     // Every write asked for takes a barrier round, whatever becomes of it: the
@@ -415,17 +443,8 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     const std::int64_t sequence = writes_asked++;
     const std::string round =
         CheckpointWriter::round_name(path, rounds_asked[path.lexically_normal().string()]++);
-    if (closed)
-      throw WriterProcessError(fmt::format("cannot write {}: the writer process is closed", path.string()));
-    if (writing) throw WriterProcessError("one write at a time: the previous write has not completed");
-    writing = true;
-    struct Done {
-      bool& w;
-      ~Done() { w = false; }
-    } done{writing};
-
-    if (pid <= 0) co_await start();  // a dead child is replaced
-    if (auto e = ready->error()) std::rethrow_exception(e);
+    const WriteSlot slot = claim_write(path);
+    co_await ensure_child();
     if (!staged.arena) throw WriterProcessError("the staged checkpoint has no arena for the writer process");
 
     json::object request{{"v", detail::protocol::kVersion}, {"type", "write_checkpoint"}};
@@ -436,11 +455,46 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     request["kwargs"] = detail::protocol::kwargs_to_json(kwargs);
     request["sequence"] = sequence;
     request["round"] = round;
+    co_await run_write(request, staged.arena->fd(), path, path / checkpoint_file_name(rank_info.global_rank));
+  }
 
+  /// Step 4b: a DCP data file from archives staged in the arena.
+  asio::awaitable<void> write_archives(StagedArchives staged, std::filesystem::path file,
+                                       WriteOptions options) {
+    const WriteSlot slot = claim_write(file);
+    co_await ensure_child();
+    if (!staged.arena) throw WriterProcessError("the staged archives have no arena for the writer process");
+
+    json::object request{{"v", detail::protocol::kVersion}, {"type", "write_archives"}};
+    request["file"] = file.string();
+    request["arena_size"] = staged.arena->size();
+    request["direct"] = options.direct_io;
+    request["fsync"] = options.fsync;
+    json::array archives;
+    archives.reserve(staged.archives.size());
+    for (const auto& a : staged.archives) {
+      json::object o{{"offset", a.offset}};
+      if (a.records.empty()) {
+        o["raw_size"] = a.raw_size;
+      } else {
+        o["cd_offset"] = a.cd_offset;
+        o["records"] = detail::protocol::records_to_json(a.records);
+      }
+      archives.push_back(std::move(o));
+    }
+    request["archives"] = std::move(archives);
+    co_await run_write(request, staged.arena->fd(), file, file);
+  }
+
+  /// Sends a write request with the arena and awaits its answer (at most the
+  /// write timeout). `target`: what the errors name; `file`: the file whose
+  /// temporaries a dead or killed child leaves.
+  asio::awaitable<void> run_write(const json::object& request, int arena_fd,
+                                  const std::filesystem::path& target, const std::filesystem::path& file) {
     std::optional<json::object> reply;
     bool stream_ended = false;
     try {
-      reply = co_await exchange(request, staged.arena->fd(), config.write_timeout);
+      reply = co_await exchange(request, arena_fd, config.write_timeout);
     } catch (const boost::system::system_error&) {
       stream_ended = true;  // the child died
     } catch (const WriterProcessError&) {
@@ -448,17 +502,16 @@ struct CheckpointProcess::Impl : std::enable_shared_from_this<Impl> {
     }
     if (stream_ended) {
       const std::string how = co_await reap_after_eof();
-      const auto file = path / checkpoint_file_name(rank_info.global_rank);
       remove_temporaries(file);
       throw WriterProcessError(
           fmt::format("Child process terminated unexpectedly ({}) while writing {}", how, file.string()));
     }
     if (!reply) {
       const std::string how = kill_and_reap();
-      remove_temporaries(path / checkpoint_file_name(rank_info.global_rank));
+      remove_temporaries(file);
       throw Timeout(
           fmt::format("Timed out after {} ms waiting for the writer process to write {}; it was killed ({})",
-                      config.write_timeout.count(), path.string(), how));
+                      config.write_timeout.count(), target.string(), how));
     }
     detail::protocol::throw_if_error(*reply);
   }
@@ -567,6 +620,21 @@ void CheckpointProcess::do_write(StagedCheckpoint staged, std::filesystem::path 
         // The first write waits for the start begun by the constructor.
         if (!ready->done()) co_await ready->async_wait(asio::use_awaitable);
         co_await impl->write(std::move(staged), std::move(path), std::move(kwargs));
+      },
+      std::move(handler));
+}
+
+void CheckpointProcess::do_write_archives(StagedArchives staged, std::filesystem::path file,
+                                          WriteOptions options,
+                                          asio::any_completion_handler<Signature> handler) {
+  auto impl = impl_;
+  auto ready = ready_;
+  asio::co_spawn(
+      impl->strand,
+      [impl, ready, staged = std::move(staged), file = std::move(file),
+       options]() mutable -> asio::awaitable<void> {
+        if (!ready->done()) co_await ready->async_wait(asio::use_awaitable);
+        co_await impl->write_archives(std::move(staged), std::move(file), options);
       },
       std::move(handler));
 }

@@ -6,6 +6,7 @@
 #include "async/arena.hpp"
 #include "async/protocol.hpp"
 #include "format/file_writer.hpp"
+#include "format/zip.hpp"
 #include "format/zip_image.hpp"
 
 #include <fmt/format.h>
@@ -182,6 +183,47 @@ int writer_main(int argc, char** argv, const WriterMainOptions& options) {
               });
             },
             detail::protocol::kwargs_from_json(message->at("kwargs")));
+        reply = detail::protocol::ok();
+      } else if (type == "write_archives") {
+        // A DCP data file: archives staged one after another in the arena,
+        // each a zip image (CRC fields zero) or raw bytes, written into one
+        // file at kAlign boundaries, durably (write_image_archives).
+        if (passed_fd < 0) throw WriterProcessError("write_archives without the staging arena");
+        const std::uint64_t arena_size = u64(*message, "arena_size");
+        std::vector<detail::ImageArchive> archives;
+        for (const auto& v : message->at("archives").as_array()) {
+          const auto& a = v.as_object();
+          detail::ImageArchive archive;
+          archive.image_offset = u64(a, "offset");
+          std::uint64_t span = 0;
+          if (const auto* records = a.if_contains("records")) {
+            try {
+              archive.zip.emplace(detail::protocol::records_from_json(*records), u64(a, "cd_offset"));
+            } catch (const WriterProcessError&) {
+              throw;
+            } catch (const Error& e) {
+              throw WriterProcessError(fmt::format("write_archives carried a bad archive: {}", e.what()));
+            }
+            span = archive.zip->cd_offset();
+          } else {
+            archive.raw_size = u64(a, "raw_size");
+            span = archive.raw_size;
+          }
+          if (archive.image_offset % detail::kAlign != 0 || archive.image_offset > arena_size ||
+              span > arena_size - archive.image_offset)
+            throw WriterProcessError(
+                fmt::format("write_archives: an archive of {} bytes at {} is not within "
+                            "the arena's {} bytes, or not aligned",
+                            span, archive.image_offset, arena_size));
+          archives.push_back(std::move(archive));
+        }
+        std::byte* image = arena.map(passed_fd, arena_size);
+        const WriteOptions write_options{.direct_io = message->at("direct").as_bool(),
+                                         .fsync = message->at("fsync").as_bool()};
+        detail::write_durably(std::filesystem::path(std::string(message->at("file").as_string())),
+                              write_options, [&](int fd, bool direct, const std::filesystem::path& temp) {
+                                return detail::write_image_archives(fd, direct, temp, image, archives);
+                              });
         reply = detail::protocol::ok();
       } else if (type == "exit") {
         if (writer) writer->close();

@@ -591,6 +591,37 @@ std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std
   });
   return extents;
 }
+std::vector<ArchiveExtent> place_archives(const std::vector<std::uint64_t>& sizes) {
+  std::vector<ArchiveExtent> extents;
+  extents.reserve(sizes.size());
+  std::uint64_t at = 0;
+  for (const std::uint64_t size : sizes) {
+    const std::uint64_t base = align_up(at, kAlign);
+    extents.push_back({base, size});
+    at = base + size;
+  }
+  return extents;
+}
+
+std::uint64_t write_image_archives(int fd, bool direct, const std::filesystem::path& path, std::byte* image,
+                                   std::vector<ImageArchive>& archives) {
+  std::vector<std::uint64_t> sizes;
+  sizes.reserve(archives.size());
+  for (const auto& a : archives) sizes.push_back(a.file_size());
+  const auto extents = place_archives(sizes);
+  std::uint64_t end = 0;
+  for (std::size_t i = 0; i < archives.size(); ++i) {
+    auto& a = archives[i];
+    if (a.zip)
+      a.zip->write(fd, direct, path, image + a.image_offset, extents[i].offset);
+    else if (a.raw_size > 0)
+      write_maybe_direct(fd, image + a.image_offset, static_cast<std::size_t>(a.raw_size), extents[i].offset,
+                         path);
+    end = extents[i].offset + extents[i].length;
+  }
+  return end;
+}
+
 }  // namespace detail
 
 void write_file(const std::filesystem::path& file, const c10::IValue& value, const WriteOptions& options) {

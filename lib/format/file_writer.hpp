@@ -6,11 +6,13 @@
 #include <ckpt/format.hpp>
 
 #include "format/plan_layout.hpp"
+#include "format/zip_image.hpp"
 
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -73,5 +75,28 @@ struct Archive {
 std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std::size_t count,
                                           const std::function<Archive(std::size_t)>& make,
                                           const WriteOptions& options);
+
+/// One archive of a file of several, already staged in an image (the DCP
+/// saver's arena): at `image_offset` (a multiple of kAlign), a zip archive
+/// (`zip`: local headers with CRC fields zero, then data, as staging lays it
+/// out) or, where `zip` is empty, `raw_size` bytes written as they are.
+struct ImageArchive {
+  std::uint64_t image_offset = 0;
+  std::optional<ZipImage> zip;
+  std::uint64_t raw_size = 0;
+  /// Its size in the file (with the central directory a zip archive gets).
+  std::uint64_t file_size() const { return zip ? zip->file_size() : raw_size; }
+};
+
+/// Where archives of `sizes` bytes lie in a file write_archives makes of
+/// them: each on the next kAlign boundary.
+std::vector<ArchiveExtent> place_archives(const std::vector<std::uint64_t>& sizes);
+
+/// Writes `archives` from `image` into `fd` at the places place_archives
+/// gives (zeros between): the zip archives' CRCs computed, set in their
+/// ZipImage and patched into the image, their central directories appended.
+/// Returns the file's size. (The body of a write_durably.)
+std::uint64_t write_image_archives(int fd, bool direct, const std::filesystem::path& path, std::byte* image,
+                                   std::vector<ImageArchive>& archives);
 
 }  // namespace ckpt::detail

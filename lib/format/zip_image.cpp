@@ -179,19 +179,27 @@ std::uint64_t ZipImage::file_size() const {
   return cd_offset_ + central_directory().size();
 }
 
-std::uint64_t ZipImage::write(int fd, bool direct, const std::filesystem::path& path, std::byte* image) {
+std::uint64_t ZipImage::write(int fd, bool direct, const std::filesystem::path& path, std::byte* image,
+                              std::uint64_t file_base) {
   // CRCs on a second thread while the bodies (the whole 4096-byte blocks of
-  // record data that share no block with a header) go to disk from the image.
+  // record data that share no block with a header) go to disk from the image;
+  // on this thread for a small archive, where starting a thread costs more.
   std::vector<std::uint32_t> crcs(records_.size());
   std::exception_ptr crc_error;
-  std::thread crc_thread([&] {
+  const auto compute_crcs = [&] {
     try {
       for (std::size_t i = 0; i < records_.size(); ++i)
         crcs[i] = crc32_of(image + records_[i].data_offset, records_[i].size);
     } catch (...) {
       crc_error = std::current_exception();
     }
-  });
+  };
+  constexpr std::uint64_t kCrcThreadFrom = std::uint64_t{1} << 20;
+  std::thread crc_thread;
+  if (cd_offset_ >= kCrcThreadFrom)
+    crc_thread = std::thread(compute_crcs);
+  else
+    compute_crcs();
   struct Join {
     std::thread& t;
     ~Join() {
@@ -206,11 +214,11 @@ std::uint64_t ZipImage::write(int fd, bool direct, const std::filesystem::path& 
     const std::uint64_t body_end = (r.data_offset + r.size) / kAlign * kAlign;
     if (body_end > body_start) {
       seams.emplace_back(seam_start, body_start);
-      write_maybe_direct(fd, image + body_start, body_end - body_start, body_start, path);
+      write_maybe_direct(fd, image + body_start, body_end - body_start, file_base + body_start, path);
       seam_start = body_end;
     }
   }
-  crc_thread.join();
+  if (crc_thread.joinable()) crc_thread.join();
   if (crc_error) std::rethrow_exception(crc_error);
 
   for (std::size_t i = 0; i < records_.size(); ++i) {
@@ -219,7 +227,7 @@ std::uint64_t ZipImage::write(int fd, bool direct, const std::filesystem::path& 
     std::memcpy(image + crc_field_offset(i), field.data(), field.size());
   }
   for (const auto& [from, to] : seams)
-    if (to > from) write_maybe_direct(fd, image + from, to - from, from, path);
+    if (to > from) write_maybe_direct(fd, image + from, to - from, file_base + from, path);
 
   // The tail: what is left of the last record, then the central directory, in
   // one aligned buffer.
@@ -232,7 +240,8 @@ std::uint64_t ZipImage::write(int fd, bool direct, const std::filesystem::path& 
   std::memcpy(tail.get(), image + seam_start, cd_offset_ - seam_start);
   std::memcpy(tail.get() + (cd_offset_ - seam_start), cd.data(), cd.size());
   std::memset(tail.get() + tail_len, 0, padded - tail_len);
-  write_maybe_direct(fd, tail.get(), direct ? padded : static_cast<std::size_t>(tail_len), seam_start, path);
+  write_maybe_direct(fd, tail.get(), direct ? padded : static_cast<std::size_t>(tail_len),
+                     file_base + seam_start, path);
   return cd_offset_ + cd.size();
 }
 

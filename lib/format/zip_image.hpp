@@ -58,8 +58,10 @@ class ZipImage {
   /// headers with CRC fields zero, then data): computes every CRC on a second
   /// thread while the record bodies go to `fd`, patches the CRC fields into
   /// `image`, writes the headers and the central directory. `direct`: `fd` was
-  /// opened with O_DIRECT. Returns the file's size.
-  std::uint64_t write(int fd, bool direct, const std::filesystem::path& path, std::byte* image);
+  /// opened with O_DIRECT. `file_base`: where the archive starts in the file
+  /// (a multiple of 4096; an archive among others). Returns the archive's size.
+  std::uint64_t write(int fd, bool direct, const std::filesystem::path& path, std::byte* image,
+                      std::uint64_t file_base = 0);
 
  private:
   std::vector<RecordInfo> records_;

@@ -1,7 +1,8 @@
 // The DCP core's coordination costs, and how they grow with the ranks.
 //
-// usage: bench_dcp [DIR [throughput|scaling]]   (default DIR $TMPDIR or /tmp;
-//        "throughput": table 3 only; "scaling": tables 1 and 2)
+// usage: bench_dcp [DIR [throughput|scaling|async]]   (default DIR $TMPDIR or /tmp;
+//        "throughput": table 3 only; "scaling": tables 1 and 2; "async":
+//        table 4 only)
 //
 // Run without RANK it is the driver and prints two tables.
 //   1. 1, 2, 4, 8 and 16 local ranks (under ckpt-launch, found beside it) save
@@ -30,6 +31,15 @@
 //      Python's FileSystemWriter / FileSystemReader of torch 2.6 (the trixie
 //      chroot, when there) and torch 1.13, in the same run; reported as
 //      ratios to Python 2.6. The files live in DIR (page cache warm).
+//   4. The asynchronous save (dcp::AsyncSaver) on one process, 1 GiB of float32
+//      (64 tensors of 16 MiB), training on one intra-op thread (the trainer's
+//      core; the writer child has the other): the time the save blocks its
+//      caller (until staged) against a warm memcpy of the same bytes and
+//      against the synchronous dcp::save; the time until committed; training
+//      steps per second while the write runs against without; and torch 2.6's
+//      dcp.async_save blocking time on the same state in the same run (the
+//      chroot), the peer. Best of three each; the checkpoint is read back and
+//      checked.
 // Each measured section of table 1 starts and ends at a Gloo barrier; rank 0
 // reports the slowest rank's time.
 #include <ckpt/ckpt.hpp>
@@ -37,6 +47,12 @@
 #include "bench_support.hpp"
 
 #include "dcp/serialize.hpp"
+
+#include <ATen/Parallel.h>
+#include <boost/asio/thread_pool.hpp>
+
+#include <cstring>
+#include <future>
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
@@ -329,6 +345,158 @@ void throughput(const fs::path& root) {
   if (torch113) row("python torch 1.13", torch113->first, torch113->second);
 }
 
+/// A "training step": matrix products on one thread.
+void train_step() {
+  static const auto b = at::ones({256, 256});
+  static auto a = at::ones({256, 256});
+  a = at::mm(a, b).div_(256.0f);
+}
+
+/// Training steps per second while `going()`.
+double steps_per_second(const std::function<bool()>& going) {
+  int steps = 0;
+  const double t = seconds([&] {
+    while (going()) {
+      train_step();
+      ++steps;
+    }
+  });
+  return steps / t;
+}
+
+void async_table(const fs::path& root) {
+  constexpr int kTensors = 64;
+  constexpr std::int64_t kNumel = std::int64_t{4} << 20;  // 16 MiB of float32
+  constexpr int kRounds = 3;
+  at::set_num_threads(1);
+  const double bytes = double(kTensors) * double(kNumel) * 4;
+  ckpt::StateDict sd;
+  std::vector<at::Tensor> tensors;
+  for (int i = 0; i < kTensors; ++i) {
+    tensors.push_back(at::full({kNumel}, float(i)));
+    sd.insert(fmt::format("layers.{}.weight", i), tensors.back());
+  }
+  // The references: a warm memcpy of the same bytes, and the synchronous save.
+  std::vector<char> buffer(static_cast<std::size_t>(bytes));
+  std::memset(buffer.data(), 1, buffer.size());
+  double t_memcpy = 1e30, t_sync = 1e30;
+  for (int r = 0; r < kRounds; ++r) {
+    t_memcpy = std::min(t_memcpy, seconds([&] {
+                          std::size_t at = 0;
+                          for (const auto& t : tensors) {
+                            std::memcpy(buffer.data() + at, t.data_ptr(), t.nbytes());
+                            at += t.nbytes();
+                          }
+                        }));
+  }
+  std::vector<char>().swap(buffer);
+  const auto options = [&](const std::string& name) {
+    dcp::SaveOptions o;
+    o.checkpoint_id = root / name;
+    o.no_dist = true;
+    return o;
+  };
+  for (int r = 0; r < kRounds; ++r)
+    t_sync = std::min(t_sync, seconds([&] { dcp::save(sd, options("sync")); }));
+
+  boost::asio::thread_pool completions(1);
+  dcp::AsyncSaver saver(completions.get_executor());
+  double blocked = 1e30, committed = 1e30;
+  for (int r = 0; r <= kRounds; ++r) {  // round 0 grows the arena: not counted
+    std::future<void> written;
+    const auto start = Clock::now();
+    const double b = seconds([&] {
+      auto f = saver.save(sd, options("async"));
+      f.staged.get();
+      written = std::move(f.written);
+    });
+    written.get();
+    const double c = std::chrono::duration<double>(Clock::now() - start).count();
+    if (r == 0) continue;
+    blocked = std::min(blocked, b);
+    committed = std::min(committed, c);
+  }
+  double rate_alone = 0, rate_during = 0;
+  for (int r = 0; r < kRounds; ++r) {
+    const auto until = Clock::now() + std::chrono::duration<double>(committed);
+    rate_alone = std::max(rate_alone, steps_per_second([&] { return Clock::now() < until; }));
+    auto f = saver.save(sd, options("async"));
+    f.staged.get();
+    rate_during = std::max(rate_during, steps_per_second([&] {
+                             return f.written.wait_for(std::chrono::seconds(0)) != std::future_status::ready;
+                           }));
+    f.written.get();
+  }
+  const std::uint64_t arena = saver.arena_size();
+  const bool pinned = saver.pinned();
+  saver.close();
+  {
+    // What was committed is what was saved.
+    const auto loaded = dcp::load_all(root / "async", [] {
+      dcp::LoadOptions o;
+      o.no_dist = true;
+      return o;
+    }());
+    for (int i = 0; i < kTensors; ++i)
+      if (!loaded.at(fmt::format("layers.{}.weight", i))
+               .toTensor()
+               .equal(tensors[static_cast<std::size_t>(i)]))
+        throw std::runtime_error("the committed checkpoint is not the saved state");
+  }
+  fs::remove_all(root / "sync");
+  fs::remove_all(root / "async");
+  std::optional<std::pair<double, double>> python;
+  {
+    std::string out;
+    try {
+      out =
+          capture(fmt::format("CKPT_CHROOT_BIND='{}:{}' '{}/cmake/chroot-python' -B "
+                              "'{}/tests/perf/dcp_async_reference.py' '{}' {} {} {} 2>&1",
+                              root.string(), CKPT_SOURCE_DIR, CKPT_SOURCE_DIR, CKPT_SOURCE_DIR,
+                              (root / "python").string(), kTensors, kNumel, kRounds));
+    } catch (const std::exception& e) {
+      out = e.what();
+    }
+    double b = 0, d = 0;
+    if (std::sscanf(out.c_str(), "%lf %lf", &b, &d) == 2)
+      python = std::make_pair(b, d);
+    else
+      fmt::print("  (torch 2.6 did not run: {})\n", out.substr(0, 200));
+  }
+
+  fmt::print(
+      "\ndcp::AsyncSaver, one process, {:.2f} GiB of float32 ({} tensors), best of {}; arena {} MiB{}\n\n",
+      bytes / double(1 << 30), kTensors, kRounds, arena >> 20, pinned ? ", page-locked" : "");
+  fmt::print("{:<50} {:>9} {:>8}\n", "operation", "seconds", "GB/s");
+  const auto row = [&](const std::string& what, double t) {
+    fmt::print("{:<50} {:>9.4f} {:>8.2f}\n", what, t, bytes / t / 1e9);
+  };
+  row("reference: warm memcpy of the rank's bytes", t_memcpy);
+  row("reference: synchronous dcp::save", t_sync);
+  row("async_save: blocked until staged", blocked);
+  row("async_save: until committed", committed);
+  if (python) {
+    row("torch 2.6 dcp.async_save: blocked", python->first);
+    row("torch 2.6 dcp.async_save: until done", python->second);
+  }
+  fmt::print("{:<50} {:>9.1f} steps/s\n", "training alone", rate_alone);
+  fmt::print("{:<50} {:>9.1f} steps/s\n", "training while the write runs", rate_during);
+  fmt::print("\n{:<50} {:>9} {:>8}\n", "ratio", "value", "target");
+  const auto ratio = [](const std::string& what, double v, const std::string& target, bool met) {
+    fmt::print("{:<50} {:>9.3f} {:>8} {}\n", what, v, target, met ? "met" : (target.empty() ? "" : "MISSED"));
+  };
+  ratio("blocking time / warm memcpy", blocked / t_memcpy, "<= 1.5", blocked / t_memcpy <= 1.5);
+  ratio("synchronous save / blocking time", t_sync / blocked, "", false);
+  const double slowdown = rate_alone / rate_during - 1.0;
+  ratio("training slowdown while the write runs", slowdown, "< 0.10", slowdown < 0.10);
+  if (python) {
+    ratio("torch 2.6 blocking time / ckpt blocking time", python->first / blocked, "", false);
+    fmt::print(
+        "(torch 2.6 copies no CPU tensor before it returns: its thread writes the live tensors,\n"
+        " so a step taken meanwhile changes what it saves; ckpt's blocking time is the copy)\n");
+  }
+}
+
 int main(int argc, char** argv) try {
   if (std::getenv("RANK") && argc >= 2) return rank_main(argv[1]);
 
@@ -337,6 +505,12 @@ int main(int argc, char** argv) try {
   const fs::path self = fs::canonical("/proc/self/exe");
   const fs::path launcher = self.parent_path() / "ckpt-launch";
   const bool scaling_only = argc > 2 && std::string(argv[2]) == "scaling";
+  if (argc > 2 && std::string(argv[2]) == "async") {
+    fs::create_directories(root);
+    async_table(root);
+    fs::remove_all(root);
+    return 0;
+  }
   if (argc > 2 && std::string(argv[2]) == "throughput") {
     fs::create_directories(root);
     throughput(root);

@@ -6,6 +6,10 @@
 //   ckpt-launch -n N --timeout S dcp_worker SCENARIO DIR [GROUP_TIMEOUT_S]   (a rank)
 //   dcp_worker SCENARIO DIR                     (the *_alone scenarios: no launcher,
 //                                                no process group, one process)
+// A scenario named async_<name> runs <name> with every save of its fault
+// cases made through a dcp::AsyncSaver (made by every rank before the
+// scenario starts): staged, then written on the saver's thread and group, its
+// outcome that of the written future. async_child_killed is the saver's own.
 //
 // What a rank does, in order:
 //   1. joins the default process group (RANK, WORLD_SIZE, MASTER_ADDR,
@@ -37,6 +41,7 @@
 // gone (a pidfd, no clock), so that it is still working when the others learn
 // of the death.
 // Every wait of this program is bounded (kBound, or the group's timeout).
+#include <ckpt/dcp/async_saver.hpp>
 #include <ckpt/dcp/hf_storage.hpp>
 #include <ckpt/dcp/metadata.hpp>
 #include <ckpt/dcp/planner.hpp>
@@ -73,7 +78,12 @@
 #include <utility>
 #include <vector>
 
+#include <boost/asio/thread_pool.hpp>
+
+#include <csignal>
+
 #include <poll.h>
+#include <sys/inotify.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -101,6 +111,58 @@ using ckpt::test::dcp_cases::slice_of;
 using ckpt::test::dcp_cases::uneven_value;
 
 namespace {
+
+// --- saving, synchronously or through an AsyncSaver ----------------------------------
+
+boost::asio::thread_pool& completions() {
+  static boost::asio::thread_pool pool(1);
+  return pool;
+}
+/// The saver of an async_ scenario (null: saves are synchronous).
+std::unique_ptr<ckpt::dcp::AsyncSaver>& async_saver() {
+  static std::unique_ptr<ckpt::dcp::AsyncSaver> saver;
+  return saver;
+}
+
+/// The flat state dict as the nested one AsyncSaver takes (its keys have no
+/// dots: they flatten to themselves).
+ckpt::StateDict nested(const DcpStateDict& sd) {
+  ckpt::StateDict out;
+  for (const auto& [key, value] : sd) {
+    if (const auto* t = std::get_if<at::Tensor>(&value))
+      out.insert(key, *t);
+    else if (const auto* st = std::get_if<ShardedTensor>(&value))
+      out.insert(key, ckpt::dcp::sharded_value(*st));
+    else
+      out.insert(key, std::get<c10::IValue>(value));
+  }
+  return out;
+}
+
+/// save_state_dict(sd, writer, default planner, default group, coordinator,
+/// no_dist), or the same through the scenario's AsyncSaver: staged, then
+/// waited for until written (its error thrown).
+void save_flat(const DcpStateDict& sd, ckpt::dcp::StorageWriter& writer, std::int64_t coordinator = 0,
+               bool no_dist = false) {
+  auto& saver = async_saver();
+  if (!saver) {
+    ckpt::dcp::save_state_dict(sd, writer, nullptr, nullptr, coordinator, no_dist);
+    return;
+  }
+  ckpt::dcp::SaveOptions options;
+  options.storage_writer = &writer;
+  options.coordinator_rank = coordinator;
+  options.no_dist = no_dist;
+  auto futures = saver->save(nested(sd), options);
+  // Bounded as every wait here (the saves themselves are bounded by the
+  // group's timeout at every step).
+  constexpr auto bound = std::chrono::seconds(120);
+  if (futures.staged.wait_for(bound) != std::future_status::ready) throw std::runtime_error("staging hung");
+  futures.staged.get();
+  if (futures.written.wait_for(bound) != std::future_status::ready)
+    throw std::runtime_error("the write hung");
+  futures.written.get();
+}
 
 /// The bound on every wait of this program that is not a DCP call: only keeps
 /// a broken library from hanging a rank (the launcher's --timeout is longer).
@@ -465,8 +527,7 @@ void run_save_case(Rank& r, const std::string& table, const Case& c, const DcpSt
   const auto path = r.dir() / label;
   const std::int64_t rank = no_dist ? 0 : r.rank();
   FaultyStorageWriter writer(path, fail_conf_of(c), rank);
-  const auto outcome =
-      outcome_of([&] { ckpt::dcp::save_state_dict(sd, writer, nullptr, nullptr, c.coordinator, no_dist); });
+  const auto outcome = outcome_of([&] { save_flat(sd, writer, c.coordinator, no_dist); });
   r.report(label, outcome, as_upstream_expects(c, outcome));
   const bool committed = fs::exists(path / ckpt::dcp::kMetadataFileName);
   r.report(label + "/committed", committed ? "yes" : "no", committed == c.ranks.empty());
@@ -495,9 +556,7 @@ void dummy_round_trip(Rank& r, bool no_dist) {
                              : known_state_dict(r);
   {
     FaultyStorageWriter writer(path, {}, r.rank());
-    r.expect("test_dummy_writer_works",
-             outcome_of([&] { ckpt::dcp::save_state_dict(saved, writer, nullptr, nullptr, 0, no_dist); }),
-             "ok");
+    r.expect("test_dummy_writer_works", outcome_of([&] { save_flat(saved, writer, 0, no_dist); }), "ok");
     const bool committed = fs::exists(path / ckpt::dcp::kMetadataFileName);
     r.report("test_dummy_writer_works/committed", committed ? "yes" : "no", committed);
   }
@@ -614,7 +673,7 @@ void missing_rank(Rank& r, const Missing& m) {
       ckpt::dcp::load_state_dict(target, reader, nullptr, nullptr, m.coordinator);
     } else {
       FaultyStorageWriter writer(path, {}, r.rank(), intercept);
-      ckpt::dcp::save_state_dict(sd, writer, nullptr, nullptr, m.coordinator);
+      save_flat(sd, writer, m.coordinator);
     }
   });
   if (r.rank() == m.victim) {
@@ -908,6 +967,111 @@ void plan_cache(Rank& r) {
   r.leave(r.world());
 }
 
+// --- 7. the AsyncSaver's own -------------------------------------------------------
+
+/// Watches a directory for a file to be created (inotify: no sleeping, no polling).
+class CreatedWatch {
+ public:
+  explicit CreatedWatch(const fs::path& dir) : fd_(::inotify_init1(IN_CLOEXEC | IN_NONBLOCK)) {
+    if (fd_ < 0 || ::inotify_add_watch(fd_, dir.c_str(), IN_CREATE) < 0)
+      throw std::runtime_error(fmt::format("inotify on {}: {}", dir.string(), std::strerror(errno)));
+  }
+  ~CreatedWatch() { ::close(fd_); }
+  CreatedWatch(const CreatedWatch&) = delete;
+  CreatedWatch& operator=(const CreatedWatch&) = delete;
+  /// Whether `name` was created there within `bound`.
+  bool wait(const std::string& name, std::chrono::milliseconds bound) {
+    const auto deadline = std::chrono::steady_clock::now() + bound;
+    alignas(inotify_event) char buf[4096];
+    for (;;) {
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return false;
+      pollfd p{fd_, POLLIN, 0};
+      const int ready = ::poll(&p, 1, static_cast<int>(left.count()));
+      if (ready < 0 && errno == EINTR) continue;
+      if (ready <= 0) return false;
+      const ssize_t n = ::read(fd_, buf, sizeof buf);
+      for (ssize_t at = 0; at < n;) {
+        const auto* ev = reinterpret_cast<const inotify_event*>(buf + at);
+        if (ev->len > 0 && name == ev->name) return true;
+        at += static_cast<ssize_t>(sizeof(inotify_event) + ev->len);
+      }
+    }
+  }
+
+ private:
+  int fd_;
+};
+
+// async_child_killed: 4 ranks save through their AsyncSavers; rank 2's writer
+// child has the tests' fault injector, which holds its first write of a data
+// file under DIR/second, and rank 2 kills it there (SIGKILL). Every rank raises
+// the same CheckpointException, naming rank 2 alone (its child terminated);
+// nothing is committed; the next save (a new child on rank 2) commits and
+// loads back as saved.
+void child_killed(Rank& r) {
+  constexpr std::int64_t victim = 2;
+  const auto first = r.dir() / "first", second = r.dir() / "second", watch_dir = r.dir() / "watch";
+  const char* const fault_vars[] = {"LD_PRELOAD", "CKPT_FAULT", "CKPT_FAULT_IN", "CKPT_FAULT_UNDER",
+                                    "CKPT_FAULT_REPORT"};
+  if (r.rank() == victim) {
+    fs::create_directories(watch_dir);
+    const std::string values[] = {CKPT_FAULT_SHIM, "write:1:HOLD", "child", second.string(),
+                                  (watch_dir / "held").string()};
+    for (std::size_t i = 0; i < std::size(values); ++i) ::setenv(fault_vars[i], values[i].c_str(), 1);
+  }
+  auto& saver = async_saver();
+  saver = std::make_unique<ckpt::dcp::AsyncSaver>(completions().get_executor());
+  const auto sd = known_state_dict(r);
+  {
+    // A first save (elsewhere) once the child runs: its environment is set.
+    ckpt::dcp::FileSystemWriter writer(first);
+    r.expect("first_save", outcome_of([&] { save_flat(sd, writer); }), "ok");
+  }
+  if (r.rank() == victim)
+    for (const char* v : fault_vars) ::unsetenv(v);
+
+  std::optional<CreatedWatch> watch;
+  if (r.rank() == victim) watch.emplace(watch_dir);
+  {
+    ckpt::dcp::FileSystemWriter writer(second);
+    ckpt::dcp::SaveOptions options;
+    options.storage_writer = &writer;
+    auto futures = saver->save(nested(sd), options);
+    const auto outcome = outcome_of([&] {
+      if (futures.staged.wait_for(kBound) != std::future_status::ready)
+        throw std::runtime_error("staging hung");
+      futures.staged.get();
+      if (r.rank() == victim) {
+        const bool held = watch->wait("held", kBound);
+        r.report("held", held ? "yes" : "no", held);
+        const int child = saver->writer_pid();
+        r.report("killed", child > 0 && ::kill(child, SIGKILL) == 0 ? "yes" : "no", true);
+      }
+      if (futures.written.wait_for(kBound) != std::future_status::ready)
+        throw std::runtime_error("the write hung");
+      futures.written.get();
+    });
+    r.report("killed_save", outcome,
+             starts_with(outcome,
+                         "CheckpointException ranks=[2] failures={2:WriterProcessError=Child process "
+                         "terminated unexpectedly (killed by signal 9"));
+  }
+  const bool committed = fs::exists(second / ckpt::dcp::kMetadataFileName);
+  r.report("killed_save/committed", committed ? "yes" : "no", !committed);
+  {
+    ckpt::dcp::FileSystemWriter writer(second);
+    r.expect("next_save", outcome_of([&] { save_flat(sd, writer); }), "ok");
+  }
+  auto target = zero_state_dict(r, true);
+  ckpt::dcp::FileSystemReader reader(second);
+  r.expect("next_save/load", outcome_of([&] { ckpt::dcp::load_state_dict(target, reader); }), "ok");
+  check_loaded_known_values(r, "next_save", target, true);
+  saver.reset();
+  r.leave(r.world());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
@@ -937,15 +1101,22 @@ int main(int argc, char** argv) try {
       {"hf_save", hf_save},
       {"hf_load", hf_load},
       {"plan_cache", plan_cache},
+      {"child_killed", child_killed},
   };
-  const auto it = scenarios.find(scenario);
+  const bool through_saver = scenario.rfind("async_", 0) == 0;
+  const std::string name = through_saver ? scenario.substr(6) : scenario;
+  const auto it = scenarios.find(name);
   if (it == scenarios.end()) {
     std::fprintf(stderr, "dcp_worker: unknown scenario '%s'\n", scenario.c_str());
     return 2;
   }
   const bool alone = scenario.size() > 6 && scenario.compare(scenario.size() - 6, 6, "_alone") == 0;
   Rank rank(scenario, argv[2], timeout, !alone);
+  // Every rank makes its saver together (its group is a collective).
+  if (through_saver && name != "child_killed")
+    async_saver() = std::make_unique<ckpt::dcp::AsyncSaver>(completions().get_executor());
   it->second(rank);
+  async_saver().reset();
   return rank.all_expected() ? 0 : 1;
 } catch (const std::exception& e) {
   std::fprintf(stderr, "dcp_worker: %s\n", e.what());

@@ -5,7 +5,10 @@
  *
  *   CKPT_FAULT=CALL:N[:ERRNO]  fail the Nth (1-based) counted call of CALL
  *                              with ERRNO (EIO unless named: EIO, ENOSPC,
- *                              EDQUOT, EROFS, EACCES, EINTR is not offered).
+ *                              EDQUOT, EROFS, EACCES, EINTR is not offered),
+ *                              or, with HOLD, block the call for good (once
+ *                              reported: a process held mid-write, for a
+ *                              test to kill).
  *                              CALL: open (an open or openat that may create
  *                              or write), write (write, pwrite, pwritev),
  *                              ftruncate, fsync (fsync, fdatasync), rename
@@ -42,6 +45,7 @@ static int g_active = 0;       /* this process counts */
 static int g_call = -1;        /* which call fails */
 static long g_nth = 0;         /* the one that fails */
 static int g_errno = EIO;
+static int g_hold = 0;         /* the call blocks instead of failing */
 static int g_no_tmpfile = 0;
 static const char* g_under = NULL;
 static const char* g_report = NULL;
@@ -94,6 +98,7 @@ __attribute__((constructor)) static void fault_init(void) {
     else if (strcmp(err, "EDQUOT") == 0) g_errno = EDQUOT;
     else if (strcmp(err, "EROFS") == 0) g_errno = EROFS;
     else if (strcmp(err, "EACCES") == 0) g_errno = EACCES;
+    else if (strcmp(err, "HOLD") == 0) g_hold = 1;
   }
 }
 
@@ -141,6 +146,8 @@ static int fails(int c, int counts) {
       fclose(f);
     }
   }
+  if (g_hold)
+    for (;;) pause(); /* until killed */
   errno = g_errno;
   return 1;
 }

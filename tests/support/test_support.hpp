@@ -324,11 +324,18 @@ inline void become_child_subreaper() {
 
 /// This process's children not reaped yet (with become_child_subreaper: also
 /// grandchildren left behind), each killed and reaped, so that one failing
-/// case leaves nothing to the next. Returns their pids.
+/// case leaves nothing to the next. Returns the pids of those still running:
+/// one that already exited on its own (a zombie: say, a writer child that
+/// saw its trainer die and left) is reaped and not counted.
 inline std::vector<pid_t> kill_leftover_children() {
   std::vector<pid_t> left;
-  for (const auto& p : processes())
-    if (p.ppid == ::getpid()) left.push_back(p.pid);
+  for (const auto& p : processes()) {
+    if (p.ppid != ::getpid()) continue;
+    if (p.state == 'Z')
+      ::waitpid(p.pid, nullptr, 0);
+    else
+      left.push_back(p.pid);
+  }
   for (pid_t pid : left) {
     ::kill(pid, SIGKILL);
     ::waitpid(pid, nullptr, 0);

@@ -108,6 +108,7 @@ class FileSystemWriter : public StorageWriter {
   void finish(const Metadata& metadata, const std::vector<std::vector<WriteResult>>& results) override;
   bool validate_checkpoint_id(const std::filesystem::path& checkpoint_id) const override;
   const std::filesystem::path& path() const { return path_; }
+  const FileSystemWriterOptions& options() const { return options_; }
 
  private:
   std::filesystem::path path_;
