@@ -38,6 +38,7 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/strand.hpp>
+#include <boost/asio/system_executor.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
 
@@ -82,12 +83,14 @@ at::Tensor placeholder_of(const at::Tensor& t) {
 /// A device tensor that owns exactly its bytes, contiguous (copied on the
 /// caller's stream when it is not: a view, a slice, a conjugate).
 at::Tensor exact_on_device(at::Tensor t) {
+  const bool requires_grad = t.requires_grad();
   t = t.detach();
   if (t.is_conj()) t = t.resolve_conj();
   if (t.is_neg()) t = t.resolve_neg();
   if (!t.is_contiguous() || t.storage_offset() != 0 ||
       t.storage().nbytes() != static_cast<std::size_t>(t.numel()) * t.element_size())
     t = t.clone(c10::MemoryFormat::Contiguous);
+  if (requires_grad) t.set_requires_grad(true);  // as the metadata records it
   return t;
 }
 
@@ -167,14 +170,16 @@ Staged stage(Request& request, const std::shared_ptr<ckpt::detail::Arena>& arena
                                 const at::Tensor& t) {
     if (!t.defined()) throw Unsupported(fmt::format("'{}' is an undefined tensor", fqn));
     TensorSource src;
-    if (t.device().is_cpu()) {
-      src.source = t;
-      src.layout = ckpt::detail::plan_layout(placeholder_of(t));
-      src.record = src.layout.record_of_storage.begin()->second;
-    } else {
-      src.source = t;  // exact_on_device already
-      src.layout = ckpt::detail::plan_layout(t, /*defer_device_copies=*/true);
-      src.record = src.layout.record_of_storage.at(t.storage().unsafeGetStorageImpl());
+    // Laid out over a placeholder on the CPU, as dcp::save lays out the CPU
+    // copy it writes (location "cpu"); a device tensor's record then names
+    // its storage, which copy_device_records copies from.
+    src.source = t;  // on a device: exact_on_device already
+    src.layout = ckpt::detail::plan_layout(placeholder_of(t));
+    src.record = src.layout.record_of_storage.begin()->second;
+    if (!t.device().is_cpu()) {
+      auto& rec = src.layout.records[src.record];
+      rec.device_source = t.storage();
+      rec.device = t.device();
     }
     const ckpt::detail::ZipImage zip = ckpt::detail::zip_image(src.layout);
     StagedItem item;
@@ -198,7 +203,12 @@ Staged stage(Request& request, const std::shared_ptr<ckpt::detail::Arena>& arena
         if (dcp::detail::volume(shard.metadata.sizes) > 0)
           place_tensor(fqn, shard.metadata.offsets, shard.tensor);
     } else {
-      const auto& v = std::get<c10::IValue>(value);
+      // A copy of its own: what the caller's object holds now, whatever
+      // training does to it later (a fallback write reads it). An opaque
+      // value is immutable bytes.
+      auto& held = std::get<c10::IValue>(value);
+      if (!as_opaque(held)) held = held.deepcopy();
+      const c10::IValue& v = held;
       StagedItem item;
       item.key = {fqn, {}};
       item.value = v;
@@ -324,6 +334,16 @@ Staged stage(Request& request, const std::shared_ptr<ckpt::detail::Arena>& arena
   return out;
 }
 
+/// Whether `a` is the value `b` (the same object; a double by its bits, so
+/// that a NaN is itself).
+bool same_value(const c10::IValue& a, const c10::IValue& b) {
+  if (a.isDouble() && b.isDouble()) {
+    const double x = a.toDouble(), y = b.toDouble();
+    return std::memcmp(&x, &y, sizeof x) == 0;
+  }
+  return a.isSameIdentity(b);
+}
+
 /// The storage writer of a save whose storage is a FileSystemWriter: every
 /// call goes to it, except that this rank's data file is written by the
 /// writer child from the staged archives. When the planner's data for an
@@ -387,10 +407,13 @@ class ChildWriter : public StorageWriter {
     const auto it = staged_.index.find({w.index.fqn, w.index.offset.value_or(std::vector<std::int64_t>{})});
     if (it == staged_.index.end()) return nullptr;
     const StagedItem& item = staged_.items[it->second];
-    if (w.type == WriteItemType::bytes)
-      return !item.data && item.value.isSameIdentity(data) ? &item : nullptr;
+    if (w.type == WriteItemType::bytes) return !item.data && same_value(item.value, data) ? &item : nullptr;
     if (!data.isTensor() || !item.data) return nullptr;
     const at::Tensor& t = data.toTensor();
+    // What the plan says of the chunk must hold (as FileSystemWriter checks).
+    if (w.tensor_data &&
+        (t.sizes().vec() != w.tensor_data->chunk.sizes || t.scalar_type() != w.tensor_data->properties.dtype))
+      throw Mismatch(fmt::format("'{}' is not the chunk its plan describes", w.index.fqn));
     // (An empty tensor has no data pointer: its bytes are none either way.)
     const bool same = t.device().is_cpu() && t.is_contiguous() && !t.is_conj() && !t.is_neg() &&
                       static_cast<std::uint64_t>(t.numel()) * t.element_size() == item.nbytes &&
@@ -425,6 +448,7 @@ struct AsyncSaver::Impl : std::enable_shared_from_this<Impl> {
   std::shared_ptr<ckpt::detail::Event> last;
   bool closed = false;  // on the strand
   std::atomic<bool> close_started{false};
+  std::mutex spawn_mutex;  // a save is spawned onto the strand, or close() has begun: not both
   std::atomic<std::uint64_t> arena_bytes{0};
   std::atomic<bool> arena_pinned{false};
 
@@ -542,11 +566,19 @@ AsyncSaver::AsyncSaver(executor_type executor, AsyncSaverConfig config)
                      : base;
   }
   const RankInfo rank = impl.group ? impl.group->rank_info : RankInfo{0, 1};
-  impl.io_thread = std::thread([this_impl = impl_.get()] { this_impl->io.run(); });
   impl.process =
       std::make_unique<CheckpointProcess>(impl.io.get_executor(), rank, impl.config.process,
                                           CheckpointWriterConfig{}, BarrierConfig{}, impl.config.writer);
-  impl.save_thread = std::thread([this_impl = impl_.get()] { this_impl->run_jobs(); });
+  impl.io_thread = std::thread([this_impl = impl_.get()] { this_impl->io.run(); });
+  try {
+    impl.save_thread = std::thread([this_impl = impl_.get()] { this_impl->run_jobs(); });
+  } catch (...) {
+    impl.process->close();
+    impl.work.reset();
+    impl.io.stop();
+    impl.io_thread.join();
+    throw;
+  }
 }
 
 AsyncSaver::~AsyncSaver() {
@@ -564,6 +596,7 @@ void AsyncSaver::do_save(StateDict state_dict, SaveOptions options,
         ex, [h = std::move(handler), e, w = std::move(w)]() mutable { std::move(h)(e, std::move(w)); });
   };
   Request request;
+  std::unique_lock spawning(impl_->spawn_mutex);
   try {
     if (impl_->close_started) throw Error("the AsyncSaver is closed");
     if (!options.checkpoint_id && !options.storage_writer)
@@ -594,9 +627,11 @@ void AsyncSaver::do_save(StateDict state_dict, SaveOptions options,
     request.flat = std::move(flat);
     request.paths = std::move(paths);
   } catch (...) {
+    spawning.unlock();
     complete(std::current_exception(), PendingWrite{});
     return;
   }
+  // Under the lock: close() has not begun, so the strand will run it.
   asio::co_spawn(
       impl_->strand,
       [impl = impl_, request = std::move(request), options = std::move(options)]() mutable {
@@ -608,13 +643,21 @@ void AsyncSaver::do_save(StateDict state_dict, SaveOptions options,
 SaveFutures AsyncSaver::save(const StateDict& state_dict, const SaveOptions& options) {
   ckpt::detail::SaveFuturesHandler<PendingWrite> handler;
   SaveFutures futures = handler.futures();
-  async_save(state_dict, options, handler);
+  // Completed wherever the save completes (the system executor): no thread of
+  // the caller's executor needs to run (the caller may be the one that runs
+  // it, blocked on the futures), and a closed saver still answers.
+  async_save(state_dict, options, asio::bind_executor(asio::system_executor(), handler));
   return futures;
 }
 
 void AsyncSaver::close() {
   auto impl = impl_;
-  if (impl->close_started.exchange(true)) return;
+  if (std::this_thread::get_id() == impl->save_thread.get_id())
+    throw Error("AsyncSaver::close() from the save thread (a PendingWrite's completion without an executor)");
+  {
+    std::lock_guard spawning(impl->spawn_mutex);
+    if (impl->close_started.exchange(true)) return;
+  }
   // The chain belongs to the strand: mark it closed there and learn the last write.
   auto last = asio::post(impl->strand, asio::use_future([impl] {
                            impl->closed = true;

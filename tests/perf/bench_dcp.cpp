@@ -1,8 +1,8 @@
 // The DCP core's coordination costs, and how they grow with the ranks.
 //
-// usage: bench_dcp [DIR [throughput|scaling|async]]   (default DIR $TMPDIR or /tmp;
-//        "throughput": table 3 only; "scaling": tables 1 and 2; "async":
-//        table 4 only)
+// usage: bench_dcp [DIR [throughput|scaling|async|load]]   (default DIR $TMPDIR or
+//        /tmp; "throughput": table 3 only; "scaling": tables 1 and 2; "async":
+//        table 4 only; "load": table 5 only)
 //
 // Run without RANK it is the driver and prints two tables.
 //   1. 1, 2, 4, 8 and 16 local ranks (under ckpt-launch, found beside it) save
@@ -40,6 +40,12 @@
 //      dcp.async_save blocking time on the same state in the same run (the
 //      chroot), the peer. Best of three each; the checkpoint is read back and
 //      checked.
+//   5. Loads on one process of 1 GiB of float32 (8192 × 32768) saved in 4 row
+//      shards: into 4 row shards (each reads one saved chunk whole) and into
+//      4 column shards (each reads a strided part of every saved chunk), page
+//      cache warm, best of three; then a cold load (the page cache dropped
+//      first: root) against a cold O_DIRECT read of the same data files, 4 MiB
+//      at a time with 4 reads in flight (threads), the disk's reference.
 // Each measured section of table 1 starts and ends at a Gloo barrier; rank 0
 // reports the slowest rank's time.
 #include <ckpt/ckpt.hpp>
@@ -52,12 +58,18 @@
 #include <boost/asio/thread_pool.hpp>
 
 #include <cstring>
+#include <fstream>
 #include <future>
+#include <thread>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -497,6 +509,119 @@ void async_table(const fs::path& root) {
   }
 }
 
+/// Empties the page cache (root only); false when it could not.
+bool drop_page_cache() {
+  ::sync();
+  std::ofstream out("/proc/sys/vm/drop_caches");
+  out << "1\n";
+  out.flush();
+  return static_cast<bool>(out);
+}
+
+/// Reads every byte of `files` with O_DIRECT, 4 MiB at a time, `depth` reads
+/// in flight (one thread each); returns the bytes read.
+std::uint64_t direct_read(const std::vector<fs::path>& files, int depth) {
+  constexpr std::size_t kChunk = std::size_t{4} << 20;
+  std::atomic<std::uint64_t> total{0};
+  for (const auto& file : files) {
+    const int fd = ::open(file.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+    if (fd < 0) throw std::runtime_error("cannot open " + file.string() + " with O_DIRECT");
+    const auto size = fs::file_size(file);
+    std::atomic<std::uint64_t> next{0};
+    std::vector<std::thread> threads;
+    for (int t = 0; t < depth; ++t)
+      threads.emplace_back([&] {
+        void* raw = nullptr;
+        if (::posix_memalign(&raw, 4096, kChunk) != 0) return;
+        for (;;) {
+          const std::uint64_t at = next.fetch_add(kChunk);
+          if (at >= size) break;
+          const ssize_t n = ::pread(fd, raw, kChunk, static_cast<off_t>(at));
+          if (n <= 0) break;
+          total += static_cast<std::uint64_t>(n);
+        }
+        std::free(raw);
+      });
+    for (auto& t : threads) t.join();
+    ::close(fd);
+  }
+  return total;
+}
+
+void load_table(const fs::path& root) {
+  constexpr std::int64_t kRowsTotal = 8192, kColsTotal = 32768;
+  constexpr int kRounds = 3;
+  const double bytes = double(kRowsTotal) * double(kColsTotal) * 4;
+  const auto four = [](std::int64_t dim) {
+    dcp::ChunkShardingSpec spec;
+    spec.dim = dim;
+    for (int i = 0; i < 4; ++i) spec.placements.push_back("rank:0/cpu");
+    return spec;
+  };
+  const fs::path dir = root / "load";
+  {
+    auto saved = dcp::ShardedTensor::zeros(four(0), {kRowsTotal, kColsTotal}, 0, at::kFloat);
+    for (auto& shard : saved.local_shards())
+      shard.tensor.copy_(at::arange(shard.tensor.numel(), at::kFloat).reshape(shard.tensor.sizes()));
+    ckpt::StateDict sd;
+    sd.insert("table", dcp::sharded_value(saved));
+    dcp::SaveOptions o;
+    o.checkpoint_id = dir;
+    o.no_dist = true;
+    dcp::save(sd, o);
+  }
+  dcp::LoadOptions lo;
+  lo.checkpoint_id = dir;
+  lo.no_dist = true;
+  auto rows = dcp::ShardedTensor::zeros(four(0), {kRowsTotal, kColsTotal}, 0, at::kFloat);
+  auto cols = dcp::ShardedTensor::zeros(four(1), {kRowsTotal, kColsTotal}, 0, at::kFloat);
+  const auto load_into = [&](const dcp::ShardedTensor& target) {
+    ckpt::StateDict sd;
+    sd.insert("table", dcp::sharded_value(target));
+    return seconds([&] { dcp::load(sd, lo); });
+  };
+  double t_rows = 1e30, t_cols = 1e30;
+  for (int r = 0; r < kRounds; ++r) {
+    t_rows = std::min(t_rows, load_into(rows));
+    t_cols = std::min(t_cols, load_into(cols));
+  }
+  std::vector<fs::path> files;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.path().extension() == ".distcp") files.push_back(e.path());
+  std::optional<double> t_cold, t_direct;
+  std::uint64_t direct_bytes = 0;
+  if (drop_page_cache()) {
+    t_cold = load_into(rows);
+    drop_page_cache();
+    t_direct = seconds([&] { direct_bytes = direct_read(files, 4); });
+  }
+  fs::remove_all(dir);
+
+  fmt::print("\nloads of {:.2f} GiB of float32 ({} x {}) saved in 4 row shards, one process\n\n",
+             bytes / double(1 << 30), kRowsTotal, kColsTotal);
+  fmt::print("{:<52} {:>9} {:>8}\n", "operation", "seconds", "GB/s");
+  const auto row = [&](const std::string& what, double t, double b) {
+    fmt::print("{:<52} {:>9.4f} {:>8.2f}\n", what, t, b / t / 1e9);
+  };
+  row("warm load into 4 row shards", t_rows, bytes);
+  row("warm load into 4 column shards", t_cols, bytes);
+  if (t_cold) {
+    row("cold load into 4 row shards", *t_cold, bytes);
+    row("reference: cold O_DIRECT read, 4 MiB x 4 in flight", *t_direct, double(direct_bytes));
+  } else {
+    fmt::print("(no cold loads: the page cache cannot be dropped without root)\n");
+  }
+  fmt::print("\n{:<52} {:>9} {:>8}\n", "ratio", "value", "target");
+  const double columns = t_rows / t_cols;
+  fmt::print("{:<52} {:>9.3f} {:>8} {}\n", "column-sharded load speed / row-sharded", columns, ">= 0.5",
+             columns >= 0.5 ? "met" : "MISSED");
+  if (t_cold) {
+    const double cold = (bytes / *t_cold) / (double(direct_bytes) / *t_direct);
+    fmt::print("{:<52} {:>9.3f} {:>8} {}\n", "cold load throughput / O_DIRECT reference", cold, ">= 0.8",
+               cold >= 0.8 ? "met" : "MISSED");
+  }
+}
+
 int main(int argc, char** argv) try {
   if (std::getenv("RANK") && argc >= 2) return rank_main(argv[1]);
 
@@ -505,6 +630,12 @@ int main(int argc, char** argv) try {
   const fs::path self = fs::canonical("/proc/self/exe");
   const fs::path launcher = self.parent_path() / "ckpt-launch";
   const bool scaling_only = argc > 2 && std::string(argv[2]) == "scaling";
+  if (argc > 2 && std::string(argv[2]) == "load") {
+    fs::create_directories(root);
+    load_table(root);
+    fs::remove_all(root);
+    return 0;
+  }
   if (argc > 2 && std::string(argv[2]) == "async") {
     fs::create_directories(root);
     async_table(root);

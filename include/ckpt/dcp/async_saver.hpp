@@ -52,8 +52,9 @@ namespace ckpt::dcp {
 struct AsyncSaverConfig {
   /// The arena: use_pinned_memory page-locks it (mlock, and cudaHostRegister
   /// for device tensors) where allowed; use_non_blocking_copy copies from
-  /// devices without blocking their streams. use_async_staging false stages
-  /// on the caller's thread (it waits either way).
+  /// devices without blocking their streams. (Staging always runs on the
+  /// saver's strand while the caller waits: use_async_staging and
+  /// use_shared_memory are not read.)
   CheckpointStagerConfig staging;
   /// The writer child: its timeouts (write_timeout bounds one data file) and
   /// niceness.
@@ -89,11 +90,14 @@ class AsyncSaver {
   /// The save, as an asynchronous operation (steps above): completes once the
   /// rank's part is staged, with a PendingWrite for the committed checkpoint
   /// (its error: the CheckpointException every rank raises alike). Every rank
-  /// of the group calls it, in the same order. `options` as for dcp::save, but
-  /// process_group and no_dist are the saver's (set them in the config):
-  /// given here they fail the save. A planner or storage writer passed in
-  /// `options` must live until the write completes. A staging error (a
-  /// closed saver, an unsupported value) completes the operation with it.
+  /// of the group calls it, in the same order. `options` as for dcp::save;
+  /// process_group, when given, is saved over instead of the saver's group
+  /// (its collectives then run on the save thread: keep training off that
+  /// group meanwhile), and no_dist saves alone. A planner or storage writer
+  /// passed in `options` must live until the write completes. A staging
+  /// error (a closed saver, an unsupported value) completes the operation
+  /// with it. A PendingWrite's completion handler without an executor runs
+  /// on the save thread: it must not block on a later save or close the saver.
   template <boost::asio::completion_token_for<SaveSignature> Token>
   auto async_save(StateDict state_dict, SaveOptions options, Token&& token) {
     return boost::asio::async_initiate<Token, SaveSignature>(
@@ -105,7 +109,8 @@ class AsyncSaver {
   }
 
   /// The blocking form (upstream's AsyncSaveResponse): {staged, written}.
-  /// Errors arrive through the futures.
+  /// Errors arrive through the futures. Completed on the saver's own threads:
+  /// it works from the thread that runs the executor, too.
   SaveFutures save(const StateDict& state_dict, const SaveOptions& options);
 
   /// Waits for the write in progress (up to the child's write timeout and the
