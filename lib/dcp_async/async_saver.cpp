@@ -428,7 +428,7 @@ class ChildWriter : public StorageWriter {
 
 }  // namespace
 
-struct AsyncSaver::Impl : std::enable_shared_from_this<Impl> {
+struct AsyncSaver::Impl {
   AsyncSaverConfig config;
   asio::any_io_executor executor;  // completions without an executor of their own
   asio::strand<asio::any_io_executor> user_strand;
