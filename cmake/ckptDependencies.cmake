@@ -11,6 +11,7 @@ find_package(PkgConfig REQUIRED)
 pkg_check_modules(LIBDEFLATE REQUIRED IMPORTED_TARGET libdeflate)
 # zstd: DCP items through upstream's "stream.zstd/1" transform.
 pkg_check_modules(LIBZSTD REQUIRED IMPORTED_TARGET libzstd)
-# zlib: only the multi_rank sample (its checksums of a state).
+# zlib: crc32_combine (the CRC-32 of a chunk read in pieces) and the
+# multi_rank sample (its checksums of a state).
 find_package(ZLIB REQUIRED)
 find_package(Threads REQUIRED)

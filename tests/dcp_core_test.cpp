@@ -614,6 +614,66 @@ BOOST_AUTO_TEST_CASE(a_partial_load_reads_only_what_it_asks_for) {
   BOOST_TEST(reader.bytes_read() <= floor + 4096);
 }
 
+BOOST_AUTO_TEST_CASE(a_chunk_read_in_pieces_on_several_threads_is_checked_whole) {
+  TempDir dir;
+  const at::Tensor big = at::arange(512 * 512, at::kFloat).reshape({512, 512});  // 1 MiB
+  dcp::FileSystemWriter writer(dir.path());
+  dcp::save_state_dict(DcpStateDict{{"big", big}}, writer, nullptr, nullptr, 0, true);
+  const auto load = [&](dcp::FileSystemReaderOptions options) {
+    DcpStateDict loaded{{"big", at::zeros({512, 512})}};
+    dcp::FileSystemReader reader(dir.path(), options);
+    dcp::load_state_dict(loaded, reader, nullptr, nullptr, 0, true);
+    BOOST_TEST(ckpt::test::identical(std::get<at::Tensor>(loaded[0].second), big));
+    return reader.data_reads();
+  };
+  // 4 KiB pieces: 256 reads, spread over the threads, their CRC-32s combined.
+  BOOST_TEST(load({.read_threads = 1, .read_size = 4096}) == 256u);
+  BOOST_TEST(load({.read_threads = 3, .read_size = 4096}) == 256u);
+  BOOST_TEST(load({}) == 1u);  // 4 MiB pieces: one read
+
+  // A flipped byte in piece 100 fails the CRC-32 of the whole chunk.
+  const auto md = dcp::read_checkpoint_metadata(dir.path());
+  const auto& info = md.storage_data.at(dcp::MetadataIndex{"big", Sizes{0, 0}, std::nullopt});
+  ckpt::FileReader archive(dir / info.relative_path, info.offset, info.length);
+  const auto rec = archive.storage_record(*archive.root().tensor);
+  ckpt::test::flip_byte(dir / info.relative_path, rec.data_offset + 100 * 4096 + 7);
+  for (const int threads : {1, 3}) {
+    DcpStateDict loaded{{"big", at::zeros({512, 512})}};
+    dcp::FileSystemReader reader(dir.path(), {.read_threads = threads, .read_size = 4096});
+    const auto e =
+        checkpoint_exception([&] { dcp::load_state_dict(loaded, reader, nullptr, nullptr, 0, true); });
+    BOOST_TEST(e.failures().at(0).type == "CorruptCheckpoint");
+    BOOST_TEST(e.failures().at(0).message.find("CRC-32") != std::string::npos, e.failures().at(0).message);
+    BOOST_TEST(e.failures().at(0).message.find("big") != std::string::npos, e.failures().at(0).message);
+  }
+  BOOST_CHECK_THROW(dcp::FileSystemReader(dir.path(), {.read_threads = 0}), ckpt::Error);
+}
+
+BOOST_AUTO_TEST_CASE(a_column_shard_of_narrow_rows_is_read_by_a_few_vectored_reads) {
+  // 4096 rows of 64 bytes; the first 8 of the 16 columns are 4096 ranges of
+  // 32 bytes, 32 bytes apart.
+  TempDir dir;
+  const at::Tensor narrow = at::arange(4096 * 16, at::kFloat).reshape({4096, 16});
+  dcp::FileSystemWriter writer(dir.path());
+  dcp::save_state_dict(DcpStateDict{{"narrow", narrow}}, writer, nullptr, nullptr, 0, true);
+  const ChunkShardingSpec by_columns{1, {"rank:0/cpu", "rank:1/cpu"}};
+  const auto load = [&](dcp::FileSystemReaderOptions options) {
+    DcpStateDict loaded{{"narrow", ShardedTensor::zeros(by_columns, {4096, 16}, 0, at::kFloat)}};
+    auto reader = std::make_unique<dcp::FileSystemReader>(dir.path(), options);
+    dcp::load_state_dict(loaded, *reader, nullptr, nullptr, 0, true);
+    const auto& shard = std::get<ShardedTensor>(loaded[0].second).local_shards().at(0).tensor;
+    BOOST_TEST(ckpt::test::identical(shard, narrow.narrow(1, 0, 8)));
+    return reader;
+  };
+  const auto exact = load({.coalesce_gap = 0});
+  BOOST_TEST(exact->data_reads() == 4096u);  // one read per row
+  // The default joins the ranges and their 4095 gaps: 8191 buffers, 1024 per
+  // vectored read.
+  const auto joined = load({});
+  BOOST_TEST(joined->data_reads() == 8u);
+  BOOST_TEST(joined->bytes_read() == exact->bytes_read() + 4095 * 32);
+}
+
 BOOST_AUTO_TEST_CASE(wrong_shapes_and_dtypes_are_refused) {
   TempDir dir;
   dcp::FileSystemWriter writer(dir.path());

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <fcntl.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <cerrno>
 #include <cstring>
@@ -20,6 +21,18 @@ void Fd::reset() {
   }
 }
 
+namespace {
+
+[[noreturn]] void throw_truncated(const std::filesystem::path& path, std::uint64_t offset,
+                                  std::uint64_t missing) {
+  throw CorruptCheckpoint(
+      fmt::format("{}: file ends at offset {} while {} more bytes were expected "
+                  "(truncated file?)",
+                  path.string(), offset, missing));
+}
+
+}  // namespace
+
 void pread_full(int fd, void* buf, std::size_t n, std::uint64_t offset, const std::filesystem::path& path) {
   auto* p = static_cast<char*>(buf);
   while (n > 0) {
@@ -30,14 +43,43 @@ void pread_full(int fd, void* buf, std::size_t n, std::uint64_t offset, const st
       if (errno == EINTR) continue;
       throw_errno("read", path, errno);
     }
-    if (got == 0)
-      throw CorruptCheckpoint(
-          fmt::format("{}: file ends at offset {} while {} more bytes were expected "
-                      "(truncated file?)",
-                      path.string(), offset, n));
+    if (got == 0) throw_truncated(path, offset, n);
     p += got;
     n -= static_cast<std::size_t>(got);
     offset += static_cast<std::uint64_t>(got);
+  }
+}
+
+void preadv_full(int fd, iovec* iov, int count, std::uint64_t offset, const std::filesystem::path& path) {
+  constexpr int kIovMax = 1024;  // Linux's UIO_MAXIOV
+  std::uint64_t left = 0;
+  for (int i = 0; i < count; ++i) left += iov[i].iov_len;
+  while (count > 0) {
+    if (iov->iov_len == 0) {
+      ++iov;
+      --count;
+      continue;
+    }
+    const ssize_t got = ::preadv(fd, iov, count < kIovMax ? count : kIovMax, static_cast<off_t>(offset));
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      throw_errno("read", path, errno);
+    }
+    if (got == 0) throw_truncated(path, offset, left);
+    auto n = static_cast<std::uint64_t>(got);
+    offset += n;
+    left -= n;
+    while (n > 0) {
+      if (n >= iov->iov_len) {
+        n -= iov->iov_len;
+        ++iov;
+        --count;
+      } else {
+        iov->iov_base = static_cast<char*>(iov->iov_base) + n;
+        iov->iov_len -= n;
+        n = 0;
+      }
+    }
   }
 }
 

@@ -10,6 +10,8 @@
 #include <string>
 #include <string_view>
 
+struct iovec;
+
 namespace ckpt::detail {
 
 /// Throws IoError "<what> <path>: <strerror(err)>".
@@ -43,6 +45,11 @@ class Fd {
 
 /// Reads exactly `n` bytes at `offset`; a short file is a CorruptCheckpoint.
 void pread_full(int fd, void* buf, std::size_t n, std::uint64_t offset, const std::filesystem::path& path);
+/// Reads exactly the bytes of the `count` buffers of `iov`, in order, from
+/// `offset` on: vectored, one call where the kernel allows. `iov` is used up
+/// (its entries are advanced past what was read).
+void preadv_full(int fd, struct iovec* iov, int count, std::uint64_t offset,
+                 const std::filesystem::path& path);
 /// Writes exactly `n` bytes at `offset`.
 void pwrite_full(int fd, const void* buf, std::size_t n, std::uint64_t offset,
                  const std::filesystem::path& path);

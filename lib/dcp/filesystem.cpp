@@ -22,16 +22,20 @@
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <random>
 #include <set>
 #include <string_view>
+#include <thread>
 
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 #include <zstd.h>
 
@@ -254,7 +258,11 @@ CheckpointMetadata read_checkpoint_metadata(const fs::path& directory) {
   return detail::decode_checkpoint_metadata(text, file.string());
 }
 
-FileSystemReader::FileSystemReader(fs::path path) : path_(std::move(path)) {}
+FileSystemReader::FileSystemReader(fs::path path, FileSystemReaderOptions options)
+    : path_(std::move(path)), options_(options) {
+  if (options_.read_threads < 1) throw Error("FileSystemReaderOptions::read_threads must be at least 1");
+  if (options_.read_size < 4096) throw Error("FileSystemReaderOptions::read_size must be at least 4096");
+}
 
 void FileSystemReader::reset(const std::optional<fs::path>& checkpoint_id) {
   if (checkpoint_id) path_ = *checkpoint_id;
@@ -282,6 +290,7 @@ std::vector<LoadPlan> FileSystemReader::prepare_global_plan(std::vector<LoadPlan
 namespace {
 
 struct OpenFile {
+  fs::path path;
   ckpt::detail::Fd fd;
   std::uint64_t size = 0;
   std::unique_ptr<FileReader> archive;  // only when a value is read from it
@@ -355,6 +364,109 @@ const ChunkStorageMetadata& saved_chunk(const CheckpointMetadata& md, const Meta
   throw Error(fmt::format("no saved chunk of '{}' at [{}]", index.fqn, fmt::join(*index.offset, ", ")));
 }
 
+/// A range of a read: `bytes` bytes of the file from `offset` on, into `out`;
+/// a null `out` is a gap, read into scratch memory only so that the ranges
+/// around it are read by one call.
+struct ReadPart {
+  std::uint64_t offset = 0;
+  char* out = nullptr;
+  std::size_t bytes = 0;
+};
+
+/// Reads that one thread does in a row: parts of one file, in file order.
+struct ReadTask {
+  int fd = -1;
+  const fs::path* file = nullptr;
+  std::vector<ReadPart> parts;
+  std::uint32_t* crc = nullptr;  ///< when set: the CRC-32 of the parts' bytes, in order
+};
+
+struct ReadCounts {
+  std::uint64_t bytes = 0, calls = 0;
+};
+
+/// Runs one task: parts that follow each other in the file are read by one
+/// vectored call.
+void run_read_task(const ReadTask& task, std::vector<char>& scratch, ReadCounts& counts) {
+  constexpr std::size_t kIovMax = 1024;
+  std::size_t gaps = 0;
+  for (const auto& p : task.parts)
+    if (!p.out) gaps += p.bytes;
+  if (scratch.size() < gaps) scratch.resize(gaps);
+  std::vector<iovec> iov;
+  iov.reserve(std::min(task.parts.size(), kIovMax));
+  char* gap = scratch.data();
+  std::uint32_t crc = 0;
+  for (std::size_t i = 0; i < task.parts.size();) {
+    iov.clear();
+    const std::uint64_t at = task.parts[i].offset;
+    std::uint64_t end = at;
+    for (; i < task.parts.size() && task.parts[i].offset == end && iov.size() < kIovMax; ++i) {
+      const ReadPart& p = task.parts[i];
+      char* to = p.out;
+      if (!to) {
+        to = gap;
+        gap += p.bytes;
+      }
+      iov.push_back({to, p.bytes});
+      end += p.bytes;
+    }
+    if (iov.size() == 1)
+      ckpt::detail::pread_full(task.fd, iov[0].iov_base, iov[0].iov_len, at, *task.file);
+    else
+      ckpt::detail::preadv_full(task.fd, std::vector<iovec>(iov).data(), static_cast<int>(iov.size()), at,
+                                *task.file);
+    if (task.crc)
+      for (const auto& v : iov) crc = ckpt::detail::crc32_of(v.iov_base, v.iov_len, crc);
+    counts.bytes += end - at;
+    ++counts.calls;
+  }
+  if (task.crc) *task.crc = crc;
+}
+
+/// Runs `tasks` on up to `threads` threads, the caller's among them; the first
+/// failure stops the rest and is rethrown.
+ReadCounts run_read_tasks(const std::vector<ReadTask>& tasks, int threads) {
+  ReadCounts total;
+  if (tasks.empty()) return total;
+  std::atomic<std::size_t> next{0};
+  std::atomic<bool> failed{false};
+  std::exception_ptr error;
+  std::mutex mutex;
+  const auto work = [&] {
+    std::vector<char> scratch;
+    ReadCounts counts;
+    try {
+      for (std::size_t i; !failed && (i = next++) < tasks.size();) run_read_task(tasks[i], scratch, counts);
+    } catch (...) {
+      failed = true;
+      std::lock_guard lock(mutex);
+      if (!error) error = std::current_exception();
+    }
+    std::lock_guard lock(mutex);
+    total.bytes += counts.bytes;
+    total.calls += counts.calls;
+  };
+  {
+    std::vector<std::jthread> pool;  // joined when it goes, also when a thread cannot be made
+    const auto extra = std::min<std::size_t>(static_cast<std::size_t>(threads), tasks.size()) - 1;
+    for (std::size_t t = 0; t < extra; ++t) pool.emplace_back(work);
+    work();
+  }
+  if (error) std::rethrow_exception(error);
+  return total;
+}
+
+/// A tensor item whose reads are queued: committed to the planner once they
+/// are done and its CRC-32 (when it was read whole) is checked.
+struct PendingTensor {
+  const ReadItem* item = nullptr;
+  at::Tensor dest, target;
+  std::optional<std::uint32_t> whole_crc;
+  std::vector<std::pair<const std::uint32_t*, std::uint64_t>> pieces;  ///< CRC-32 and length, in order
+  const fs::path* file = nullptr;
+};
+
 }  // namespace
 
 std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner& planner) {
@@ -366,6 +478,7 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
       if (it != files.end()) return it->second;
       const fs::path file = path_ / name;
       OpenFile f;
+      f.path = file;
       f.fd = open_regular(file, false, f.size);
       if (!f.fd) {
         if (errno == ENOENT)
@@ -373,6 +486,36 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
         ckpt::detail::throw_errno("open", file, errno);
       }
       return files.emplace(name, std::move(f)).first->second;
+    };
+    // Tensor data is read in batches: the reads of a batch's items are queued
+    // as tasks and run on the reader's threads, then each item's CRC-32 is
+    // checked and it is committed. A batch ends at kBatchBytes, which bounds
+    // the memory of targets that are not their destination.
+    constexpr std::uint64_t kBatchBytes = std::uint64_t{512} << 20;
+    std::vector<ReadTask> tasks;
+    std::deque<std::uint32_t> crcs;  // the pieces' CRC-32s (stable addresses)
+    std::vector<PendingTensor> pending;
+    std::uint64_t batch_bytes = 0;
+    const auto run_batch = [&] {
+      const ReadCounts counts = run_read_tasks(tasks, options_.read_threads);
+      bytes_read_ += counts.bytes;
+      data_reads_ += counts.calls;
+      for (auto& p : pending) {
+        if (p.whole_crc) {
+          std::uint32_t crc = 0;
+          for (const auto& [piece, length] : p.pieces) crc = ckpt::detail::crc32_combine(crc, *piece, length);
+          if (crc != *p.whole_crc)
+            throw CorruptCheckpoint(
+                fmt::format("{}: chunk '{}': CRC-32 mismatch: the data is not what was saved",
+                            p.file->string(), detail::item_name(p.item->storage_index)));
+        }
+        if (!p.target.is_same(p.dest)) p.dest.copy_(p.target);
+        planner.commit_tensor(*p.item, p.dest);
+      }
+      tasks.clear();
+      crcs.clear();
+      pending.clear();
+      batch_bytes = 0;
     };
     for (const auto& item : plan.items) {
       const auto info_it = metadata_.storage_data.find(item.storage_index);
@@ -555,6 +698,17 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
       for (std::ptrdiff_t d = 0; d < k; ++d) runs *= item.lengths[static_cast<std::size_t>(d)];
       std::vector<std::int64_t> at(static_cast<std::size_t>(std::max<std::ptrdiff_t>(k, 0)), 0);
       const std::size_t run_bytes = static_cast<std::size_t>(run_elems) * elem;
+
+      PendingTensor p{&item, dest, target, std::nullopt, {}, &file.path};
+      if (whole && whole_crc && chunk_bytes > 0) p.whole_crc = whole_crc;
+      const std::size_t piece = options_.read_size;
+      ReadTask task{data_fd, &file.path, {}, nullptr};
+      std::size_t task_bytes = 0;
+      const auto queue = [&] {
+        if (!task.parts.empty()) tasks.push_back(std::move(task));
+        task = ReadTask{data_fd, &file.path, {}, nullptr};
+        task_bytes = 0;
+      };
       for (std::int64_t n = 0; n < runs && run_bytes > 0; ++n) {
         std::int64_t start =
             k >= 0 ? item.storage_offsets[static_cast<std::size_t>(k)] * stride[static_cast<std::size_t>(k)]
@@ -562,21 +716,50 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
         for (std::ptrdiff_t d = 0; d < k; ++d)
           start += (item.storage_offsets[static_cast<std::size_t>(d)] + at[static_cast<std::size_t>(d)]) *
                    stride[static_cast<std::size_t>(d)];
-        ckpt::detail::pread_full(data_fd, out, run_bytes,
-                                 data_start + static_cast<std::uint64_t>(start) * elem, file_path);
-        bytes_read_ += run_bytes;
+        const std::uint64_t offset = data_start + static_cast<std::uint64_t>(start) * elem;
+        if (run_bytes >= piece) {
+          // A long run: pieces of their own, each (when the chunk is read
+          // whole) with its CRC-32.
+          queue();
+          for (std::size_t done_bytes = 0; done_bytes < run_bytes; done_bytes += piece) {
+            const std::size_t len = std::min(piece, run_bytes - done_bytes);
+            tasks.push_back(
+                ReadTask{data_fd, &file.path, {{offset + done_bytes, out + done_bytes, len}}, nullptr});
+            if (p.whole_crc) {
+              tasks.back().crc = &crcs.emplace_back(0);
+              p.pieces.emplace_back(tasks.back().crc, len);
+            }
+          }
+        } else {
+          if (!task.parts.empty()) {
+            const ReadPart& last = task.parts.back();
+            const std::uint64_t gap = offset - (last.offset + last.bytes);
+            if (task_bytes + gap + run_bytes > piece) {
+              queue();
+            } else if (gap > 0 && gap <= options_.coalesce_gap) {
+              task.parts.push_back({last.offset + last.bytes, nullptr, static_cast<std::size_t>(gap)});
+              task_bytes += gap;
+            }
+          }
+          task.parts.push_back({offset, out, run_bytes});
+          task_bytes += run_bytes;
+        }
         out += run_bytes;
         for (std::ptrdiff_t d = k - 1; d >= 0; --d) {  // next index, last dim fastest
           if (++at[static_cast<std::size_t>(d)] < item.lengths[static_cast<std::size_t>(d)]) break;
           at[static_cast<std::size_t>(d)] = 0;
         }
       }
-      if (whole && whole_crc && chunk_bytes > 0 &&
-          ckpt::detail::crc32_of(target.data_ptr(), chunk_bytes) != *whole_crc)
-        throw bad("CRC-32 mismatch: the data is not what was saved");
-      if (!target.is_same(dest)) dest.copy_(target);
-      planner.commit_tensor(item, dest);
+      if (p.whole_crc && !task.parts.empty()) {  // a whole chunk smaller than a piece
+        task.crc = &crcs.emplace_back(0);
+        p.pieces.emplace_back(task.crc, task_bytes);
+      }
+      queue();
+      batch_bytes += static_cast<std::uint64_t>(runs) * run_bytes;
+      pending.push_back(std::move(p));
+      if (batch_bytes >= kBatchBytes) run_batch();
     }
+    run_batch();
     done.set_value();
   } catch (...) {
     done.set_exception(std::current_exception());

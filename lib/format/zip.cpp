@@ -3,6 +3,7 @@
 #include "core/io.hpp"
 
 #include <libdeflate.h>
+#include <zlib.h>
 
 #include <fmt/format.h>
 
@@ -13,6 +14,9 @@ namespace ckpt::detail {
 
 std::uint32_t crc32_of(const void* data, std::size_t size, std::uint32_t crc) {
   return libdeflate_crc32(crc, data, size);  // zlib's polynomial, about three times as fast
+}
+std::uint32_t crc32_combine(std::uint32_t first, std::uint32_t second, std::uint64_t second_size) {
+  return static_cast<std::uint32_t>(::crc32_combine64(first, second, static_cast<z_off64_t>(second_size)));
 }
 namespace {
 

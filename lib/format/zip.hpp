@@ -47,6 +47,9 @@ std::uint64_t get64(const unsigned char* p);
 
 /// The zip CRC-32 of `data[0, size)`, continuing from `crc` (0 to start).
 std::uint32_t crc32_of(const void* data, std::size_t size, std::uint32_t crc = 0);
+/// The CRC-32 of two byte strings one after the other, from theirs and the
+/// second one's length.
+std::uint32_t crc32_combine(std::uint32_t first, std::uint32_t second, std::uint64_t second_size);
 
 /// The parsed directory of an archive.
 struct Directory {

@@ -115,13 +115,29 @@ class FileSystemWriter : public StorageWriter {
   FileSystemWriterOptions options_;
 };
 
+struct FileSystemReaderOptions {
+  /// Reads in flight at once during read_data: threads, the caller's among
+  /// them (1: the caller's thread alone). Cold storage needs several to reach
+  /// its bandwidth.
+  int read_threads = 4;
+  /// The most one read asks for: a chunk read whole is read in pieces of this
+  /// size, spread over the threads (each piece's CRC-32 computed by the thread
+  /// that read it and combined).
+  std::size_t read_size = std::size_t{4} << 20;
+  /// Two ranges of one chunk at most this many bytes apart are read by one
+  /// vectored read, the gap read into scratch memory (a column shard of
+  /// narrow rows: one read for many rows instead of one per row). 0: only the
+  /// bytes asked for are read.
+  std::size_t coalesce_gap = 4096;
+};
+
 /// Loads from a directory a FileSystemWriter saved to, or Python's
 /// FileSystemWriter of torch 1.13 or 2.x. Everything read is checked: the
 /// metadata's classes (an allowlist), bounds and file names; every item's
 /// bounds against its file; the CRC-32 of every record read whole.
 class FileSystemReader : public StorageReader {
  public:
-  explicit FileSystemReader(std::filesystem::path path);
+  explicit FileSystemReader(std::filesystem::path path, FileSystemReaderOptions options = {});
   void reset(const std::optional<std::filesystem::path>& checkpoint_id = std::nullopt) override;
   CheckpointMetadata read_metadata() override;
   /// True: it needs nothing of the metadata but what set_up_storage_reader gives.
@@ -135,11 +151,16 @@ class FileSystemReader : public StorageReader {
   /// Bytes read from storage since construction: metadata, chunk data and the
   /// data files' own headers where a non-tensor value was read.
   std::uint64_t bytes_read() const { return bytes_read_; }
+  /// Read calls (pread or preadv) that fetched tensor data since construction.
+  std::uint64_t data_reads() const { return data_reads_; }
+  const FileSystemReaderOptions& options() const { return options_; }
 
  private:
   std::filesystem::path path_;
+  FileSystemReaderOptions options_;
   CheckpointMetadata metadata_;
   std::atomic<std::uint64_t> bytes_read_{0};
+  std::atomic<std::uint64_t> data_reads_{0};
 };
 
 /// Reads and checks a checkpoint directory's `.metadata` (NotFound when there
