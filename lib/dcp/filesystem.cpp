@@ -364,69 +364,83 @@ const ChunkStorageMetadata& saved_chunk(const CheckpointMetadata& md, const Meta
   throw Error(fmt::format("no saved chunk of '{}' at [{}]", index.fqn, fmt::join(*index.offset, ", ")));
 }
 
-/// A range of a read: `bytes` bytes of the file from `offset` on, into `out`;
-/// a null `out` is a gap, read into scratch memory only so that the ranges
-/// around it are read by one call.
+/// Ranges of a read, `count` of `bytes` bytes each: the first at `offset` in
+/// the file, the next ones `stride` bytes further each; into memory one after
+/// the other from `out` on.
 struct ReadPart {
   std::uint64_t offset = 0;
   char* out = nullptr;
   std::size_t bytes = 0;
+  std::size_t count = 1;
+  std::uint64_t stride = 0;
 };
 
-/// Reads that one thread does in a row: parts of one file, in file order.
+/// Reads that one thread does in a row, from one file.
 struct ReadTask {
   int fd = -1;
   const fs::path* file = nullptr;
   std::vector<ReadPart> parts;
-  std::uint32_t* crc = nullptr;  ///< when set: the CRC-32 of the parts' bytes, in order
+  /// When set: the CRC-32 of the bytes read (parts of one range each).
+  std::uint32_t* crc = nullptr;
 };
 
 struct ReadCounts {
   std::uint64_t bytes = 0, calls = 0;
 };
 
-/// Runs one task: parts that follow each other in the file are read by one
-/// vectored call.
-void run_read_task(const ReadTask& task, std::vector<char>& scratch, ReadCounts& counts) {
-  constexpr std::size_t kIovMax = 1024;
-  std::size_t gaps = 0;
-  for (const auto& p : task.parts)
-    if (!p.out) gaps += p.bytes;
-  if (scratch.size() < gaps) scratch.resize(gaps);
-  std::vector<iovec> iov;
-  iov.reserve(std::min(task.parts.size(), kIovMax));
-  char* gap = scratch.data();
+/// Runs one task. The ranges of a part at most `coalesce_gap` apart are read
+/// together: small ones (a column of narrow rows) by one read of their span
+/// into scratch memory and copies out of it (cheaper than the kernel's cost
+/// per buffer), larger ones by vectored reads of up to 1,024 buffers, the
+/// gaps into scratch memory. Other ranges are read one by one.
+void run_read_task(const ReadTask& task, std::size_t coalesce_gap, std::vector<char>& scratch,
+                   ReadCounts& counts) {
+  constexpr std::size_t kSmallRange = 4096, kRangesPerCall = 512;  // 1,023 buffers
   std::uint32_t crc = 0;
-  for (std::size_t i = 0; i < task.parts.size();) {
-    iov.clear();
-    const std::uint64_t at = task.parts[i].offset;
-    std::uint64_t end = at;
-    for (; i < task.parts.size() && task.parts[i].offset == end && iov.size() < kIovMax; ++i) {
-      const ReadPart& p = task.parts[i];
-      char* to = p.out;
-      if (!to) {
-        to = gap;
-        gap += p.bytes;
+  std::vector<iovec> iov;
+  for (const ReadPart& p : task.parts) {
+    const std::uint64_t gap = p.count > 1 ? p.stride - p.bytes : 0;
+    if (p.count == 1 || gap > coalesce_gap) {
+      for (std::size_t r = 0; r < p.count; ++r) {
+        char* to = p.out + r * p.bytes;
+        ckpt::detail::pread_full(task.fd, to, p.bytes, p.offset + r * p.stride, *task.file);
+        if (task.crc) crc = ckpt::detail::crc32_of(to, p.bytes, crc);
+        counts.bytes += p.bytes;
+        ++counts.calls;
       }
-      iov.push_back({to, p.bytes});
-      end += p.bytes;
+      continue;
     }
-    if (iov.size() == 1)
-      ckpt::detail::pread_full(task.fd, iov[0].iov_base, iov[0].iov_len, at, *task.file);
-    else
-      ckpt::detail::preadv_full(task.fd, std::vector<iovec>(iov).data(), static_cast<int>(iov.size()), at,
+    if (p.bytes < kSmallRange) {
+      const auto span = static_cast<std::size_t>((p.count - 1) * p.stride + p.bytes);
+      if (scratch.size() < span) scratch.resize(span);
+      ckpt::detail::pread_full(task.fd, scratch.data(), span, p.offset, *task.file);
+      for (std::size_t r = 0; r < p.count; ++r)
+        std::memcpy(p.out + r * p.bytes, scratch.data() + r * p.stride, p.bytes);
+      counts.bytes += span;
+      ++counts.calls;
+      continue;
+    }
+    // Every gap is read into the same scratch bytes: they are thrown away.
+    if (scratch.size() < gap) scratch.resize(static_cast<std::size_t>(gap));
+    for (std::size_t r = 0; r < p.count; r += kRangesPerCall) {
+      const std::size_t n = std::min(kRangesPerCall, p.count - r);
+      iov.clear();
+      for (std::size_t q = r; q < r + n; ++q) {
+        if (q > r) iov.push_back({scratch.data(), static_cast<std::size_t>(gap)});
+        iov.push_back({p.out + q * p.bytes, p.bytes});
+      }
+      ckpt::detail::preadv_full(task.fd, iov.data(), static_cast<int>(iov.size()), p.offset + r * p.stride,
                                 *task.file);
-    if (task.crc)
-      for (const auto& v : iov) crc = ckpt::detail::crc32_of(v.iov_base, v.iov_len, crc);
-    counts.bytes += end - at;
-    ++counts.calls;
+      counts.bytes += (n - 1) * p.stride + p.bytes;
+      ++counts.calls;
+    }
   }
   if (task.crc) *task.crc = crc;
 }
 
 /// Runs `tasks` on up to `threads` threads, the caller's among them; the first
 /// failure stops the rest and is rethrown.
-ReadCounts run_read_tasks(const std::vector<ReadTask>& tasks, int threads) {
+ReadCounts run_read_tasks(const std::vector<ReadTask>& tasks, int threads, std::size_t coalesce_gap) {
   ReadCounts total;
   if (tasks.empty()) return total;
   std::atomic<std::size_t> next{0};
@@ -437,7 +451,8 @@ ReadCounts run_read_tasks(const std::vector<ReadTask>& tasks, int threads) {
     std::vector<char> scratch;
     ReadCounts counts;
     try {
-      for (std::size_t i; !failed && (i = next++) < tasks.size();) run_read_task(tasks[i], scratch, counts);
+      for (std::size_t i; !failed && (i = next++) < tasks.size();)
+        run_read_task(tasks[i], coalesce_gap, scratch, counts);
     } catch (...) {
       failed = true;
       std::lock_guard lock(mutex);
@@ -497,7 +512,7 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
     std::vector<PendingTensor> pending;
     std::uint64_t batch_bytes = 0;
     const auto run_batch = [&] {
-      const ReadCounts counts = run_read_tasks(tasks, options_.read_threads);
+      const ReadCounts counts = run_read_tasks(tasks, options_.read_threads, options_.coalesce_gap);
       bytes_read_ += counts.bytes;
       data_reads_ += counts.calls;
       for (auto& p : pending) {
@@ -680,8 +695,9 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
       at::Tensor target = dest.is_contiguous() ? dest : at::empty(dest.sizes(), dest.options());
       auto* out = static_cast<char*>(target.data_ptr());
 
-      // The region is a set of runs, contiguous in the saved chunk: the dims
-      // after the last one not read whole are read whole.
+      // The region is a set of ranges, contiguous in the saved chunk: the dims
+      // after the last one not read whole (k) are read whole. The ranges
+      // along dim k - 1 lie a fixed stride apart: one part each.
       std::ptrdiff_t k = static_cast<std::ptrdiff_t>(dims) - 1;
       while (k >= 0 && item.storage_offsets[static_cast<std::size_t>(k)] == 0 &&
              item.lengths[static_cast<std::size_t>(k)] == chunk.sizes[static_cast<std::size_t>(k)])
@@ -690,64 +706,65 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
       for (std::ptrdiff_t d = static_cast<std::ptrdiff_t>(dims) - 2; d >= 0; --d)
         stride[static_cast<std::size_t>(d)] =
             stride[static_cast<std::size_t>(d) + 1] * chunk.sizes[static_cast<std::size_t>(d) + 1];
-      const bool whole = k < 0;
-      const std::int64_t run_elems =
-          k < 0 ? volume(chunk.sizes)
-                : item.lengths[static_cast<std::size_t>(k)] * stride[static_cast<std::size_t>(k)];
-      std::int64_t runs = 1;
-      for (std::ptrdiff_t d = 0; d < k; ++d) runs *= item.lengths[static_cast<std::size_t>(d)];
-      std::vector<std::int64_t> at(static_cast<std::size_t>(std::max<std::ptrdiff_t>(k, 0)), 0);
-      const std::size_t run_bytes = static_cast<std::size_t>(run_elems) * elem;
+      const auto uk = static_cast<std::size_t>(std::max<std::ptrdiff_t>(k, 0));
+      const std::size_t range_bytes =
+          static_cast<std::size_t>(k < 0 ? volume(chunk.sizes) : item.lengths[uk] * stride[uk]) * elem;
+      // Dims [0, k - 1) are walked; dim k - 1 (when k > 0) is each part's ranges.
+      const std::size_t walked = k > 0 ? uk - 1 : 0;
+      const std::size_t per_part = k > 0 ? static_cast<std::size_t>(item.lengths[uk - 1]) : 1;
+      const std::uint64_t part_stride = k > 0 ? static_cast<std::uint64_t>(stride[uk - 1]) * elem : 0;
+      std::int64_t parts = 1;
+      for (std::size_t d = 0; d < walked; ++d) parts *= item.lengths[d];
+      std::vector<std::int64_t> at(walked, 0);
 
       PendingTensor p{&item, dest, target, std::nullopt, {}, &file.path};
-      if (whole && whole_crc && chunk_bytes > 0) p.whole_crc = whole_crc;
+      if (k < 0 && whole_crc && chunk_bytes > 0) p.whole_crc = whole_crc;
       const std::size_t piece = options_.read_size;
       ReadTask task{data_fd, &file.path, {}, nullptr};
-      std::size_t task_bytes = 0;
+      std::uint64_t task_bytes = 0;
       const auto queue = [&] {
         if (!task.parts.empty()) tasks.push_back(std::move(task));
         task = ReadTask{data_fd, &file.path, {}, nullptr};
         task_bytes = 0;
       };
-      for (std::int64_t n = 0; n < runs && run_bytes > 0; ++n) {
-        std::int64_t start =
-            k >= 0 ? item.storage_offsets[static_cast<std::size_t>(k)] * stride[static_cast<std::size_t>(k)]
-                   : 0;
-        for (std::ptrdiff_t d = 0; d < k; ++d)
-          start += (item.storage_offsets[static_cast<std::size_t>(d)] + at[static_cast<std::size_t>(d)]) *
-                   stride[static_cast<std::size_t>(d)];
+      for (std::int64_t n = 0; n < parts && range_bytes > 0 && per_part > 0; ++n) {
+        std::int64_t start = k >= 0 ? item.storage_offsets[uk] * stride[uk] : 0;
+        if (k > 0) start += item.storage_offsets[uk - 1] * stride[uk - 1];
+        for (std::size_t d = 0; d < walked; ++d) start += (item.storage_offsets[d] + at[d]) * stride[d];
         const std::uint64_t offset = data_start + static_cast<std::uint64_t>(start) * elem;
-        if (run_bytes >= piece) {
-          // A long run: pieces of their own, each (when the chunk is read
+        if (range_bytes >= piece) {
+          // Long ranges: pieces of their own, each (when the chunk is read
           // whole) with its CRC-32.
-          queue();
-          for (std::size_t done_bytes = 0; done_bytes < run_bytes; done_bytes += piece) {
-            const std::size_t len = std::min(piece, run_bytes - done_bytes);
-            tasks.push_back(
-                ReadTask{data_fd, &file.path, {{offset + done_bytes, out + done_bytes, len}}, nullptr});
-            if (p.whole_crc) {
-              tasks.back().crc = &crcs.emplace_back(0);
-              p.pieces.emplace_back(tasks.back().crc, len);
+          for (std::size_t r = 0; r < per_part; ++r)
+            for (std::size_t done_bytes = 0; done_bytes < range_bytes; done_bytes += piece) {
+              const std::size_t len = std::min(piece, range_bytes - done_bytes);
+              tasks.push_back(ReadTask{data_fd,
+                                       &file.path,
+                                       {{offset + r * part_stride + done_bytes, out + done_bytes, len}},
+                                       nullptr});
+              if (p.whole_crc) {
+                tasks.back().crc = &crcs.emplace_back(0);
+                p.pieces.emplace_back(tasks.back().crc, len);
+              }
+              if (done_bytes + len == range_bytes) out += range_bytes;
             }
-          }
         } else {
-          if (!task.parts.empty()) {
-            const ReadPart& last = task.parts.back();
-            const std::uint64_t gap = offset - (last.offset + last.bytes);
-            if (task_bytes + gap + run_bytes > piece) {
-              queue();
-            } else if (gap > 0 && gap <= options_.coalesce_gap) {
-              task.parts.push_back({last.offset + last.bytes, nullptr, static_cast<std::size_t>(gap)});
-              task_bytes += gap;
-            }
+          // Parts of at most `piece` bytes of span; tasks of about `piece`.
+          const std::size_t fit =
+              per_part == 1 ? 1
+                            : std::max<std::size_t>(
+                                  1, static_cast<std::size_t>((piece - range_bytes) / part_stride + 1));
+          for (std::size_t r = 0; r < per_part; r += fit) {
+            const std::size_t count = std::min(fit, per_part - r);
+            task.parts.push_back({offset + r * part_stride, out, range_bytes, count, part_stride});
+            out += count * range_bytes;
+            task_bytes += count > 1 ? (count - 1) * part_stride + range_bytes : range_bytes;
+            if (task_bytes >= piece) queue();
           }
-          task.parts.push_back({offset, out, run_bytes});
-          task_bytes += run_bytes;
         }
-        out += run_bytes;
-        for (std::ptrdiff_t d = k - 1; d >= 0; --d) {  // next index, last dim fastest
-          if (++at[static_cast<std::size_t>(d)] < item.lengths[static_cast<std::size_t>(d)]) break;
-          at[static_cast<std::size_t>(d)] = 0;
+        for (std::size_t d = walked; d-- > 0;) {  // next index, last dim fastest
+          if (++at[d] < item.lengths[d]) break;
+          at[d] = 0;
         }
       }
       if (p.whole_crc && !task.parts.empty()) {  // a whole chunk smaller than a piece
@@ -755,7 +772,7 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
         p.pieces.emplace_back(task.crc, task_bytes);
       }
       queue();
-      batch_bytes += static_cast<std::uint64_t>(runs) * run_bytes;
+      batch_bytes += static_cast<std::uint64_t>(parts) * per_part * range_bytes;
       pending.push_back(std::move(p));
       if (batch_bytes >= kBatchBytes) run_batch();
     }
