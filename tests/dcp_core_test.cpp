@@ -50,6 +50,16 @@ ShardedTensor sharded_of(const at::Tensor& global, std::int64_t world, std::int6
       [&](const Sizes& sizes, c10::Device) { return at::zeros(sizes, global.options()); });
 }
 
+/// The data file holding the chunk of `fqn` at `offsets` in the checkpoint
+/// `dir`, and where its tensor record's bytes start in that file.
+std::pair<std::filesystem::path, std::uint64_t> tensor_record(const std::filesystem::path& dir,
+                                                              const std::string& fqn, const Sizes& offsets) {
+  const auto md = dcp::read_checkpoint_metadata(dir);
+  const auto& info = md.storage_data.at(dcp::MetadataIndex{fqn, offsets, std::nullopt});
+  ckpt::FileReader archive(dir / info.relative_path, info.offset, info.length);
+  return {dir / info.relative_path, archive.storage_record(*archive.root().tensor).data_offset};
+}
+
 /// Fills `st`'s local shards with their slices of `global`.
 void fill(ShardedTensor& st, const at::Tensor& global) {
   for (auto& s : st.local_shards()) {
@@ -632,11 +642,8 @@ BOOST_AUTO_TEST_CASE(a_chunk_read_in_pieces_on_several_threads_is_checked_whole)
   BOOST_TEST(load({}) == 1u);  // 4 MiB pieces: one read
 
   // A flipped byte in piece 100 fails the CRC-32 of the whole chunk.
-  const auto md = dcp::read_checkpoint_metadata(dir.path());
-  const auto& info = md.storage_data.at(dcp::MetadataIndex{"big", Sizes{0, 0}, std::nullopt});
-  ckpt::FileReader archive(dir / info.relative_path, info.offset, info.length);
-  const auto rec = archive.storage_record(*archive.root().tensor);
-  ckpt::test::flip_byte(dir / info.relative_path, rec.data_offset + 100 * 4096 + 7);
+  const auto [data, record] = tensor_record(dir.path(), "big", Sizes{0, 0});
+  ckpt::test::flip_byte(data, record + 100 * 4096 + 7);
   for (const int threads : {1, 3}) {
     DcpStateDict loaded{{"big", at::zeros({512, 512})}};
     dcp::FileSystemReader reader(dir.path(), {.read_threads = threads, .read_size = 4096});
@@ -647,6 +654,55 @@ BOOST_AUTO_TEST_CASE(a_chunk_read_in_pieces_on_several_threads_is_checked_whole)
     BOOST_TEST(e.failures().at(0).message.find("big") != std::string::npos, e.failures().at(0).message);
   }
   BOOST_CHECK_THROW(dcp::FileSystemReader(dir.path(), {.read_threads = 0}), ckpt::Error);
+}
+
+BOOST_AUTO_TEST_CASE(a_partial_read_is_checked_block_by_block) {
+  // ckpt's writers keep a CRC-32 per 4 KiB block of every record after a data
+  // file's archives: a load that reads part of a chunk checks what it reads,
+  // which the record's one CRC-32 cannot do.
+  TempDir dir;
+  const at::Tensor big = at::arange(256 * 1024, at::kFloat).reshape({256, 1024});  // rows of 4 KiB
+  dcp::FileSystemWriter writer(dir.path());
+  dcp::save_state_dict(DcpStateDict{{"big", big}}, writer, nullptr, nullptr, 0, true);
+  const auto [data, record] = tensor_record(dir.path(), "big", Sizes{0, 0});
+  // Rank `rank` of 2 loads its half of the rows (dim 0) or of the columns (dim 1).
+  const auto load_half = [&](std::int64_t dim, std::int64_t rank, dcp::FileSystemReaderOptions options = {}) {
+    const ChunkShardingSpec spec{dim, {"rank:0/cpu", "rank:1/cpu"}};
+    DcpStateDict loaded{{"big", ShardedTensor::zeros(spec, {256, 1024}, rank, at::kFloat)}};
+    dcp::FileSystemReader reader(dir.path(), options);
+    dcp::load_state_dict(loaded, reader, nullptr, nullptr, 0, true);
+    return std::get<ShardedTensor>(loaded[0].second).local_shards().at(0).tensor;
+  };
+  BOOST_TEST(ckpt::test::identical(load_half(0, 1), big.narrow(0, 128, 128)));
+  BOOST_TEST(ckpt::test::identical(load_half(1, 0), big.narrow(1, 0, 512)));
+
+  // A flipped byte in row 200 (block 200): a load that reads any of that
+  // block fails, naming it; the half of the rows without it loads.
+  ckpt::test::flip_byte(data, record + 200 * 4096 + 100);
+  for (const auto& [dim, rank] : {std::pair<std::int64_t, std::int64_t>{0, 1}, {1, 0}, {1, 1}}) {
+    BOOST_TEST_CONTEXT("rank " << rank << "'s half along dim " << dim) {
+      const auto e = checkpoint_exception([&] { load_half(dim, rank); });
+      const auto& f = e.failures().at(0);
+      BOOST_TEST(f.type == "CorruptCheckpoint");
+      BOOST_TEST(f.message.find("block 200 ") != std::string::npos, f.message);
+      BOOST_TEST(f.message.find("CRC-32") != std::string::npos, f.message);
+      BOOST_TEST(f.message.find("big") != std::string::npos, f.message);
+    }
+  }
+  BOOST_TEST(ckpt::test::identical(load_half(0, 0), big.narrow(0, 0, 128)));
+  // Unchecked, the damage goes through: what the blocks' CRCs buy.
+  BOOST_TEST(!ckpt::test::identical(load_half(0, 1, {.verify_blocks = false}), big.narrow(0, 128, 128)));
+  ckpt::test::flip_byte(data, record + 200 * 4096 + 100);
+
+  // A damaged table is reported as such.
+  const auto size = std::filesystem::file_size(data);
+  ckpt::test::flip_byte(data, size - 30);
+  const auto e = checkpoint_exception([&] { load_half(0, 1); });
+  BOOST_TEST(e.failures().at(0).type == "CorruptCheckpoint");
+  BOOST_TEST(e.failures().at(0).message.find("table of block CRC-32s is damaged") != std::string::npos,
+             e.failures().at(0).message);
+  ckpt::test::flip_byte(data, size - 30);
+  BOOST_TEST(ckpt::test::identical(load_half(0, 1), big.narrow(0, 128, 128)));
 }
 
 BOOST_AUTO_TEST_CASE(a_column_shard_of_narrow_rows_is_read_by_a_few_reads) {
@@ -665,10 +721,10 @@ BOOST_AUTO_TEST_CASE(a_column_shard_of_narrow_rows_is_read_by_a_few_reads) {
     BOOST_TEST(ckpt::test::identical(shard, narrow.narrow(1, 0, 8)));
     return reader;
   };
-  const auto exact = load({.coalesce_gap = 0});
+  const auto exact = load({.coalesce_gap = 0, .verify_blocks = false});
   BOOST_TEST(exact->data_reads() == 4096u);  // one read per row
   // The default joins the ranges and their 4095 gaps: one read of the span.
-  const auto joined = load({});
+  const auto joined = load({.verify_blocks = false});
   BOOST_TEST(joined->data_reads() == 1u);
   BOOST_TEST(joined->bytes_read() == exact->bytes_read() + 4095 * 32);
 
@@ -681,7 +737,7 @@ BOOST_AUTO_TEST_CASE(a_column_shard_of_narrow_rows_is_read_by_a_few_reads) {
   dcp::save_state_dict(DcpStateDict{{"wide", wide}}, wide_writer, nullptr, nullptr, 0, true);
   for (const std::size_t gap : {std::size_t{0}, std::size_t{8192}}) {
     DcpStateDict loaded{{"wide", ShardedTensor::zeros(by_columns, {64, 4096}, 0, at::kFloat)}};
-    dcp::FileSystemReader reader(wide_dir.path(), {.coalesce_gap = gap});
+    dcp::FileSystemReader reader(wide_dir.path(), {.coalesce_gap = gap, .verify_blocks = false});
     dcp::load_state_dict(loaded, reader, nullptr, nullptr, 0, true);
     const auto& shard = std::get<ShardedTensor>(loaded[0].second).local_shards().at(0).tensor;
     BOOST_TEST(ckpt::test::identical(shard, wide.narrow(1, 0, 2048)));
@@ -702,7 +758,7 @@ BOOST_AUTO_TEST_CASE(a_column_shard_of_narrow_rows_is_read_by_a_few_reads) {
   for (const std::size_t gap : {std::size_t{0}, std::size_t{4096}}) {
     const ChunkShardingSpec by_dim2{2, {"rank:0/cpu", "rank:1/cpu"}};
     DcpStateDict loaded{{"cube", ShardedTensor::zeros(by_dim2, {6, 10, 12}, 1, at::kFloat)}};
-    dcp::FileSystemReader reader(cube_dir.path(), {.coalesce_gap = gap});
+    dcp::FileSystemReader reader(cube_dir.path(), {.coalesce_gap = gap, .verify_blocks = false});
     dcp::load_state_dict(loaded, reader, nullptr, nullptr, 0, true);
     const auto& shard = std::get<ShardedTensor>(loaded[0].second).local_shards().at(0).tensor;
     BOOST_TEST(ckpt::test::identical(shard, cube.narrow(2, 6, 6)));
@@ -753,11 +809,7 @@ BOOST_AUTO_TEST_CASE(corrupt_checkpoints_are_reported_and_never_followed) {
   // A flipped byte in a tensor's data: its record's CRC-32 says so.
   const auto md = dcp::read_checkpoint_metadata(dir.path());
   const auto& w = md.storage_data.at(dcp::MetadataIndex{"w", Sizes{0, 0}, std::nullopt});
-  const auto data = dir / w.relative_path;
-  const auto w_data = [&] {
-    ckpt::FileReader archive(data, w.offset, w.length);
-    return archive.storage_record(*archive.root().tensor).data_offset;
-  }();
+  const auto [data, w_data] = tensor_record(dir.path(), "w", Sizes{0, 0});
   ckpt::test::flip_byte(data, w_data + 5);
   auto f = load_error();
   BOOST_TEST(f.type == "CorruptCheckpoint");

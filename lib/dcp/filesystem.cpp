@@ -10,6 +10,7 @@
 #include "dcp/serialize.hpp"
 #include "dcp/torch_metadata.hpp"
 #include "dcp/volume.hpp"
+#include "format/block_crcs.hpp"
 #include "format/file_writer.hpp"
 #include "format/plan_layout.hpp"
 #include "format/unpickler.hpp"
@@ -293,6 +294,9 @@ struct OpenFile {
   fs::path path;
   ckpt::detail::Fd fd;
   std::uint64_t size = 0;
+  /// Its table of block CRC-32s, once looked for (empty: it has none).
+  std::optional<std::vector<ckpt::detail::BlockCrcs>> blocks;
+  bool blocks_read = false;
   std::unique_ptr<FileReader> archive;  // only when a value is read from it
   /// The torch.save archives of PyTorch's DCP items, by offset, once opened.
   std::map<std::uint64_t, std::unique_ptr<FileReader>> items;
@@ -382,6 +386,10 @@ struct ReadTask {
   std::vector<ReadPart> parts;
   /// When set: the CRC-32 of the bytes read (parts of one range each).
   std::uint32_t* crc = nullptr;
+  /// When set: the block CRC-32s of the record the parts lie in; every range
+  /// is read widened to whole blocks, and each block checked.
+  const ckpt::detail::BlockCrcs* blocks = nullptr;
+  const ReadItem* item = nullptr;  ///< what the parts are of (for errors)
 };
 
 struct ReadCounts {
@@ -393,11 +401,59 @@ struct ReadCounts {
 /// into scratch memory and copies out of it (cheaper than the kernel's cost
 /// per buffer), larger ones by vectored reads of up to 1,024 buffers, the
 /// gaps into scratch memory. Other ranges are read one by one.
+/// Reads the bytes [from, to) of `task`'s file, widened to the whole blocks
+/// of its record that hold them, into `scratch`; checks every block against
+/// its CRC-32. Returns where `from`'s byte is in `scratch`.
+const char* read_checked(const ReadTask& task, std::uint64_t from, std::uint64_t to,
+                         std::vector<char>& scratch, ReadCounts& counts) {
+  using ckpt::detail::kCrcBlock;
+  const ckpt::detail::BlockCrcs& b = *task.blocks;
+  const std::uint64_t first = (from - b.data_offset) / kCrcBlock;
+  const std::uint64_t lo = b.data_offset + first * kCrcBlock;
+  const std::uint64_t hi = std::min(
+      b.data_offset + (to - b.data_offset + kCrcBlock - 1) / kCrcBlock * kCrcBlock, b.data_offset + b.size);
+  const auto n = static_cast<std::size_t>(hi - lo);
+  if (scratch.size() < n) scratch.resize(n);
+  ckpt::detail::pread_full(task.fd, scratch.data(), n, lo, *task.file);
+  counts.bytes += n;
+  ++counts.calls;
+  for (std::uint64_t at = lo, block = first; at < hi; at += kCrcBlock, ++block) {
+    const auto len = static_cast<std::size_t>(std::min(kCrcBlock, hi - at));
+    if (ckpt::detail::crc32_of(scratch.data() + (at - lo), len) != b.crcs[static_cast<std::size_t>(block)])
+      throw CorruptCheckpoint(
+          fmt::format("{}: chunk '{}': block {} of its record (bytes [{}, {}) of the file) fails its CRC-32: "
+                      "the data is not what was saved",
+                      task.file->string(), detail::item_name(task.item->storage_index), block, at, at + len));
+  }
+  return scratch.data() + (from - lo);
+}
+
 void run_read_task(const ReadTask& task, std::size_t coalesce_gap, std::vector<char>& scratch,
                    ReadCounts& counts) {
   constexpr std::size_t kSmallRange = 4096, kRangesPerCall = 512;  // 1,023 buffers
   std::uint32_t crc = 0;
   std::vector<iovec> iov;
+  if (task.blocks) {
+    // Checked reads: each range (or span of ranges joined) widened to
+    // blocks, read into scratch memory and copied out. Ranges less than a
+    // block apart share blocks: always joined.
+    const std::uint64_t join = std::max<std::uint64_t>(coalesce_gap, ckpt::detail::kCrcBlock);
+    for (const ReadPart& p : task.parts) {
+      const std::uint64_t gap = p.count > 1 ? p.stride - p.bytes : 0;
+      if (p.count == 1 || gap > join) {
+        for (std::size_t r = 0; r < p.count; ++r) {
+          const std::uint64_t at = p.offset + r * p.stride;
+          std::memcpy(p.out + r * p.bytes, read_checked(task, at, at + p.bytes, scratch, counts), p.bytes);
+        }
+      } else {
+        const char* src =
+            read_checked(task, p.offset, p.offset + (p.count - 1) * p.stride + p.bytes, scratch, counts);
+        for (std::size_t r = 0; r < p.count; ++r)
+          std::memcpy(p.out + r * p.bytes, src + r * p.stride, p.bytes);
+      }
+    }
+    return;
+  }
   for (const ReadPart& p : task.parts) {
     const std::uint64_t gap = p.count > 1 ? p.stride - p.bytes : 0;
     if (p.count == 1 || gap > coalesce_gap) {
@@ -639,6 +695,7 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
       std::uint64_t data_start = info.offset;
       int data_fd = file.fd.get();  // where data_start is: the file, or a transformed item's plain archive
       std::optional<std::uint32_t> whole_crc;
+      std::uint64_t record_offset = 0, record_size = 0;  // of the storage record (archives)
       if (info.archive) {
         FileReader& archive = item_archive();
         if (const auto* plain = plain_archive()) data_fd = plain->first.get();
@@ -675,6 +732,8 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
         if (skip > rec.size || chunk_bytes > rec.size - skip)
           throw bad(fmt::format("the tensor reaches past its storage record of {} bytes", rec.size));
         data_start = rec.data_offset + skip;
+        record_offset = rec.data_offset;
+        record_size = rec.size;
         if (skip == 0 && chunk_bytes == rec.size) whole_crc = rec.crc32;
       } else {
         if (info.length != chunk_bytes)
@@ -719,12 +778,34 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
 
       PendingTensor p{&item, dest, target, std::nullopt, {}, &file.path};
       if (k < 0 && whole_crc && chunk_bytes > 0) p.whole_crc = whole_crc;
+      // A part of a record, read from the file itself: checked block by
+      // block where the file has a table of block CRC-32s (ckpt's writers
+      // keep one; PyTorch's do not).
+      const ckpt::detail::BlockCrcs* blocks = nullptr;
+      if (!p.whole_crc && info.archive && data_fd == file.fd.get() && options_.verify_blocks &&
+          chunk_bytes > 0) {
+        if (!file.blocks_read) {
+          std::uint64_t n = 0;
+          file.blocks = ckpt::detail::read_block_table(file.fd.get(), file.size, file.path, n);
+          file.blocks_read = true;
+          bytes_read_ += n;
+        }
+        if (file.blocks) {
+          const auto& table = *file.blocks;
+          const auto it = std::lower_bound(table.begin(), table.end(), record_offset,
+                                           [](const auto& e, std::uint64_t v) { return e.data_offset < v; });
+          if (it == table.end() || it->data_offset != record_offset || it->size != record_size)
+            throw bad(fmt::format("the file's table of block CRC-32s has no entry for its record at byte {}",
+                                  record_offset));
+          blocks = &*it;
+        }
+      }
       const std::size_t piece = options_.read_size;
-      ReadTask task{data_fd, &file.path, {}, nullptr};
+      ReadTask task{data_fd, &file.path, {}, nullptr, blocks, &item};
       std::uint64_t task_bytes = 0;
       const auto queue = [&] {
         if (!task.parts.empty()) tasks.push_back(std::move(task));
-        task = ReadTask{data_fd, &file.path, {}, nullptr};
+        task = ReadTask{data_fd, &file.path, {}, nullptr, blocks, &item};
         task_bytes = 0;
       };
       for (std::int64_t n = 0; n < parts && range_bytes > 0 && per_part > 0; ++n) {
@@ -741,7 +822,9 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
               tasks.push_back(ReadTask{data_fd,
                                        &file.path,
                                        {{offset + r * part_stride + done_bytes, out + done_bytes, len}},
-                                       nullptr});
+                                       nullptr,
+                                       blocks,
+                                       &item});
               if (p.whole_crc) {
                 tasks.back().crc = &crcs.emplace_back(0);
                 p.pieces.emplace_back(tasks.back().crc, len);

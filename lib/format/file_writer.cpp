@@ -25,6 +25,8 @@
 
 #include "core/io.hpp"
 #include "format/file_writer.hpp"
+
+#include "format/block_crcs.hpp"
 #include "format/plan_layout.hpp"
 #include "format/zip.hpp"
 #include "format/zip_image.hpp"
@@ -286,7 +288,8 @@ struct Patch {
   std::uint64_t offset;
   std::array<unsigned char, 4> bytes;
 };
-std::uint64_t stream(Sink& sink, Layout& layout, std::uint64_t base, std::vector<Patch>& patches) {
+std::uint64_t stream(Sink& sink, Layout& layout, std::uint64_t base, std::vector<Patch>& patches,
+                     std::vector<BlockCrcs>* table = nullptr) {
   ZipImage zip = zip_image(layout);
   std::vector<std::size_t> patched;
   for (std::size_t i = 0; i < layout.records.size(); ++i) {
@@ -302,8 +305,17 @@ std::uint64_t stream(Sink& sink, Layout& layout, std::uint64_t base, std::vector
       p = static_cast<const char*>(fetched.data());
     }
     const bool small = r.size <= kCrcSlice;
+    std::vector<std::uint32_t>* blocks = nullptr;
+    if (table) {
+      table->push_back({base + zip.records()[i].data_offset, r.size, {}});
+      blocks = &table->back().crcs;
+    }
+    const auto crc_of = [blocks](const char* data, std::uint64_t size) {
+      return blocks ? crc32_blocks(data, static_cast<std::size_t>(size), *blocks)
+                    : crc32_of(data, static_cast<std::size_t>(size));
+    };
     if (small)
-      zip.set_crc(i, crc32_of(p, static_cast<std::size_t>(r.size)));
+      zip.set_crc(i, crc_of(p, r.size));
     else
       sink.will_patch(base + zip.crc_field_offset(i));
     const std::string header = zip.local_header(i);
@@ -318,7 +330,7 @@ std::uint64_t stream(Sink& sink, Layout& layout, std::uint64_t base, std::vector
     std::exception_ptr crc_error;
     std::thread crc_thread([&, data = p, size = r.size] {
       try {
-        crc = crc32_of(data, static_cast<std::size_t>(size));
+        crc = crc_of(data, size);
       } catch (...) {
         crc_error = std::current_exception();
       }
@@ -570,6 +582,7 @@ std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std
     extents.clear();
     Sink sink(fd, temp, direct);
     std::vector<Patch> patches;
+    std::vector<BlockCrcs> table;
     static const std::array<char, kAlign> zeros{};
     std::uint64_t at = 0;
     for (std::size_t i = 0; i < count; ++i) {
@@ -581,11 +594,17 @@ std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std
         sink.put(archive.raw->data(), archive.raw->size());
         size = archive.raw->size();
       } else {
-        size = stream(sink, archive.layout, base, patches);
+        size = stream(sink, archive.layout, base, patches, &table);
       }
       extents.push_back({base, size});
       at = base + size;
     }
+    // The table of block CRC-32s after the last archive.
+    const std::uint64_t table_at = align_up(at, kAlign);
+    sink.put(zeros.data(), static_cast<std::size_t>(table_at - at));
+    const std::string table_bytes = encode_block_table(table, table_at);
+    sink.put(table_bytes.data(), table_bytes.size());
+    at = table_at + table_bytes.size();
     finish_patches(sink, patches);
     return at;
   });
@@ -610,16 +629,32 @@ std::uint64_t write_image_archives(int fd, bool direct, const std::filesystem::p
   for (const auto& a : archives) sizes.push_back(a.file_size());
   const auto extents = place_archives(sizes);
   std::uint64_t end = 0;
+  std::vector<BlockCrcs> table;
   for (std::size_t i = 0; i < archives.size(); ++i) {
     auto& a = archives[i];
-    if (a.zip)
-      a.zip->write(fd, direct, path, image + a.image_offset, extents[i].offset);
-    else if (a.raw_size > 0)
+    if (a.zip) {
+      a.zip->write(fd, direct, path, image + a.image_offset, extents[i].offset, /*block_crcs=*/true);
+      for (std::size_t r = 0; r < a.zip->records().size(); ++r)
+        table.push_back({extents[i].offset + a.zip->records()[r].data_offset, a.zip->records()[r].size,
+                         a.zip->block_crcs(r)});
+    } else if (a.raw_size > 0) {
       write_maybe_direct(fd, image + a.image_offset, static_cast<std::size_t>(a.raw_size), extents[i].offset,
                          path);
+    }
     end = extents[i].offset + extents[i].length;
   }
-  return end;
+  // The table of block CRC-32s after the last archive, in one aligned buffer.
+  const std::uint64_t table_at = align_up(end, kAlign);
+  const std::string table_bytes = encode_block_table(table, table_at);
+  const std::size_t padded = static_cast<std::size_t>(align_up(table_bytes.size(), kAlign));
+  void* raw = nullptr;
+  if (::posix_memalign(&raw, kAlign, padded) != 0)
+    throw IoError("out of memory for a table of block CRC-32s");
+  std::unique_ptr<char, decltype(&std::free)> buffer(static_cast<char*>(raw), &std::free);
+  std::memcpy(buffer.get(), table_bytes.data(), table_bytes.size());
+  std::memset(buffer.get() + table_bytes.size(), 0, padded - table_bytes.size());
+  write_maybe_direct(fd, buffer.get(), direct ? padded : table_bytes.size(), table_at, path);
+  return table_at + table_bytes.size();
 }
 
 }  // namespace detail

@@ -1,5 +1,7 @@
 #include "format/zip_image.hpp"
 
+#include "format/block_crcs.hpp"
+
 #include "core/io.hpp"
 #include "format/zip.hpp"
 
@@ -180,16 +182,18 @@ std::uint64_t ZipImage::file_size() const {
 }
 
 std::uint64_t ZipImage::write(int fd, bool direct, const std::filesystem::path& path, std::byte* image,
-                              std::uint64_t file_base) {
+                              std::uint64_t file_base, bool block_crcs) {
   // CRCs on a second thread while the bodies (the whole 4096-byte blocks of
   // record data that share no block with a header) go to disk from the image;
   // on this thread for a small archive, where starting a thread costs more.
   std::vector<std::uint32_t> crcs(records_.size());
+  std::vector<std::vector<std::uint32_t>> blocks(block_crcs ? records_.size() : 0);
   std::exception_ptr crc_error;
   const auto compute_crcs = [&] {
     try {
       for (std::size_t i = 0; i < records_.size(); ++i)
-        crcs[i] = crc32_of(image + records_[i].data_offset, records_[i].size);
+        crcs[i] = block_crcs ? crc32_blocks(image + records_[i].data_offset, records_[i].size, blocks[i])
+                             : crc32_of(image + records_[i].data_offset, records_[i].size);
     } catch (...) {
       crc_error = std::current_exception();
     }
@@ -220,6 +224,7 @@ std::uint64_t ZipImage::write(int fd, bool direct, const std::filesystem::path& 
   }
   if (crc_thread.joinable()) crc_thread.join();
   if (crc_error) std::rethrow_exception(crc_error);
+  block_crcs_ = std::move(blocks);
 
   for (std::size_t i = 0; i < records_.size(); ++i) {
     set_crc(i, crcs[i]);

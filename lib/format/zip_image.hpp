@@ -60,11 +60,16 @@ class ZipImage {
   /// `image`, writes the headers and the central directory. `direct`: `fd` was
   /// opened with O_DIRECT. `file_base`: where the archive starts in the file
   /// (a multiple of 4096; an archive among others). Returns the archive's size.
+  /// `block_crcs`: also keep each record's CRC-32 per kCrcBlock bytes
+  /// (block_crcs()).
   std::uint64_t write(int fd, bool direct, const std::filesystem::path& path, std::byte* image,
-                      std::uint64_t file_base = 0);
+                      std::uint64_t file_base = 0, bool block_crcs = false);
+  /// Record `i`'s block CRC-32s, once a write(..., true) computed them.
+  const std::vector<std::uint32_t>& block_crcs(std::size_t i) const { return block_crcs_.at(i); }
 
  private:
   std::vector<RecordInfo> records_;
+  std::vector<std::vector<std::uint32_t>> block_crcs_;
   std::uint64_t cd_offset_ = 0;
 };
 

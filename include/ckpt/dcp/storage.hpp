@@ -129,6 +129,12 @@ struct FileSystemReaderOptions {
   /// narrow rows: one read for many rows instead of one per row). 0: only the
   /// bytes asked for are read.
   std::size_t coalesce_gap = 4096;
+  /// Check a part of a record read (a resharded or partial load) against the
+  /// per-block CRC-32s ckpt's writers keep after a data file's archives: the
+  /// reads are widened to whole 4 KiB blocks. (Files of PyTorch's writers
+  /// have no such table; there, as for any chunk read whole, the record's
+  /// CRC-32 is checked when the whole record is read.)
+  bool verify_blocks = true;
 };
 
 /// Loads from a directory a FileSystemWriter saved to, or Python's
