@@ -13,5 +13,5 @@ pkg_check_modules(LIBDEFLATE REQUIRED IMPORTED_TARGET libdeflate)
 pkg_check_modules(LIBZSTD REQUIRED IMPORTED_TARGET libzstd)
 # zlib: crc32_combine (the CRC-32 of a chunk read in pieces) and the
 # multi_rank sample (its checksums of a state).
-find_package(ZLIB REQUIRED)
+find_package(ZLIB 1.2.12 REQUIRED)  # crc32_combine_gen64 and crc32_combine_op
 find_package(Threads REQUIRED)

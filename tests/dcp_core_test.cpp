@@ -21,6 +21,7 @@
 #include <fmt/format.h>
 
 #include <sys/stat.h>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -702,6 +703,45 @@ BOOST_AUTO_TEST_CASE(a_partial_read_is_checked_block_by_block) {
   BOOST_TEST(e.failures().at(0).message.find("table of block CRC-32s is damaged") != std::string::npos,
              e.failures().at(0).message);
   ckpt::test::flip_byte(data, size - 30);
+  BOOST_TEST(ckpt::test::identical(load_half(0, 1), big.narrow(0, 128, 128)));
+
+  // A footer that claims the whole file as its table is refused before the
+  // table is read (its head says how long it can be).
+  std::string footer(24, '\0');
+  {
+    std::ifstream in(data, std::ios::binary);
+    in.seekg(static_cast<std::streamoff>(size - 24));
+    in.read(footer.data(), 24);
+  }
+  std::string hostile = footer;
+  const std::uint64_t whole = size - 24;
+  std::memset(hostile.data(), 0, 8);  // the table at offset 0
+  for (int b = 0; b < 8; ++b) hostile[8 + b] = static_cast<char>((whole >> (8 * b)) & 0xff);
+  const auto put = [&](std::uint64_t at, const std::string& bytes) {
+    std::fstream out(data, std::ios::binary | std::ios::in | std::ios::out);
+    out.seekp(static_cast<std::streamoff>(at));
+    out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  };
+  put(size - 24, hostile);
+  auto refused = checkpoint_exception([&] { load_half(0, 1); });
+  BOOST_TEST(refused.failures().at(0).message.find("not a table of") != std::string::npos,
+             refused.failures().at(0).message);
+  // ... even with a table's head there (in row 0, which rank 1 never reads):
+  // one record cannot need most of the file.
+  std::string claim(24, '\0');
+  for (int b = 0; b < 8; ++b) {
+    claim[b] = static_cast<char>((record >> (8 * b)) & 0xff);
+    claim[8 + b] = static_cast<char>(((size - 24 - record) >> (8 * b)) & 0xff);
+  }
+  claim.replace(16, 8, footer.substr(16, 8));
+  const std::string row0 = read_text(data).substr(record, 16);
+  put(record, std::string("CKPTBLKS\x00\x10\x00\x00\x01\x00\x00\x00", 16));
+  put(size - 24, claim);
+  refused = checkpoint_exception([&] { load_half(0, 1); });
+  BOOST_TEST(refused.failures().at(0).message.find("do not fit a table of 1 records") != std::string::npos,
+             refused.failures().at(0).message);
+  put(record, row0);
+  put(size - 24, footer);
   BOOST_TEST(ckpt::test::identical(load_half(0, 1), big.narrow(0, 128, 128)));
 }
 

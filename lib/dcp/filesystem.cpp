@@ -751,6 +751,10 @@ std::future<void> FileSystemReader::read_data(const LoadPlan& plan, LoadPlanner&
                                    item.dest_index.fqn, c10::toString(dest.scalar_type()),
                                    fmt::join(dest.sizes(), "x"), dest.device().str(),
                                    c10::toString(tmd.properties.dtype), fmt::join(item.lengths, "x")));
+      if (chunk_bytes == 0) {  // nothing to read (and strides of other dims may not fit)
+        planner.commit_tensor(item, dest);
+        continue;
+      }
       at::Tensor target = dest.is_contiguous() ? dest : at::empty(dest.sizes(), dest.options());
       auto* out = static_cast<char*>(target.data_ptr());
 

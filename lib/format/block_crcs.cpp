@@ -17,9 +17,11 @@ namespace {
 constexpr char kTableMagic[] = "CKPTBLKS";
 constexpr char kFooterMagic[] = "CKPTBLKE";
 constexpr std::uint64_t kFooterSize = 24;
-constexpr std::uint64_t kMaxRecords = std::uint64_t{1} << 24;
-
 }  // namespace
+
+bool listed_in_block_table(const std::string& record_name) {
+  return record_name.find("/data/") != std::string::npos;  // as ZipImage tells storage records
+}
 
 std::uint32_t crc32_blocks(const void* data, std::size_t size, std::vector<std::uint32_t>& blocks) {
   static const uLong op = crc32_combine_gen64(static_cast<z_off64_t>(kCrcBlock));
@@ -70,24 +72,31 @@ std::optional<std::vector<BlockCrcs>> read_block_table(int fd, std::uint64_t fil
   const std::uint64_t offset = get64(footer), length = get64(footer + 8);
   if (length < 20 || offset > file_size - kFooterSize || length != file_size - kFooterSize - offset)
     throw bad(fmt::format("it claims {} bytes at offset {} in a file of {}", length, offset, file_size));
+  // Its head first: the length must be what `count` records of disjoint data
+  // before the table can need, before that much is read.
+  unsigned char head[16];
+  pread_full(fd, head, sizeof head, offset, path);
+  if (std::memcmp(head, kTableMagic, 8) != 0 || get32(head + 8) != kCrcBlock)
+    throw bad("not a table of 4096-byte blocks");
+  const std::uint64_t count = get32(head + 12);
+  if (count > kMaxBlockTableRecords || 16 + count * 16 + 4 > length ||
+      length > 16 + count * 16 + 4 * (offset / kCrcBlock + count) + 4)
+    throw bad(fmt::format("{} bytes do not fit a table of {} records", length, count));
   std::string table(static_cast<std::size_t>(length), '\0');
   pread_full(fd, table.data(), table.size(), offset, path);
   bytes_read += length;
   const auto* p = reinterpret_cast<const unsigned char*>(table.data());
   if (crc32_of(p, table.size() - 4) != get32(p + table.size() - 4)) throw bad("its CRC-32 does not match");
-  if (std::memcmp(p, kTableMagic, 8) != 0 || get32(p + 8) != kCrcBlock)
-    throw bad("not a table of 4096-byte blocks");
-  const std::uint64_t count = get32(p + 12);
-  if (count > kMaxRecords || 16 + count * 16 + 4 > length) throw bad("its record count does not fit");
   std::vector<BlockCrcs> records(static_cast<std::size_t>(count));
-  std::uint64_t at = 16, blocks = 0;
-  for (auto& r : records) {
-    r.data_offset = get64(p + at);
-    r.size = get64(p + at + 8);
-    at += 16;
+  std::uint64_t at = 16 + count * 16, blocks = 0;
+  for (std::size_t i = 0; i < records.size(); ++i) {
+    auto& r = records[i];
+    r.data_offset = get64(p + 16 + i * 16);
+    r.size = get64(p + 16 + i * 16 + 8);
     if (r.data_offset > offset || r.size > offset - r.data_offset)
       throw bad(fmt::format("a record at {} of {} bytes lies outside the data", r.data_offset, r.size));
     blocks += (r.size + kCrcBlock - 1) / kCrcBlock;
+    if (blocks > (length - at - 4) / 4) throw bad("its records need more block CRC-32s than it holds");
   }
   if (at + blocks * 4 + 4 != length) throw bad("its block count does not match its length");
   for (auto& r : records) {

@@ -23,6 +23,13 @@
 namespace ckpt::detail {
 
 inline constexpr std::uint64_t kCrcBlock = 4096;
+/// The most records a table lists; a file with more gets no table (its
+/// partial reads go unchecked, as a file of PyTorch's would).
+inline constexpr std::size_t kMaxBlockTableRecords = std::size_t{1} << 24;
+
+/// Whether a record belongs in the table: tensor data (`<archive>/data/<key>`),
+/// the only records read in part.
+bool listed_in_block_table(const std::string& record_name);
 
 /// The CRC-32 of `data[0, size)`; appends the CRC-32 of each kCrcBlock bytes
 /// of it (the last block may be shorter) to `blocks`.
@@ -35,8 +42,8 @@ struct BlockCrcs {
   std::vector<std::uint32_t> crcs;
 };
 
-/// The table of `records` with its footer, to be written at file offset
-/// `offset`.
+/// The table of `records` (at most kMaxBlockTableRecords) with its footer,
+/// to be written at file offset `offset`.
 std::string encode_block_table(const std::vector<BlockCrcs>& records, std::uint64_t offset);
 
 /// The block table at the end of a file of `file_size` bytes: nullopt when

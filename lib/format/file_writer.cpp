@@ -306,7 +306,7 @@ std::uint64_t stream(Sink& sink, Layout& layout, std::uint64_t base, std::vector
     }
     const bool small = r.size <= kCrcSlice;
     std::vector<std::uint32_t>* blocks = nullptr;
-    if (table) {
+    if (table && listed_in_block_table(r.name)) {
       table->push_back({base + zip.records()[i].data_offset, r.size, {}});
       blocks = &table->back().crcs;
     }
@@ -600,11 +600,13 @@ std::vector<ArchiveExtent> write_archives(const std::filesystem::path& file, std
       at = base + size;
     }
     // The table of block CRC-32s after the last archive.
-    const std::uint64_t table_at = align_up(at, kAlign);
-    sink.put(zeros.data(), static_cast<std::size_t>(table_at - at));
-    const std::string table_bytes = encode_block_table(table, table_at);
-    sink.put(table_bytes.data(), table_bytes.size());
-    at = table_at + table_bytes.size();
+    if (table.size() <= kMaxBlockTableRecords) {
+      const std::uint64_t table_at = align_up(at, kAlign);
+      sink.put(zeros.data(), static_cast<std::size_t>(table_at - at));
+      const std::string table_bytes = encode_block_table(table, table_at);
+      sink.put(table_bytes.data(), table_bytes.size());
+      at = table_at + table_bytes.size();
+    }
     finish_patches(sink, patches);
     return at;
   });
@@ -635,8 +637,9 @@ std::uint64_t write_image_archives(int fd, bool direct, const std::filesystem::p
     if (a.zip) {
       a.zip->write(fd, direct, path, image + a.image_offset, extents[i].offset, /*block_crcs=*/true);
       for (std::size_t r = 0; r < a.zip->records().size(); ++r)
-        table.push_back({extents[i].offset + a.zip->records()[r].data_offset, a.zip->records()[r].size,
-                         a.zip->block_crcs(r)});
+        if (listed_in_block_table(a.zip->records()[r].name))
+          table.push_back({extents[i].offset + a.zip->records()[r].data_offset, a.zip->records()[r].size,
+                           a.zip->block_crcs(r)});
     } else if (a.raw_size > 0) {
       write_maybe_direct(fd, image + a.image_offset, static_cast<std::size_t>(a.raw_size), extents[i].offset,
                          path);
@@ -644,6 +647,7 @@ std::uint64_t write_image_archives(int fd, bool direct, const std::filesystem::p
     end = extents[i].offset + extents[i].length;
   }
   // The table of block CRC-32s after the last archive, in one aligned buffer.
+  if (table.size() > kMaxBlockTableRecords) return end;
   const std::uint64_t table_at = align_up(end, kAlign);
   const std::string table_bytes = encode_block_table(table, table_at);
   const std::size_t padded = static_cast<std::size_t>(align_up(table_bytes.size(), kAlign));

@@ -158,7 +158,10 @@ std::vector<CheckpointMetadata> metadata_parts(const CheckpointMetadata& metadat
 /// rank: set_up_planner (after the metadata was read), create_local_plan;
 /// create_global_plan on the coordinator only; finish_plan; while reading,
 /// resolve_tensor / commit_tensor for each tensor item, load_value for each
-/// bytes item.
+/// bytes item. A storage reader may resolve many items before it commits
+/// them (FileSystemReader resolves a batch of up to 512 MiB, reads it on
+/// several threads, then commits), and commits in any order: each
+/// resolve_tensor must return memory of its own until its commit.
 class LoadPlanner {
  public:
   virtual ~LoadPlanner() = default;
