@@ -691,6 +691,30 @@ BOOST_AUTO_TEST_CASE(a_partial_read_is_checked_block_by_block) {
     }
   }
   BOOST_TEST(ckpt::test::identical(load_half(0, 0), big.narrow(0, 0, 128)));
+  // Rows of 4,000 bytes: a half starts and ends inside a block, whose other
+  // bytes are read around the rows (into scratch memory) to check it.
+  TempDir odd_dir;
+  const at::Tensor odd = at::arange(300 * 1000, at::kFloat).reshape({300, 1000});
+  dcp::FileSystemWriter odd_writer(odd_dir.path());
+  dcp::save_state_dict(DcpStateDict{{"odd", odd}}, odd_writer, nullptr, nullptr, 0, true);
+  const auto load_odd_half = [&](std::int64_t rank) {
+    const ChunkShardingSpec spec{0, {"rank:0/cpu", "rank:1/cpu"}};
+    DcpStateDict loaded{{"odd", ShardedTensor::zeros(spec, {300, 1000}, rank, at::kFloat)}};
+    dcp::FileSystemReader reader(odd_dir.path());
+    dcp::load_state_dict(loaded, reader, nullptr, nullptr, 0, true);
+    return std::get<ShardedTensor>(loaded[0].second).local_shards().at(0).tensor;
+  };
+  BOOST_TEST(ckpt::test::identical(load_odd_half(1), odd.narrow(0, 150, 150)));
+  BOOST_TEST(ckpt::test::identical(load_odd_half(0), odd.narrow(0, 0, 150)));
+  // Row 149's last byte shares block 146 with row 150: both halves check it.
+  const auto [odd_data, odd_record] = tensor_record(odd_dir.path(), "odd", Sizes{0, 0});
+  ckpt::test::flip_byte(odd_data, odd_record + 150 * 4000 - 1);
+  for (const std::int64_t rank : {0, 1}) BOOST_TEST_CONTEXT("rank " << rank) {
+      const auto e = checkpoint_exception([&] { load_odd_half(rank); });
+      BOOST_TEST(e.failures().at(0).message.find("block 146 ") != std::string::npos,
+                 e.failures().at(0).message);
+    }
+
   // Unchecked, the damage goes through: what the blocks' CRCs buy.
   BOOST_TEST(!ckpt::test::identical(load_half(0, 1, {.verify_blocks = false}), big.narrow(0, 128, 128)));
   ckpt::test::flip_byte(data, record + 200 * 4096 + 100);

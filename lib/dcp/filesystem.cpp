@@ -20,6 +20,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <array>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -396,15 +397,12 @@ struct ReadCounts {
   std::uint64_t bytes = 0, calls = 0;
 };
 
-/// Runs one task. The ranges of a part at most `coalesce_gap` apart are read
-/// together: small ones (a column of narrow rows) by one read of their span
-/// into scratch memory and copies out of it (cheaper than the kernel's cost
-/// per buffer), larger ones by vectored reads of up to 1,024 buffers, the
-/// gaps into scratch memory. Other ranges are read one by one.
 /// Reads the bytes [from, to) of `task`'s file, widened to the whole blocks
-/// of its record that hold them, into `scratch`; checks every block against
-/// its CRC-32. Returns where `from`'s byte is in `scratch`.
-const char* read_checked(const ReadTask& task, std::uint64_t from, std::uint64_t to,
+/// of its record that hold them, and checks every block against its CRC-32.
+/// With `out`, the bytes asked for go straight there and only the widening
+/// into `scratch`; without, all of it goes into `scratch`. Returns where
+/// `from`'s byte is.
+const char* read_checked(const ReadTask& task, std::uint64_t from, std::uint64_t to, char* out,
                          std::vector<char>& scratch, ReadCounts& counts) {
   using ckpt::detail::kCrcBlock;
   const ckpt::detail::BlockCrcs& b = *task.blocks;
@@ -412,42 +410,75 @@ const char* read_checked(const ReadTask& task, std::uint64_t from, std::uint64_t
   const std::uint64_t lo = b.data_offset + first * kCrcBlock;
   const std::uint64_t hi = std::min(
       b.data_offset + (to - b.data_offset + kCrcBlock - 1) / kCrcBlock * kCrcBlock, b.data_offset + b.size);
-  const auto n = static_cast<std::size_t>(hi - lo);
-  if (scratch.size() < n) scratch.resize(n);
-  ckpt::detail::pread_full(task.fd, scratch.data(), n, lo, *task.file);
-  counts.bytes += n;
+  // What was read, in file order: [lo, from), [from, to), [to, hi).
+  std::array<std::pair<const char*, std::size_t>, 3> pieces;
+  if (out) {
+    const auto head = static_cast<std::size_t>(from - lo), tail = static_cast<std::size_t>(hi - to);
+    if (scratch.size() < head + tail) scratch.resize(head + tail);
+    pieces = {
+        {{scratch.data(), head}, {out, static_cast<std::size_t>(to - from)}, {scratch.data() + head, tail}}};
+    std::array<iovec, 3> iov{};
+    int n = 0;
+    for (const auto& [p, len] : pieces)
+      if (len > 0) iov[static_cast<std::size_t>(n++)] = {const_cast<char*>(p), len};
+    ckpt::detail::preadv_full(task.fd, iov.data(), n, lo, *task.file);
+  } else {
+    const auto n = static_cast<std::size_t>(hi - lo);
+    if (scratch.size() < n) scratch.resize(n);
+    ckpt::detail::pread_full(task.fd, scratch.data(), n, lo, *task.file);
+    pieces = {{{scratch.data(), n}, {nullptr, 0}, {nullptr, 0}}};
+  }
+  counts.bytes += hi - lo;
   ++counts.calls;
+  std::size_t piece = 0, in_piece = 0;
   for (std::uint64_t at = lo, block = first; at < hi; at += kCrcBlock, ++block) {
     const auto len = static_cast<std::size_t>(std::min(kCrcBlock, hi - at));
-    if (ckpt::detail::crc32_of(scratch.data() + (at - lo), len) != b.crcs[static_cast<std::size_t>(block)])
+    std::uint32_t crc = 0;
+    for (std::size_t left = len; left > 0;) {
+      while (in_piece == pieces[piece].second) {
+        ++piece;
+        in_piece = 0;
+      }
+      const std::size_t n = std::min(left, pieces[piece].second - in_piece);
+      crc = ckpt::detail::crc32_of(pieces[piece].first + in_piece, n, crc);
+      in_piece += n;
+      left -= n;
+    }
+    if (crc != b.crcs[static_cast<std::size_t>(block)])
       throw CorruptCheckpoint(
           fmt::format("{}: chunk '{}': block {} of its record (bytes [{}, {}) of the file) fails its CRC-32: "
                       "the data is not what was saved",
                       task.file->string(), detail::item_name(task.item->storage_index), block, at, at + len));
   }
-  return scratch.data() + (from - lo);
+  return out ? out : scratch.data() + (from - lo);
 }
 
+/// Runs one task. The ranges of a part at most `coalesce_gap` apart are read
+/// together: small ones (a column of narrow rows) by one read of their span
+/// into scratch memory and copies out of it (cheaper than the kernel's cost
+/// per buffer), larger ones by vectored reads of up to 1,024 buffers, the
+/// gaps into scratch memory. Other ranges are read one by one.
 void run_read_task(const ReadTask& task, std::size_t coalesce_gap, std::vector<char>& scratch,
                    ReadCounts& counts) {
   constexpr std::size_t kSmallRange = 4096, kRangesPerCall = 512;  // 1,023 buffers
   std::uint32_t crc = 0;
   std::vector<iovec> iov;
   if (task.blocks) {
-    // Checked reads: each range (or span of ranges joined) widened to
-    // blocks, read into scratch memory and copied out. Ranges less than a
-    // block apart share blocks: always joined.
+    // Checked reads, each range widened to blocks: a range on its own read
+    // straight into its place, the widening into scratch memory; ranges less
+    // than a block apart (they share blocks) read as one span into scratch
+    // memory and copied out.
     const std::uint64_t join = std::max<std::uint64_t>(coalesce_gap, ckpt::detail::kCrcBlock);
     for (const ReadPart& p : task.parts) {
       const std::uint64_t gap = p.count > 1 ? p.stride - p.bytes : 0;
       if (p.count == 1 || gap > join) {
         for (std::size_t r = 0; r < p.count; ++r) {
           const std::uint64_t at = p.offset + r * p.stride;
-          std::memcpy(p.out + r * p.bytes, read_checked(task, at, at + p.bytes, scratch, counts), p.bytes);
+          read_checked(task, at, at + p.bytes, p.out + r * p.bytes, scratch, counts);
         }
       } else {
-        const char* src =
-            read_checked(task, p.offset, p.offset + (p.count - 1) * p.stride + p.bytes, scratch, counts);
+        const char* src = read_checked(task, p.offset, p.offset + (p.count - 1) * p.stride + p.bytes, nullptr,
+                                       scratch, counts);
         for (std::size_t r = 0; r < p.count; ++r)
           std::memcpy(p.out + r * p.bytes, src + r * p.stride, p.bytes);
       }
