@@ -504,6 +504,13 @@ BOOST_AUTO_TEST_CASE(rank_that_hangs_in_read_data_is_named_by_every_other_rank) 
   check_missing_rank("rank_hangs_in_read_data", 3, "read_data", false, true);
 }
 
+// A load whose replicated tensor is read once (by rank 0) and passed on
+// 0 → 1 → 3: rank 1 dies as it takes it in. Rank 3, left waiting for it,
+// gives up within half the timeout, so every rank names rank 1 alone.
+BOOST_AUTO_TEST_CASE(rank_that_dies_passing_on_a_shared_read_is_named_by_every_other_rank) {
+  check_missing_rank("rank_dies_in_share", 1, "share", true, true);
+}
+
 BOOST_AUTO_TEST_CASE(rank_that_hangs_in_set_up_storage_writer_is_named_by_every_other_rank) {
   check_missing_rank("rank_hangs_in_set_up_storage_writer", 2, "set_up_storage_writer", false, false);
 }
@@ -570,6 +577,39 @@ BOOST_AUTO_TEST_CASE(load_on_2_ranks) {
 
 BOOST_AUTO_TEST_CASE(load_on_3_ranks) {
   check_reshard_load(3);
+}
+
+// Every rank loads the whole of two saved tensors (4 + 1 saved chunks), as two
+// hosts of two ranks, with each ReplicatedReads mode: the values are the saved
+// ones (into a transposed view too), storage serves
+// each chunk once per rank, once per host or once in all, and no rank reads
+// every shared chunk itself. A reader that fails, or a receiver whose planner
+// fails in the share step, is named alone by every rank, and the next load on
+// the same group works.
+BOOST_AUTO_TEST_CASE(replicated_reads_shared_over_the_group) {
+  const auto& saved = reshard_checkpoint();
+  const auto run = launch(kRanks, "shared_reads", saved.dir.path(), 120);
+  check_every_rank_as_expected(run, kRanks);
+  for (int r = 0; r < kRanks; ++r) {
+    BOOST_TEST_CONTEXT("rank " << r) {
+      for (const std::string label : {"every_rank", "once_per_host", "once", "after_a_failure"}) {
+        BOOST_CHECK_EQUAL(run.at(r, label), "ok");
+        BOOST_CHECK_EQUAL(run.at(r, label + "/values"), "as-saved");
+        // "got=A,B expected=C,D": bytes read from storage per host.
+        const auto bytes = run.at(r, label + "/host_bytes");
+        unsigned long long a = 0, b = 0, c = 0, d = 0;
+        BOOST_REQUIRE_MESSAGE(
+            std::sscanf(bytes.c_str(), "got=%llu,%llu expected=%llu,%llu", &a, &b, &c, &d) == 4, bytes);
+        if (label == "once" || label == "after_a_failure")
+          BOOST_CHECK_EQUAL(a + b, c);
+        else
+          BOOST_CHECK(a == c && b == d);
+      }
+      BOOST_CHECK(starts_with(run.at(r, "reader_fails"), "CheckpointException ranks=[2] failures={2:"));
+      BOOST_CHECK(
+          starts_with(run.at(r, "receiver_mismatch"), "CheckpointException ranks=[3] failures={3:Mismatch="));
+    }
+  }
 }
 
 // One process, no group (no_dist): plain tensors of the global sizes, then a

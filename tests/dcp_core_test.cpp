@@ -15,6 +15,7 @@
 #include <ckpt/format.hpp>
 
 #include "dcp/serialize.hpp"
+#include "dcp/shared_reads.hpp"
 #include "support/dcp_cases.hpp"
 #include "support/test_support.hpp"
 
@@ -23,6 +24,8 @@
 #include <sys/stat.h>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <set>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -1160,6 +1163,157 @@ BOOST_AUTO_TEST_CASE(sharded_tensors_sit_in_nested_state_dicts) {
   BOOST_TEST(dcp::as_sharded(c10::IValue(1)) == nullptr);
   BOOST_CHECK_EXCEPTION(dcp::save(sd, {}), ckpt::Error,
                         [](const ckpt::Error& e) { return mentions(e, "checkpoint_id"); });
+}
+
+BOOST_AUTO_TEST_SUITE_END()
+
+// --- replicated reads shared (the coordinator's plan) -----------------------------
+
+BOOST_AUTO_TEST_SUITE(shared_reads)
+
+namespace {
+
+dcp::ReadItem read_of(const std::string& fqn, std::int64_t rows, std::int64_t dest_row = 0) {
+  dcp::ReadItem item;
+  item.dest_index = {fqn, std::vector<std::int64_t>{dest_row, 0}, std::nullopt};
+  item.dest_offsets = {0, 0};
+  item.storage_index = {fqn, std::vector<std::int64_t>{0, 0}, std::nullopt};
+  item.storage_offsets = {0, 0};
+  item.lengths = {rows, 10};
+  return item;
+}
+
+/// 8 ranks on two hosts (0-3, 4-7): every rank plans "r" (100 rows) alike and
+/// a chunk of its own; ranks 0 and 1 also plan "c" (50 rows) alike.
+std::vector<dcp::LoadPlan> eight_plans() {
+  std::vector<dcp::LoadPlan> plans(8);
+  for (std::int64_t r = 0; r < 8; ++r) {
+    plans[r].items.push_back(read_of(fmt::format("own{}", r), 10));
+    plans[r].items.push_back(read_of("r", 100, r));  // each rank's destination differs
+    if (r < 2) plans[r].items.push_back(read_of("c", 50));
+  }
+  return plans;
+}
+
+const std::vector<std::string> kHosts{"a", "a", "a", "a", "b", "b", "b", "b"};
+
+/// The steps of tag `tag`, by rank.
+std::map<std::int64_t, dcp::detail::ShareStep> steps_of(
+    const std::vector<std::vector<dcp::detail::ShareStep>>& all, std::uint32_t tag) {
+  std::map<std::int64_t, dcp::detail::ShareStep> out;
+  for (std::size_t r = 0; r < all.size(); ++r)
+    for (const auto& s : all[r])
+      if (s.tag == tag) out.emplace(static_cast<std::int64_t>(r), s);
+  return out;
+}
+
+bool plans_item(const dcp::LoadPlan& plan, const std::string& fqn) {
+  for (const auto& i : plan.items)
+    if (i.storage_index.fqn == fqn) return true;
+  return false;
+}
+
+/// Follows the tree of one item from its reader: every member gets it once,
+/// from a member that had it in an earlier round; returns the edges that
+/// cross hosts, and checks that each member's parent lists it as a child.
+int walk_tree(const std::map<std::int64_t, dcp::detail::ShareStep>& steps) {
+  std::vector<std::int64_t> order;  // in the order they get the item
+  for (const auto& [r, s] : steps)
+    if (s.from < 0) order.push_back(r);
+  BOOST_REQUIRE_EQUAL(order.size(), 1u);
+  std::set<std::int64_t> have(order.begin(), order.end());
+  int crossing = 0;
+  for (std::size_t i = 0; i < order.size(); ++i)
+    for (const auto child : steps.at(order[i]).to) {
+      BOOST_REQUIRE(steps.count(child));
+      BOOST_CHECK_EQUAL(steps.at(child).from, order[i]);
+      BOOST_CHECK_MESSAGE(have.insert(child).second, "rank " << child << " gets the item twice");
+      crossing += kHosts[order[i]] != kHosts[child];
+      order.push_back(child);
+    }
+  BOOST_CHECK_EQUAL(have.size(), steps.size());
+  return crossing;
+}
+
+}  // namespace
+
+BOOST_AUTO_TEST_CASE(once_in_all_reads_each_item_once_and_sends_it_along_a_tree) {
+  auto plans = eight_plans();
+  const auto steps = dcp::detail::share_replicated_reads(plans, kHosts, /*once_in_all=*/true);
+  // "c" and "r": tags in the order of what they read.
+  const auto c = steps_of(steps, 0), r = steps_of(steps, 1);
+  BOOST_REQUIRE_EQUAL(c.size(), 2u);
+  BOOST_REQUIRE_EQUAL(r.size(), 8u);
+  // The biggest item first, to the rank with the least to read (rank 0 of
+  // the ties); the next to the least loaded of its ranks (rank 1).
+  BOOST_CHECK_EQUAL(r.at(0).from, -1);
+  BOOST_CHECK_EQUAL(c.at(1).from, -1);
+  // Only the reader keeps the item in its plan; its own chunk stays with
+  // every rank.
+  for (std::int64_t rank = 0; rank < 8; ++rank) {
+    BOOST_TEST_CONTEXT("rank " << rank) {
+      BOOST_CHECK_EQUAL(plans_item(plans[rank], "r"), rank == 0);
+      BOOST_CHECK_EQUAL(plans_item(plans[rank], "c"), rank == 1);
+      BOOST_CHECK(plans_item(plans[rank], fmt::format("own{}", rank)));
+      // Each rank's step carries its own destination.
+      BOOST_CHECK_EQUAL(r.at(rank).item.dest_index.offset->at(0), rank);
+      // A binomial tree: no rank sends more than log2(8) copies.
+      BOOST_CHECK_LE(r.at(rank).to.size(), 3u);
+    }
+  }
+  // One copy crosses to the other host; within it, the host's first rank passes it on.
+  BOOST_CHECK_EQUAL(walk_tree(r), 1);
+  BOOST_CHECK_EQUAL(r.at(4).from, 0);
+  BOOST_CHECK_EQUAL(walk_tree(c), 0);
+  // What the coordinator sends reads back the same.
+  const dcp::detail::SharedLoadPlan sent{plans[4], steps[4], true};
+  const auto back = dcp::detail::decode_shared_load_plan(dcp::detail::encode(sent));
+  BOOST_REQUIRE_EQUAL(back.steps.size(), sent.steps.size());
+  for (std::size_t i = 0; i < back.steps.size(); ++i) {
+    BOOST_CHECK_EQUAL(back.steps[i].tag, sent.steps[i].tag);
+    BOOST_CHECK_EQUAL(back.steps[i].from, sent.steps[i].from);
+    BOOST_CHECK(back.steps[i].to == sent.steps[i].to);
+    BOOST_CHECK_EQUAL(dcp::detail::encode(back.steps[i].item), dcp::detail::encode(sent.steps[i].item));
+  }
+  BOOST_CHECK(back.any);
+  BOOST_CHECK_EQUAL(dcp::detail::encode(back.plan), dcp::detail::encode(sent.plan));
+}
+
+BOOST_AUTO_TEST_CASE(once_per_host_reads_each_item_once_on_every_host) {
+  auto plans = eight_plans();
+  const auto steps = dcp::detail::share_replicated_reads(plans, kHosts, /*once_in_all=*/false);
+  int readers_a = 0, readers_b = 0;
+  for (std::int64_t rank = 0; rank < 8; ++rank)
+    if (plans_item(plans[rank], "r")) (rank < 4 ? readers_a : readers_b) += 1;
+  BOOST_CHECK_EQUAL(readers_a, 1);
+  BOOST_CHECK_EQUAL(readers_b, 1);
+  // Two trees of "r" (one per host), none crossing hosts.
+  std::set<std::uint32_t> tags;
+  for (const auto& per_rank : steps)
+    for (const auto& s : per_rank) tags.insert(s.tag);
+  BOOST_REQUIRE_EQUAL(tags.size(), 3u);  // "c" on host a, "r" on a, "r" on b
+  for (const auto tag : tags) BOOST_CHECK_EQUAL(walk_tree(steps_of(steps, tag)), 0);
+  // Each rank walks its steps in tag order (what keeps the exchange from deadlocking).
+  for (const auto& per_rank : steps)
+    BOOST_CHECK(std::is_sorted(per_rank.begin(), per_rank.end(),
+                               [](const auto& x, const auto& y) { return x.tag < y.tag; }));
+}
+
+BOOST_AUTO_TEST_CASE(items_one_rank_plans_are_left_alone) {
+  std::vector<dcp::LoadPlan> plans(3);
+  for (std::int64_t r = 0; r < 3; ++r) plans[r].items.push_back(read_of(fmt::format("own{}", r), 10));
+  const auto before = plans;
+  const auto steps = dcp::detail::share_replicated_reads(plans, {"a", "b", "c"}, true);
+  for (std::size_t r = 0; r < 3; ++r) {
+    BOOST_CHECK(steps[r].empty());
+    BOOST_CHECK_EQUAL(dcp::detail::encode(plans[r]), dcp::detail::encode(before[r]));
+  }
+  // Alike, but on different hosts: once per host reads each on its own.
+  std::vector<dcp::LoadPlan> apart(2);
+  for (auto& p : apart) p.items.push_back(read_of("r", 5));
+  const auto none = dcp::detail::share_replicated_reads(apart, {"a", "b"}, false);
+  BOOST_CHECK(none[0].empty() && none[1].empty());
+  BOOST_CHECK(plans_item(apart[0], "r") && plans_item(apart[1], "r"));
 }
 
 BOOST_AUTO_TEST_SUITE_END()

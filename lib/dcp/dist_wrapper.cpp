@@ -75,8 +75,8 @@ DistWrapper::DistWrapper(std::shared_ptr<dist::ProcessGroupHandle> group, bool u
   call_ = group_->next_sequence("dcp");
   // Marks of two calls ago: every rank has finished the call after it, so
   // nobody reads them any more. (A call runs at most kMostSteps steps: a
-  // load's metadata, plan and read; a save's plan, a second plan when the
-  // coordinator's plan cache cannot serve, and write.)
+  // load's metadata, plan, read and share; a save's plan, a second plan when
+  // the coordinator's plan cache cannot serve, and write.)
   constexpr int kMostSteps = 4;
   if (call_ >= 2) {
     try {

@@ -186,7 +186,7 @@ std::future<std::vector<WriteResult>> FileSystemWriter::write_data(const SavePla
       for (std::size_t i = 0; i < plan.items.size(); ++i)
         results.push_back(
             WriteResult{plan.items[i].index, data_bytes[i],
-                        StorageInfo{name, extents[i].offset, extents[i].length, 0, /*archive=*/true}});
+                        StorageInfo{name, extents[i].offset, extents[i].length, 0, /*archive=*/true, {}}});
     }
     done.set_value(std::move(results));
   } catch (...) {

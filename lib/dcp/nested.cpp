@@ -271,7 +271,7 @@ void load(const StateDict& state_dict, const LoadOptions& options) {
   flat.reserve(ls.size());
   for (const auto& l : ls) flat.emplace_back(l.fqn, flat_value(l.value));
   load_state_dict(flat, storage, options.planner, options.process_group, options.coordinator_rank,
-                  options.no_dist, options.timeout);
+                  options.no_dist, options.timeout, options.replicated_reads);
   // Tensors and shards were filled in place; other leaves are put back.
   for (std::size_t i = 0; i < ls.size(); ++i) {
     const auto* v = std::get_if<c10::IValue>(&flat[i].second);
@@ -298,7 +298,7 @@ StateDict load_all(const std::filesystem::path& checkpoint_id, const LoadOptions
       flat.emplace_back(fqn, c10::IValue());
   }
   load_state_dict(flat, storage, options.planner, options.process_group, options.coordinator_rank,
-                  options.no_dist, options.timeout);
+                  options.no_dist, options.timeout, options.replicated_reads);
   return unflatten_state_dict(flat, md.metadata.planner_data);
 }
 

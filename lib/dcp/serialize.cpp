@@ -139,9 +139,12 @@ ChunkStorageMetadata chunk_from(const json::value& v) {
 StorageInfo storage_from(const json::value& v) {
   const auto& o = obj(v);
   const auto* archive = o.if_contains("archive");
-  return {str(o.at("path")), o.at("offset").to_number<std::uint64_t>(),
-          o.at("length").to_number<std::uint64_t>(), o.at("crc32").to_number<std::uint32_t>(),
-          archive && archive->as_bool()};
+  return {str(o.at("path")),
+          o.at("offset").to_number<std::uint64_t>(),
+          o.at("length").to_number<std::uint64_t>(),
+          o.at("crc32").to_number<std::uint32_t>(),
+          archive && archive->as_bool(),
+          {}};
 }
 
 WriteItem write_item_from(const json::value& v) {
@@ -183,6 +186,14 @@ ReadItem read_item_from(const json::value& v) {
   r.storage_offsets = ints_from(o.at("storage_offsets"));
   r.lengths = ints_from(o.at("lengths"));
   return r;
+}
+
+LoadPlan load_plan_from(const json::value& v) {
+  LoadPlan p;
+  for (const auto& i : v.at("items").as_array()) p.items.push_back(read_item_from(i));
+  p.storage_data = str(v.at("storage_data"));
+  p.planner_data = str(v.at("planner_data"));
+  return p;
 }
 
 Metadata metadata_from(const json::value& v, bool wire = false) {
@@ -266,6 +277,25 @@ std::string encode(const LoadPlan& plan) {
   return json::serialize(plan_json(plan));
 }
 
+std::string encode(const ReadItem& item) {
+  return json::serialize(to_json(item));
+}
+
+std::string encode(const SharedLoadPlan& plan) {
+  json::array steps;
+  steps.reserve(plan.steps.size());
+  for (const auto& s : plan.steps) {
+    json::array to;
+    for (auto r : s.to) to.push_back(r);
+    steps.push_back(
+        json::object{{"tag", s.tag}, {"item", to_json(s.item)}, {"from", s.from}, {"to", std::move(to)}});
+  }
+  return json::serialize(json::object{{"plan", plan_json(plan.plan)},
+                                      {"steps", std::move(steps)},
+                                      {"any", plan.any},
+                                      {"tag_base", plan.tag_base}});
+}
+
 std::string encode(const std::vector<WriteResult>& results) {
   json::array a;
   a.reserve(results.size());
@@ -294,11 +324,27 @@ SavePlan decode_save_plan(std::string_view text) {
 }
 
 LoadPlan decode_load_plan(std::string_view text) {
-  return parse(text, "load plan", [](const json::value& v) {
-    LoadPlan p;
-    for (const auto& i : v.at("items").as_array()) p.items.push_back(read_item_from(i));
-    p.storage_data = str(v.at("storage_data"));
-    p.planner_data = str(v.at("planner_data"));
+  return parse(text, "load plan", [](const json::value& v) { return load_plan_from(v); });
+}
+
+SharedLoadPlan decode_shared_load_plan(std::string_view text) {
+  return parse(text, "shared load plan", [](const json::value& v) {
+    SharedLoadPlan p;
+    p.plan = load_plan_from(v.at("plan"));
+    for (const auto& s : v.at("steps").as_array()) {
+      ShareStep step;
+      step.tag = s.at("tag").to_number<std::uint32_t>();
+      step.item = read_item_from(s.at("item"));
+      step.from = s.at("from").to_number<std::int64_t>();
+      for (const auto& r : s.at("to").as_array()) step.to.push_back(r.to_number<std::int64_t>());
+      p.steps.push_back(std::move(step));
+    }
+    p.any = v.at("any").as_bool();
+    p.tag_base = v.at("tag_base").to_number<std::uint32_t>();
+    if (p.tag_base % kMaxSharedItems != 0 || p.tag_base > kMaxTagBase)
+      throw Error(fmt::format("tag base {}", p.tag_base));
+    for (const auto& s : p.steps)
+      if (s.tag >= kMaxSharedItems) throw Error(fmt::format("tag {}", s.tag));
     return p;
   });
 }

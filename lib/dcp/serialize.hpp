@@ -7,6 +7,8 @@
 #include <ckpt/dcp/planner.hpp>
 #include <ckpt/error.hpp>
 
+#include "dcp/share_plan.hpp"
+
 #include <cstdint>
 #include <map>
 #include <string>
@@ -20,6 +22,9 @@ std::string encode(const LoadPlan& plan);
 std::string encode(const std::vector<WriteResult>& results);
 std::string encode(const Metadata& metadata);
 std::string encode(const std::map<std::int64_t, RankFailure>& failures);
+std::string encode(const ReadItem& item);
+/// A rank's part of the global load plan with its share steps.
+std::string encode(const SharedLoadPlan& plan);
 
 // Each decoder throws Error "malformed <what>: ..." on bad input.
 SavePlan decode_save_plan(std::string_view text);
@@ -27,6 +32,7 @@ LoadPlan decode_load_plan(std::string_view text);
 std::vector<WriteResult> decode_write_results(std::string_view text);
 Metadata decode_metadata(std::string_view text);
 std::map<std::int64_t, RankFailure> decode_failures(std::string_view text);
+SharedLoadPlan decode_shared_load_plan(std::string_view text);
 
 /// What a rank loads, sent to the coordinator (load_state_dict).
 std::string encode(const MetadataRequest& request);

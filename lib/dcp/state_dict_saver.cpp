@@ -6,6 +6,7 @@
 #include "dcp/dist_wrapper.hpp"
 #include "dcp/plan_cache.hpp"
 #include "dcp/serialize.hpp"
+#include "dcp/shared_reads.hpp"
 
 #include <fmt/format.h>
 
@@ -208,7 +209,8 @@ Metadata save_state_dict(const DcpStateDict& state_dict, StorageWriter& storage,
 
 void load_state_dict(DcpStateDict& state_dict, StorageReader& storage, LoadPlanner* planner,
                      std::shared_ptr<dist::ProcessGroupHandle> group, std::int64_t coordinator_rank,
-                     bool no_dist, std::optional<std::chrono::milliseconds> timeout) {
+                     bool no_dist, std::optional<std::chrono::milliseconds> timeout,
+                     ReplicatedReads replicated_reads) {
   group = resolve_group(std::move(group), no_dist, "load_state_dict");
   DefaultLoadPlanner default_planner;
   if (!planner) planner = &default_planner;
@@ -248,6 +250,9 @@ void load_state_dict(DcpStateDict& state_dict, StorageReader& storage, LoadPlann
           }
           return parts;
         });
+  // Replicated reads shared (dcp/shared_reads.hpp): each rank's host
+  // travels with its plan, and each rank gets its share steps with its part.
+  const bool sharing = !no_dist && dist.world() > 1 && replicated_reads != ReplicatedReads::every_rank;
   const std::string central = dist.reduce_scatter(
       "plan",
       [&] {
@@ -256,23 +261,67 @@ void load_state_dict(DcpStateDict& state_dict, StorageReader& storage, LoadPlann
         storage.set_up_storage_reader(metadata, dist.is_coordinator());
         LoadPlan local = planner->create_local_plan();
         local = storage.prepare_local_plan(std::move(local));
-        return detail::encode(local);
+        std::string text = detail::encode(local);
+        return sharing ? detail::host_id() + '\n' + text : text;
       },
       [&](std::vector<std::string> all) {
         std::vector<LoadPlan> plans;
+        std::vector<std::string> hosts;
         plans.reserve(all.size());
-        for (const auto& s : all) plans.push_back(detail::decode_load_plan(s));
+        for (const auto& s : all) {
+          std::string_view text = s;
+          if (sharing) {
+            const auto end = text.find('\n');
+            if (end == std::string_view::npos) throw Error("malformed plan: no host");
+            hosts.emplace_back(text.substr(0, end));
+            text = text.substr(end + 1);
+          }
+          plans.push_back(detail::decode_load_plan(text));
+        }
         plans = planner->create_global_plan(std::move(plans));
         plans = storage.prepare_global_plan(std::move(plans));
         std::vector<std::string> out;
         out.reserve(plans.size());
-        for (const auto& p : plans) out.push_back(detail::encode(p));
+        if (!sharing) {
+          for (const auto& p : plans) out.push_back(detail::encode(p));
+          return out;
+        }
+        auto steps = detail::share_replicated_reads(plans, hosts, replicated_reads == ReplicatedReads::once);
+        bool any = false;
+        for (const auto& s : steps) any = any || !s.empty();
+        const std::uint32_t tag_base = detail::share_tag_base();
+        for (std::size_t r = 0; r < plans.size(); ++r)
+          out.push_back(detail::encode(
+              detail::SharedLoadPlan{std::move(plans[r]), std::move(steps[r]), any, tag_base}));
         return out;
       });
 
+  detail::SharedLoadPlan received;
+  std::unique_ptr<detail::KeepingPlanner> keeper;
   dist.all_gather("read", [&] {
-    LoadPlan plan = planner->finish_plan(detail::decode_load_plan(central));
-    storage.read_data(plan, *planner).get();
+    if (sharing)
+      received = detail::decode_shared_load_plan(central);
+    else
+      received.plan = detail::decode_load_plan(central);
+    LoadPlan plan = planner->finish_plan(std::move(received.plan));
+    keeper = std::make_unique<detail::KeepingPlanner>(*planner, received.steps);
+    storage.read_data(plan, *keeper).get();
+  });
+  if (!received.any) return;
+
+  // Every rank has read its items: the shared ones go from their readers to
+  // the ranks that load them too.
+  dist.all_gather("share", [&] {
+    std::map<std::string, c10::ScalarType> dtypes;
+    for (const auto& step : received.steps) {
+      const auto& fqn = step.item.storage_index.fqn;
+      const auto it = metadata.metadata.state_dict_metadata.find(fqn);
+      if (it == metadata.metadata.state_dict_metadata.end()) continue;
+      if (const auto* t = std::get_if<TensorStorageMetadata>(&it->second))
+        dtypes.emplace(fqn, t->properties.dtype);
+    }
+    detail::exchange_shared_reads(*group->group, received.steps, *keeper, *planner, dtypes, received.tag_base,
+                                  timeout_of(group, timeout));
   });
 }
 

@@ -395,7 +395,7 @@ class ChildWriter : public StorageWriter {
     for (std::size_t i = 0; i < items.size(); ++i)
       results.push_back(
           WriteResult{plan.items[i].index, items[i]->data_bytes,
-                      StorageInfo{name, extents[i].offset, extents[i].length, 0, /*archive=*/true}});
+                      StorageInfo{name, extents[i].offset, extents[i].length, 0, /*archive=*/true, {}}});
     std::promise<std::vector<WriteResult>> done;
     done.set_value(std::move(results));
     return done.get_future();

@@ -17,6 +17,11 @@
 //      load against the same load with every rank reading the metadata
 //      itself, and of the save against the same saves with upstream's plan
 //      caching, one planner kept across the rounds (higher is faster).
+//      Then, for the same ranks, a 16 MiB tensor every rank loads whole (saved
+//      once) with each ReplicatedReads mode, the ranks taken as hosts of 4
+//      (GROUP_RANK): the bytes all ranks read from storage for one load, and
+//      the load's speed against every rank reading it (best of 3, the modes
+//      in turns, after one untimed load each).
 //   2. In this process, the coordinator's share for 16 to 10,000 ranks: the
 //      local plans of N ranks are made and encoded, then decoded, merged and
 //      validated (create_global_plan) and the global plans and metadata
@@ -91,7 +96,9 @@ namespace {
 constexpr int kShardedKeys = 64;
 constexpr int kReplicatedKeys = 8;
 constexpr std::int64_t kRowsPerRank = 16;
-constexpr std::int64_t kCols = 256;  // 16 rows × 256 floats = 16 KiB per rank and key
+constexpr std::int64_t kCols = 256;                 // 16 rows × 256 floats = 16 KiB per rank and key
+constexpr std::int64_t kEmbeddingFloats = 4 << 20;  // 16 MiB, replicated
+constexpr int kSharedRounds = 3;
 
 using ckpt::bench::capture;
 using ckpt::bench::result_of;
@@ -171,10 +178,46 @@ int rank_main(const fs::path& dir) {
   c10d::AllreduceOptions max;
   max.reduceOp = c10d::ReduceOp::MAX;
   group.allreduce(most, max)->wait();
+
+  // Replicated reads: a tensor every rank loads whole (saved once), loaded
+  // with each ReplicatedReads mode, hosts of 4 ranks (GROUP_RANK = rank / 4).
+  // Measured: the bytes all ranks read from storage for one load, and the
+  // time of a load.
+  const dcp::DcpStateDict embedding{{"embedding", at::arange(kEmbeddingFloats, at::kFloat)}};
+  {
+    dcp::FileSystemWriter writer(dir / "replicated", {.sync_files = false});
+    dcp::save_state_dict(embedding, writer, nullptr, pg);
+  }
+  ::setenv("GROUP_RANK", std::to_string(rank / 4).c_str(), 1);
+  double shared_bytes[3] = {}, shared_time[3] = {1e9, 1e9, 1e9};
+  const dcp::ReplicatedReads modes[3] = {dcp::ReplicatedReads::every_rank,
+                                         dcp::ReplicatedReads::once_per_host, dcp::ReplicatedReads::once};
+  // A load with each mode first (untimed: first touches), then rounds that
+  // take the modes in turn; the best load of each mode counts.
+  for (int round = -1; round < kSharedRounds; ++round)
+    for (int m = 0; m < 3; ++m) {
+      dcp::DcpStateDict target{{"embedding", at::zeros({kEmbeddingFloats}, at::kFloat)}};
+      std::uint64_t bytes = 0;
+      const double t = timed(group, [&] {
+        dcp::FileSystemReader reader(dir / "replicated");
+        dcp::load_state_dict(target, reader, nullptr, pg, 0, false, std::nullopt, modes[m]);
+        bytes = reader.bytes_read();
+      });
+      if (!at::equal(std::get<at::Tensor>(target[0].second), std::get<at::Tensor>(embedding[0].second)))
+        throw std::runtime_error("the shared load gave other values");
+      if (round < 0) {
+        std::vector<at::Tensor> sum{at::full({1}, static_cast<double>(bytes), at::kDouble)};
+        group.allreduce(sum)->wait();
+        shared_bytes[m] = sum[0].item<double>();
+        continue;
+      }
+      shared_time[m] = std::min(shared_time[m], t);
+    }
   if (rank == 0)
-    std::printf("RESULT %zu %ju %.6f %.6f %.6f %.0f %.6f %.6f\n", plan_bytes,
+    std::printf("RESULT %zu %ju %.6f %.6f %.6f %.0f %.6f %.6f %.0f %.0f %.0f %.6f %.6f %.6f\n", plan_bytes,
                 static_cast<std::uintmax_t>(metadata_bytes), save / kRounds, load / kRounds, bare / kRounds,
-                most[0].item<double>(), load_every_rank / kRounds, save_cached / kRounds);
+                most[0].item<double>(), load_every_rank / kRounds, save_cached / kRounds, shared_bytes[0],
+                shared_bytes[1], shared_bytes[2], shared_time[0], shared_time[1], shared_time[2]);
   group.barrier()->wait();
   return 0;
 }
@@ -718,6 +761,7 @@ int main(int argc, char** argv) try {
   fmt::print("{:>5} {:>12} {:>12} {:>10} {:>10} {:>11} {:>14} {:>14} {:>14} {:>18} {:>13}\n", "ranks",
              "local plan B", "metadata B", "save ms", "load ms", "barrier ms", "save/barrier", "load/barrier",
              "rank load B", "load/every-rank", "save cached");
+  std::vector<std::pair<int, std::vector<double>>> shared_rows;
   for (int n : {1, 2, 4, 8, 16}) {
     fs::remove_all(root);
     fs::create_directories(root);
@@ -728,7 +772,18 @@ int main(int argc, char** argv) try {
         "{:>12.2f}x\n",
         n, r[0], r[1], r[2] * 1e3, r[3] * 1e3, r[4] * 1e3, r[2] / r[4], r[3] / r[4], r[5], r[6] / r[3],
         r[2] / r[7]);
+    shared_rows.emplace_back(n, r);
   }
+  fmt::print(
+      "\nreplicated reads: a {} MiB tensor every rank loads whole, hosts of 4 ranks (GROUP_RANK); storage\n"
+      "MiB read by all ranks for one load, and load time against every rank reading it (higher is "
+      "faster)\n\n",
+      kEmbeddingFloats * 4 >> 20);
+  fmt::print("{:>5} {:>14} {:>14} {:>10} {:>16} {:>10}\n", "ranks", "every rank MiB", "per host MiB",
+             "once MiB", "per host speed", "once speed");
+  for (const auto& [n, r] : shared_rows)
+    fmt::print("{:>5} {:>14.1f} {:>14.1f} {:>10.1f} {:>15.2f}x {:>9.2f}x\n", n, r[8] / (1 << 20),
+               r[9] / (1 << 20), r[10] / (1 << 20), r[11] / r[12], r[11] / r[13]);
   fs::remove_all(root);
   coordinator_model();
   if (scaling_only) return 0;

@@ -348,7 +348,10 @@ class FaultyStorageReader : public TestStorageBase, public ckpt::dcp::StorageRea
     enter("read_data");
     fail_rank("fail_read_data");
     if (auto failed = fail_rank_async<void>("fail_read_data_async")) return std::move(*failed);
-    return real_.read_data(plan, planner);
+    auto done = real_.read_data(plan, planner);
+    done.wait();
+    enter("read_data done");
+    return done;
   }
   bool validate_checkpoint_id(const fs::path& checkpoint_id) const override {
     return real_.validate_checkpoint_id(checkpoint_id);
@@ -416,6 +419,8 @@ class Rank {
   const fs::path& dir() const { return dir_; }
   /// The group's store (only with a group).
   c10d::Store& store() const { return *pg_->store; }
+  /// The group (only with one).
+  c10d::ProcessGroup& group() const { return *pg_->group; }
   bool all_expected() const { return all_expected_; }
 
   /// Prints `RESULT label outcome` and records whether it was expected.
@@ -616,6 +621,22 @@ struct Missing {
   std::int64_t slow = -1;
 };
 
+/// A DefaultLoadPlanner that calls `intercept("share")` at each commit once
+/// its rank's own reads are done: in the share step of a load whose
+/// replicated reads are shared, as the rank takes in what it received.
+class SharePlanner : public ckpt::dcp::DefaultLoadPlanner {
+ public:
+  explicit SharePlanner(Interceptor intercept) : intercept_(std::move(intercept)) {}
+  void commit_tensor(const ckpt::dcp::ReadItem& item, const at::Tensor& tensor) override {
+    if (read_done) intercept_("share");
+    DefaultLoadPlanner::commit_tensor(item, tensor);
+  }
+  bool read_done = false;
+
+ private:
+  Interceptor intercept_;
+};
+
 /// Returns once the process `pid` has exited (at most kBound).
 void wait_for_exit(pid_t pid) {
   // Through syscall(): glibc 2.36's <sys/pidfd.h> lacks C linkage for C++.
@@ -641,7 +662,9 @@ void missing_rank(Rank& r, const Missing& m) {
     r.expect("save", outcome_of([&] { ckpt::dcp::save_state_dict(sd, writer); }), "ok");
   }
   const std::string victim_pid = "victim-pid";
+  std::unique_ptr<SharePlanner> share_planner;
   const Interceptor intercept = [&](const std::string& call) {
+    if (call == "read_data done" && share_planner) share_planner->read_done = true;
     if (call != m.call) return;
     if (r.rank() == m.slow) {
       // Still in the call when the victim dies (well within the timeout).
@@ -670,7 +693,15 @@ void missing_rank(Rank& r, const Missing& m) {
     if (m.load) {
       auto target = zero_state_dict(r, true);
       FaultyStorageReader reader(path, {}, r.rank(), intercept);
-      ckpt::dcp::load_state_dict(target, reader, nullptr, nullptr, m.coordinator);
+      if (m.call == "share") {
+        // Rank 0 reads the replicated tensor (every rank has as much to
+        // read: the lowest), and it goes 0 → 1, 0 → 2, 1 → 3.
+        share_planner = std::make_unique<SharePlanner>(intercept);
+        ckpt::dcp::load_state_dict(target, reader, share_planner.get(), nullptr, m.coordinator, false,
+                                   std::nullopt, ckpt::dcp::ReplicatedReads::once);
+      } else {
+        ckpt::dcp::load_state_dict(target, reader, nullptr, nullptr, m.coordinator);
+      }
     } else {
       FaultyStorageWriter writer(path, {}, r.rank(), intercept);
       save_flat(sd, writer, m.coordinator);
@@ -730,6 +761,122 @@ void reshard_load(Rank& r) {
   load_and_check(r, "by_columns",
                  {{"rows", ShardedTensor::zeros(spec_over(n, 1), {20, 6}, r.rank(), at::kFloat)},
                   {"uneven", ShardedTensor::zeros(spec_over(n, 1), {10, 3}, r.rank(), at::kDouble)}});
+  r.leave(r.world());
+}
+
+// --- 3b. replicated reads shared ------------------------------------------------------
+
+/// Sums over the group, element by element.
+std::vector<double> summed(Rank& r, const std::vector<double>& values) {
+  std::vector<at::Tensor> t{at::tensor(values, at::kDouble)};
+  r.group().allreduce(t)->wait(kBound);
+  return {t[0].data_ptr<double>(), t[0].data_ptr<double>() + t[0].numel()};
+}
+
+/// Every rank loads the whole of "rows" (four saved chunks) and of
+/// "replicated" from DIR/reshard with `mode`, as two hosts of two ranks
+/// (GROUP_RANK = rank / 2). Reported: the
+/// values, and the bytes each host read from storage (the coordinator's
+/// include the metadata) against what `mode` reads: each saved item once per
+/// rank, once per host, or once in all.
+void shared_load(Rank& r, const std::string& label, ckpt::dcp::ReplicatedReads mode) {
+  using ckpt::dcp::ReplicatedReads;
+  const auto path = r.dir() / "reshard";
+  const std::int64_t host = r.rank() / 2;
+  ::setenv("GROUP_RANK", std::to_string(host).c_str(), 1);
+  // Transposed views (not contiguous) on rank 0, which reads "replicated"
+  // in every mode, and rank 3, which receives it in every sharing mode.
+  at::Tensor replicated =
+      r.rank() == 0 || r.rank() == 3 ? at::zeros({5, 7}, at::kFloat).t() : at::zeros({7, 5}, at::kFloat);
+  DcpStateDict sd{{"rows", at::zeros({20, 6}, at::kFloat)}, {"replicated", replicated}};
+  // Exactly the bytes asked for: no gaps joined, no blocks widened.
+  ckpt::dcp::FileSystemReader reader(path, {.coalesce_gap = 0, .verify_blocks = false});
+  r.expect(label, outcome_of([&] {
+             ckpt::dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, false, std::nullopt, mode);
+           }),
+           "ok");
+  const bool same = identical(std::get<at::Tensor>(sd[0].second), rows_value()) &&
+                    identical(replicated, reshard_replicated_value());
+  r.report(label + "/values", same ? "as-saved" : "DIFFERENT", same);
+
+  // One rank's data: every saved chunk of both keys, whole.
+  const DcpStateDict whole{{"rows", rows_value()}, {"replicated", reshard_replicated_value()}};
+  const auto data = static_cast<double>(expected_bytes_read(path, whole, false));
+  const auto metadata = static_cast<double>(fs::file_size(path / ckpt::dcp::kMetadataFileName));
+  const auto read = static_cast<double>(reader.bytes_read());
+  const auto got = summed(r, {host == 0 ? read : 0.0, host == 1 ? read : 0.0});
+  const double copies = mode == ReplicatedReads::every_rank      ? 2
+                        : mode == ReplicatedReads::once_per_host ? 1
+                                                                 : 0;
+  std::vector<double> expected{copies * data + metadata, copies * data};
+  if (mode == ReplicatedReads::once) expected = {data + metadata, 0};  // the total: whichever host read it
+  const bool right = mode == ReplicatedReads::once ? got[0] + got[1] == expected[0] : got == expected;
+  r.report(label + "/host_bytes",
+           fmt::format("got={:.0f},{:.0f} expected={:.0f},{:.0f}", got[0], got[1], expected[0], expected[1]),
+           right);
+  // Shared reads are spread over the ranks that load them: none reads all.
+  std::vector<at::Tensor> most{at::tensor({read - (r.rank() == 0 ? metadata : 0.0)}, at::kDouble)};
+  c10d::AllreduceOptions max;
+  max.reduceOp = c10d::ReduceOp::MAX;
+  r.group().allreduce(most, max)->wait(kBound);
+  const double top = most[0].item<double>();
+  r.report(label + "/most_by_one_rank", fmt::format("got={:.0f} of={:.0f}", top, data),
+           mode == ReplicatedReads::every_rank ? top == data : top < data);
+}
+
+/// A DefaultLoadPlanner that, when `bad`, resolves float64 tensors for what
+/// it commits after its rank's own reads (what it receives in the share step).
+class BadSharePlanner : public ckpt::dcp::DefaultLoadPlanner {
+ public:
+  explicit BadSharePlanner(bool bad) : bad_(bad) {}
+  at::Tensor resolve_tensor(const ckpt::dcp::ReadItem& item) override {
+    if (bad_ && read_done) return at::zeros(item.lengths, at::kDouble);
+    return DefaultLoadPlanner::resolve_tensor(item);
+  }
+  bool read_done = false;
+
+ private:
+  bool bad_;
+};
+
+// shared_reads: 4 ranks load DIR/reshard (saved by 4) with each ReplicatedReads
+// mode; then a reader whose read fails, a receiver whose planner fails in the
+// share step, and the load after them (on the same group).
+void shared_reads(Rank& r) {
+  using ckpt::dcp::ReplicatedReads;
+  shared_load(r, "every_rank", ReplicatedReads::every_rank);
+  shared_load(r, "once_per_host", ReplicatedReads::once_per_host);
+  shared_load(r, "once", ReplicatedReads::once);
+  {
+    // Rank 2 reads some of the shared items (they are spread over all four)
+    // and fails: no rank waits for them, every rank names rank 2.
+    DcpStateDict sd{{"rows", at::zeros({20, 6}, at::kFloat)}, {"replicated", at::zeros({7, 5}, at::kFloat)}};
+    FaultyStorageReader reader(r.dir() / "reshard", {{"fail_read_data", {2}}}, r.rank());
+    const auto outcome = outcome_of([&] {
+      ckpt::dcp::load_state_dict(sd, reader, nullptr, nullptr, 0, false, std::nullopt, ReplicatedReads::once);
+    });
+    r.report("reader_fails", outcome,
+             starts_with(outcome,
+                         "CheckpointException ranks=[2] failures={2:std::invalid_argument=rank fail 2 for "
+                         "fail_read_data}"));
+  }
+  {
+    // Rank 3's planner resolves a float64 tensor for what it receives (the
+    // share step, after its own reads): it fails with Mismatch, alone, and
+    // the walk still ends on every rank, so the group stays usable.
+    DcpStateDict sd{{"rows", at::zeros({20, 6}, at::kFloat)}, {"replicated", at::zeros({7, 5}, at::kFloat)}};
+    BadSharePlanner planner(r.rank() == 3);
+    FaultyStorageReader reader(r.dir() / "reshard", {}, r.rank(), [&](const std::string& call) {
+      if (call == "read_data done") planner.read_done = true;
+    });
+    const auto outcome = outcome_of([&] {
+      ckpt::dcp::load_state_dict(sd, reader, &planner, nullptr, 0, false, std::nullopt,
+                                 ReplicatedReads::once);
+    });
+    r.report("receiver_mismatch", outcome,
+             starts_with(outcome, "CheckpointException ranks=[3] failures={3:Mismatch=resolve_tensor for '"));
+  }
+  shared_load(r, "after_a_failure", ReplicatedReads::once);
   r.leave(r.world());
 }
 
@@ -1091,11 +1238,13 @@ int main(int argc, char** argv) try {
       {"coordinator_dies_in_write_data", missing({2, "write_data", true, 2, false, 1})},
       {"coordinator_dies_in_finish", missing({1, "finish", true, 1, false})},
       {"rank_hangs_in_read_data", missing({3, "read_data", false, 0, true})},
+      {"rank_dies_in_share", missing({1, "share", true, 0, true})},
       {"rank_hangs_in_set_up_storage_writer", missing({2, "set_up_storage_writer", false, 0, false})},
       {"coordinator_hangs_in_prepare_local_plan", missing({1, "prepare_local_plan", false, 1, false})},
       {"coordinator_hangs_in_prepare_global_plan", missing({2, "prepare_global_plan", false, 2, true})},
       {"reshard_save", reshard_save},
       {"reshard_load", reshard_load},
+      {"shared_reads", shared_reads},
       {"missing_key", missing_key},
       {"metadata", metadata},
       {"slow_write", slow_write},

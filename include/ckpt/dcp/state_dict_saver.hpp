@@ -58,14 +58,41 @@ Metadata save_state_dict(const DcpStateDict& state_dict, StorageWriter& storage,
                          std::int64_t coordinator_rank = 0, bool no_dist = false,
                          std::optional<std::chrono::milliseconds> timeout = std::nullopt);
 
+/// Who reads a tensor item that several ranks load alike (the same region of
+/// the same saved chunk: a replicated tensor, or shards that overlap a saved
+/// chunk alike) from storage.
+enum class ReplicatedReads {
+  /// Every rank reads what it loads (upstream's way; best where storage is
+  /// local and its page cache serves the repeats).
+  every_rank,
+  /// One rank per host reads it and sends it to the others on its host over
+  /// the group (Gloo point-to-point). A rank's host is GROUP_RANK where the
+  /// launcher sets it (torchrun, ckpt-launch --node-rank), else its hostname.
+  once_per_host,
+  /// One rank in all reads it; it travels over the group to one rank per
+  /// host, then within each host: storage sees each byte once.
+  once,
+};
+
 /// Loads into `state_dict` in place: tensors and local shards are filled from
 /// the checkpoint (whatever sharding saved them), other values are replaced.
 /// `planner` null: a DefaultLoadPlanner (strict: every key must be saved).
+/// `replicated_reads`: see ReplicatedReads. Items read once are spread over
+/// the ranks that load them (the rank with the least to read gets the next,
+/// biggest first) and passed on along a binomial tree, so no rank sends more
+/// than about log2 of the copies; they reach the other ranks' planners as
+/// resolve_tensor / commit_tensor, after every rank has read ("share" step).
+/// A planner used with sharing must leave the tensor it resolved for an item
+/// as committed until the load returns: the reader sends it to others after
+/// commit_tensor (DefaultLoadPlanner's are views of the destination or
+/// tensors of their own, never reused). With destinations off the CPU those
+/// are host copies, held until they are sent.
 /// The other arguments as for save_state_dict. Throws CheckpointException.
 void load_state_dict(DcpStateDict& state_dict, StorageReader& storage, LoadPlanner* planner = nullptr,
                      std::shared_ptr<dist::ProcessGroupHandle> group = nullptr,
                      std::int64_t coordinator_rank = 0, bool no_dist = false,
-                     std::optional<std::chrono::milliseconds> timeout = std::nullopt);
+                     std::optional<std::chrono::milliseconds> timeout = std::nullopt,
+                     ReplicatedReads replicated_reads = ReplicatedReads::every_rank);
 
 // --- the modern API over nested state dicts (upstream's dcp.save / dcp.load) ---
 //
@@ -98,6 +125,7 @@ struct LoadOptions {
   std::int64_t coordinator_rank = 0;
   bool no_dist = false;
   std::optional<std::chrono::milliseconds> timeout;
+  ReplicatedReads replicated_reads = ReplicatedReads::every_rank;
 };
 
 /// A sharded tensor as a value of a StateDict (an IValue capsule), and back:
