@@ -1,10 +1,10 @@
 // The DCP core's coordination costs, and how they grow with the ranks.
 //
 // usage: bench_dcp [DIR [throughput|scaling|async|load]]   (default DIR $TMPDIR or
-//        /tmp; "throughput": table 3 only; "scaling": tables 1 and 2; "async":
-//        table 4 only; "load": table 5 only)
+//        /tmp; no mode: every table, in one run; "throughput": table 3 only;
+//        "scaling": tables 1 and 2; "async": table 4 only; "load": table 5 only)
 //
-// Run without RANK it is the driver and prints two tables.
+// Run without RANK it is the driver and prints the tables.
 //   1. 1, 2, 4, 8 and 16 local ranks (under ckpt-launch, found beside it) save
 //      and load a small model state through save_state_dict/load_state_dict:
 //      64 keys sharded over the ranks (16 KiB per rank each), 8 replicated
@@ -789,6 +789,12 @@ int main(int argc, char** argv) try {
   if (scaling_only) return 0;
   fs::create_directories(root);
   throughput(root);
+  fs::remove_all(root);
+  fs::create_directories(root);
+  async_table(root);
+  fs::remove_all(root);
+  fs::create_directories(root);
+  load_table(root);
   fs::remove_all(root);
   return 0;
 } catch (const std::exception& e) {
