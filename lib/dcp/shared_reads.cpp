@@ -89,17 +89,17 @@ std::vector<std::vector<ShareStep>> share_replicated_reads(std::vector<LoadPlan>
 
   // The groups that share one read: per host, or all the holders.
   struct Group {
-    const ReadKey* key;
     std::vector<Holder> members;
     std::uint64_t elements;
   };
   std::vector<Group> groups;
   std::vector<std::uint64_t> load(world, 0);  // elements each rank reads itself
-  for (const auto& [key, list] : holders) {
+  for (const auto& entry : holders) {
+    const std::vector<Holder>& list = entry.second;
     const std::uint64_t n = elements_of(plans[list.front().rank].items[list.front().position]);
     if (once_in_all) {
       if (list.size() > 1) {
-        groups.push_back({&key, list, n});
+        groups.push_back({list, n});
         continue;
       }
     } else {
@@ -107,7 +107,7 @@ std::vector<std::vector<ShareStep>> share_replicated_reads(std::vector<LoadPlan>
       for (const auto& h : list) by_host[hosts[h.rank]].push_back(h);
       for (auto& [host, members] : by_host) {
         if (members.size() > 1)
-          groups.push_back({&key, std::move(members), n});
+          groups.push_back({std::move(members), n});
         else
           load[members.front().rank] += n;
       }
